@@ -1,0 +1,62 @@
+"""LoRA: the plain low-rank adapter every MHR task collapses to, the unit that is cached, stored and exported."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class LoRA:
+    """An ordinary LoRA: per module name, A [*batch, d_in, r] and B [*batch, r, d_out].
+
+    A module's output becomes base(x) + (alpha / rank) * x @ A @ B. Tensors may carry the same leading
+    batch dims (one LoRA per task, e.g. from materializing T tasks at once); `select` picks one.
+    """
+
+    A: dict[str, Tensor]
+    B: dict[str, Tensor]
+    alpha: float
+
+    def __post_init__(self) -> None:
+        if self.A.keys() != self.B.keys():
+            raise ValueError(f"LoRA A and B name different modules: {sorted(self.A.keys() ^ self.B.keys())}")
+        if not self.A:
+            raise ValueError("a LoRA needs at least one module")
+        ranks = {(a.shape[-1], b.shape[-2]) for a, b in zip(self.A.values(), self.B.values())}
+        if len({r for pair in ranks for r in pair}) != 1:
+            raise ValueError(f"every module of a LoRA must have one rank, found (A, B) ranks {sorted(ranks)}")
+
+    @property
+    def rank(self) -> int:
+        return next(iter(self.A.values())).shape[-1]
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.A)
+
+    def select(self, index: int) -> LoRA:
+        """The LoRA at `index` of the leading batch dim."""
+        return LoRA({n: a[index] for n, a in self.A.items()}, {n: b[index] for n, b in self.B.items()},
+                    self.alpha)
+
+    def to(self, *args, **kwargs) -> LoRA:
+        """A copy moved/cast like `Tensor.to`."""
+        return LoRA({n: a.to(*args, **kwargs) for n, a in self.A.items()},
+                    {n: b.to(*args, **kwargs) for n, b in self.B.items()}, self.alpha)
+
+    def delta_weight(self, name: str) -> Tensor:
+        """The dense update of one module in nn.Linear layout [*batch, d_out, d_in]."""
+        return (self.A[name] @ self.B[name]).transpose(-1, -2) * self.scaling
+
+    def equal(self, other: LoRA) -> bool:
+        """Exact equality of modules, tensors and alpha."""
+        return (self.alpha == other.alpha and self.A.keys() == other.A.keys()
+                and all(torch.equal(self.A[n], other.A[n]) and torch.equal(self.B[n], other.B[n])
+                        for n in self.A))

@@ -1,0 +1,352 @@
+"""The bundle: the one artifact between training and serving (skill inventory, routing table, task LoRAs).
+
+On disk a bundle is a directory (specified exactly in docs/bundle-format.md):
+
+    manifest.json                 format version, backbone, MHRConfig, modules, tasks, file checksums
+    inventory.safetensors         "<module>.lora_A" [K, h, d_in/h, r], "<module>.lora_B" [K, h, r, d_out/h]
+    routing.safetensors           "<module>" logits [T_routed, h, K], rows in manifest order of routed tasks
+    adapters/<task>.safetensors   "<module>.lora_A" [d_in, r], "<module>.lora_B" [r, d_out]  (dense tasks)
+    zero_shot.safetensors         same layout as a dense task: the trained MHR-mu adapter (optional)
+
+`Bundle` holds all of it in memory; tasks are added, replaced, renamed and removed with method calls and
+written back with `save`, which replaces files atomically and commits by writing the manifest last.
+Validation of what is read lives in `mhr.bundle_check`.
+"""
+
+from __future__ import annotations
+
+import enum
+import fcntl
+import json
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mhr.adapter import LoRA
+from mhr.bundle_check import (
+    FORMAT_VERSION,
+    BundleError,
+    check_dense_lora,
+    check_manifest,
+    check_routing_row,
+    check_task_name,
+    read_checked,
+)
+from mhr.config import MHRConfig
+from mhr.files import safetensors_bytes, sha256, write_atomic
+from mhr.inject import mhr_layers
+from mhr.materialize import SkillInventory
+
+MANIFEST = "manifest.json"
+INVENTORY = "inventory.safetensors"
+ROUTING = "routing.safetensors"
+ZERO_SHOT = "zero_shot.safetensors"
+LOCK = ".lock"
+
+
+class TaskKind(enum.Enum):
+    ROUTED = "routed"  # a row of the routing table: materialized from the inventory
+    DENSE = "dense"    # its own ordinary LoRA in adapters/<task>.safetensors
+
+
+@dataclass
+class Task:
+    name: str
+    kind: TaskKind
+    alpha: float | None = None          # dense tasks: the LoRA's alpha
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def adapter_file(task: str) -> str:
+    return f"adapters/{task}.safetensors"
+
+
+def backbone_fingerprint(model: nn.Module) -> str:
+    """A hash of the model type and every base parameter's name and shape (dtype and values excluded).
+
+    MHR layers, if injected, are looked through: the fingerprint is that of the bare backbone.
+    """
+    wrapped = {f"{name}.base.": f"{name}." for name in mhr_layers(model)}
+    adapter_params = {id(p) for layer in mhr_layers(model).values()
+                      for n, p in layer.named_parameters() if not n.startswith("base.")}
+    shapes = []
+    for name, p in model.named_parameters():
+        if id(p) in adapter_params:
+            continue
+        for prefix, original in wrapped.items():
+            if name.startswith(prefix):
+                name = original + name[len(prefix):]
+                break
+        shapes.append((name, list(p.shape)))
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    return sha256(json.dumps([model_type, sorted(shapes)]).encode())
+
+
+@dataclass
+class Bundle:
+    """A skill inventory with its routing table, dense task adapters and zero-shot adapter."""
+
+    config: MHRConfig
+    backbone: str                                  # name or path the backbone loads from
+    fingerprint: str                               # backbone_fingerprint of that model
+    modules: dict[str, tuple[int, int]]            # module name -> (d_in, d_out), model order
+    lora_A: dict[str, Tensor]                      # [K, h, d_in/h, r]
+    lora_B: dict[str, Tensor]                      # [K, h, r, d_out/h]
+    tasks: list[Task] = field(default_factory=list)
+    routing: dict[str, Tensor] = field(default_factory=dict)   # [T_routed, h, K] logits
+    adapters: dict[str, LoRA] = field(default_factory=dict)    # dense tasks by name
+    zero_shot: LoRA | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+    revision: int = 0                              # bumped by every save; guards concurrent writers
+
+    # ----- building -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_model(cls, model: nn.Module, config: MHRConfig, backbone: str, tasks: list[str],
+                   training: dict[str, Any] | None = None) -> Bundle:
+        """A bundle of an injected model's inventory; every router row becomes a routed task, in order."""
+        layers = mhr_layers(model)
+        if not layers:
+            raise BundleError("model holds no MHR layers: inject them before building a bundle")
+        n_rows = {layer.router.n_tasks for layer in layers.values()}
+        if n_rows != {len(tasks)}:
+            raise BundleError(f"{len(tasks)} task name(s) for routers with {sorted(n_rows)} rows")
+        bundle = cls(
+            config=config, backbone=backbone, fingerprint=backbone_fingerprint(model),
+            modules={n: (layer.in_features, layer.out_features) for n, layer in layers.items()},
+            lora_A={n: layer.lora_A.detach().cpu().clone() for n, layer in layers.items()},
+            lora_B={n: layer.lora_B.detach().cpu().clone() for n, layer in layers.items()},
+            training=dict(training or {}),
+        )
+        for i, name in enumerate(tasks):
+            bundle.add_routed_task(name, {n: layer.router.logits[i] for n, layer in layers.items()})
+        return bundle
+
+    def inventory(self, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> SkillInventory:
+        return SkillInventory(self.lora_A, self.lora_B, self.config.alpha, device=device, dtype=dtype)
+
+    # ----- tasks ----------------------------------------------------------------------------------
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def task(self, name: str) -> Task:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(f"task {name!r} is not in this bundle (tasks: {', '.join(self.task_names) or 'none'})")
+
+    def routed_tasks(self) -> list[str]:
+        """Names of routed tasks, in routing-table row order."""
+        return [t.name for t in self.tasks if t.kind is TaskKind.ROUTED]
+
+    def add_routed_task(self, name: str, logits: Mapping[str, Tensor], *, replace: bool = False,
+                        metadata: dict[str, Any] | None = None) -> None:
+        """Add (or, with `replace`, overwrite) a task given by routing logits [h, K] per module."""
+        self._check_new_name(name, replace)
+        for module in self.modules:
+            check_routing_row(logits.get(module), module, self.config, where=f"routing logits of task {name!r}")
+        extra = sorted(set(logits) - set(self.modules))
+        if extra:
+            raise BundleError(f"routing logits of task {name!r} name modules not in the bundle: {extra}")
+        if name in self.task_names:
+            self.remove_task(name)
+        row = {m: logits[m].detach().to("cpu", torch.float32).reshape(1, *logits[m].shape[-2:])
+               for m in self.modules}
+        self.routing = {m: torch.cat([self.routing[m], row[m]]) if self.routing else row[m]
+                        for m in self.modules}
+        self.tasks.append(Task(name, TaskKind.ROUTED, metadata=dict(metadata or {})))
+
+    def add_dense_task(self, name: str, lora: LoRA, *, replace: bool = False,
+                       metadata: dict[str, Any] | None = None) -> None:
+        """Add (or, with `replace`, overwrite) a task given as an ordinary LoRA over some of the modules."""
+        self._check_new_name(name, replace)
+        check_dense_lora(lora, self.modules, where=f"LoRA of task {name!r}")
+        if name in self.task_names:
+            self.remove_task(name)
+        self.adapters[name] = lora.to("cpu")
+        self.tasks.append(Task(name, TaskKind.DENSE, alpha=float(lora.alpha), metadata=dict(metadata or {})))
+
+    def set_zero_shot(self, lora: LoRA | None) -> None:
+        """Store the trained MHR-mu adapter (None: fall back to the plain average of the skills)."""
+        if lora is not None:
+            check_dense_lora(lora, self.modules, where="zero-shot LoRA")
+            lora = lora.to("cpu")
+        self.zero_shot = lora
+
+    def remove_task(self, name: str) -> None:
+        task = self.task(name)
+        if task.kind is TaskKind.ROUTED:
+            keep = [i for i, t in enumerate(self.routed_tasks()) if t != name]
+            self.routing = {m: t[keep] for m, t in self.routing.items()} if keep else {}
+        else:
+            del self.adapters[name]
+        self.tasks.remove(task)
+
+    def rename_task(self, old: str, new: str) -> None:
+        task = self.task(old)
+        self._check_new_name(new, replace=False)
+        task.name = new
+        if task.kind is TaskKind.DENSE:
+            self.adapters[new] = self.adapters.pop(old)
+
+    def _check_new_name(self, name: str, replace: bool) -> None:
+        check_task_name(name, where="task name")
+        if not replace and name in self.task_names:
+            raise BundleError(f"task {name!r} already exists: remove it first or pass replace=True")
+
+    # ----- adapters -------------------------------------------------------------------------------
+
+    def routing_logits(self, name: str) -> dict[str, Tensor]:
+        """A routed task's logits [h, K] per module."""
+        if self.task(name).kind is not TaskKind.ROUTED:
+            raise BundleError(f"task {name!r} is a dense task: it has no routing logits")
+        row = self.routed_tasks().index(name)
+        return {m: t[row] for m, t in self.routing.items()}
+
+    def task_lora(self, name: str, inventory: SkillInventory | None = None) -> LoRA:
+        """The ordinary LoRA serving `name`: materialized from routing (eval weights) or the dense one."""
+        if self.task(name).kind is TaskKind.DENSE:
+            return self.adapters[name]
+        return (inventory or self.inventory()).materialize_logits(self.routing_logits(name))
+
+    def zero_shot_lora(self, inventory: SkillInventory | None = None) -> LoRA:
+        """The adapter for tasks without routing: the trained MHR-mu adapter, else the skills' average."""
+        return self.zero_shot if self.zero_shot is not None else (inventory or self.inventory()).average()
+
+    def check_backbone(self, model: nn.Module) -> None:
+        """Refuse a model whose architecture differs from the one the bundle was trained on."""
+        found = backbone_fingerprint(model)
+        if found != self.fingerprint:
+            raise BundleError(
+                f"backbone mismatch: the bundle was trained on {self.backbone!r} (fingerprint "
+                f"{self.fingerprint[:16]}…), the given model has fingerprint {found[:16]}…: "
+                "load the backbone the bundle names"
+            )
+
+    # ----- disk -----------------------------------------------------------------------------------
+
+    def _files(self) -> dict[str, bytes]:
+        files = {INVENTORY: safetensors_bytes(
+            {f"{m}.lora_{ab}": t[m] for m in self.modules for ab, t in (("A", self.lora_A), ("B", self.lora_B))})}
+        if self.routing:
+            files[ROUTING] = safetensors_bytes(self.routing)
+        for name, lora in self.adapters.items():
+            files[adapter_file(name)] = _lora_bytes(lora)
+        if self.zero_shot is not None:
+            files[ZERO_SHOT] = _lora_bytes(self.zero_shot)
+        return files
+
+    def _manifest(self, checksums: dict[str, str]) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "revision": self.revision,
+            "backbone": {"name_or_path": self.backbone, "fingerprint": self.fingerprint},
+            "config": self.config.to_dict(),
+            "modules": {m: list(dims) for m, dims in self.modules.items()},
+            "tasks": [_task_entry(t) for t in self.tasks],
+            "zero_shot": None if self.zero_shot is None else {"alpha": float(self.zero_shot.alpha)},
+            "training": self.training,
+            "files": checksums,
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write the bundle to directory `path` (created if needed).
+
+        Each changed file is replaced atomically, the manifest (with every file's sha256) is written
+        last and commits the change, then files no longer listed are deleted. A crash leaves the old or
+        the new bundle readable. Refuses to overwrite a bundle saved by someone else since this one was
+        loaded (its revision moved on).
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        with _locked(path, exclusive=True):
+            on_disk = _read_manifest_if_any(path)
+            if on_disk is not None and on_disk.get("revision") != self.revision:
+                raise BundleError(
+                    f"{path / MANIFEST}: the bundle on disk is at revision {on_disk.get('revision')}, this copy "
+                    f"was loaded at revision {self.revision}: load it again and redo the change")
+            old = on_disk.get("files", {}) if on_disk else {}
+            files = self._files()
+            checksums = {}
+            for rel, data in files.items():
+                checksums[rel] = sha256(data)
+                if old.get(rel) != checksums[rel] or not (path / rel).is_file():
+                    write_atomic(path / rel, data)
+            self.revision += 1
+            write_atomic(path / MANIFEST, (json.dumps(self._manifest(checksums), indent=2) + "\n").encode())
+            for rel in set(old) - set(files):
+                (path / rel).unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, path: str | Path, model: nn.Module | None = None) -> Bundle:
+        """Read and validate the bundle in directory `path`; with `model`, also check its backbone.
+
+        Raises BundleError naming the file and the field or tensor for anything missing or wrong.
+        """
+        path = Path(path)
+        with _locked(path, exclusive=False):
+            manifest = check_manifest(path / MANIFEST)
+            config = MHRConfig.from_dict(manifest["config"])
+            modules = {m: tuple(d) for m, d in manifest["modules"].items()}
+            tasks = [Task(t["name"], TaskKind(t["kind"]), t.get("alpha"), t.get("metadata", {}))
+                     for t in manifest["tasks"]]
+            read = read_checked(path, manifest, config, modules, tasks)
+        bundle = cls(config=config, backbone=manifest["backbone"]["name_or_path"],
+                     fingerprint=manifest["backbone"]["fingerprint"], modules=modules,
+                     lora_A=read.lora_A, lora_B=read.lora_B, tasks=tasks, routing=read.routing,
+                     adapters=read.adapters, zero_shot=read.zero_shot, training=manifest["training"],
+                     revision=manifest["revision"])
+        if model is not None:
+            bundle.check_backbone(model)
+        return bundle
+
+
+def _lora_bytes(lora: LoRA) -> bytes:
+    return safetensors_bytes({f"{m}.lora_{ab}": t[m] for m in lora.modules
+                              for ab, t in (("A", lora.A), ("B", lora.B))})
+
+
+def _task_entry(task: Task) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": task.name, "kind": task.kind.value}
+    if task.alpha is not None:
+        entry["alpha"] = task.alpha
+    entry["metadata"] = task.metadata
+    return entry
+
+
+def _read_manifest_if_any(path: Path) -> dict[str, Any] | None:
+    if not (path / MANIFEST).exists():
+        return None
+    return check_manifest(path / MANIFEST)
+
+
+@contextmanager
+def _locked(path: Path, exclusive: bool) -> Iterator[None]:
+    """An advisory lock on the bundle directory: readers never see a half-applied save.
+
+    Readers of a read-only directory (a mounted volume) go without the lock; the manifest's checksums
+    still catch a torn read.
+    """
+    if not path.is_dir():
+        raise BundleError(f"{path}: bundle directory not found")
+    try:
+        lock = open(path / LOCK, "a+")
+    except OSError:
+        if exclusive:
+            raise
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

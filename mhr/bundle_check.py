@@ -1,0 +1,227 @@
+"""Validation of bundles: the manifest's fields and every tensor file, with errors naming file and field.
+
+Nothing here is trusted: a bundle may come from an upload, another version or a disk that lost a write.
+Tensors are read from safetensors only (never unpickled), checked against the manifest's sha256, and
+their names, shapes, dtypes and values (no NaN/Inf) against the config.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mhr.adapter import LoRA
+from mhr.config import ConfigError, MHRConfig
+from mhr.files import FileFormatError, parse_safetensors, sha256
+
+FORMAT_VERSION = 1
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+TASK_KINDS = ("routed", "dense")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class BundleError(ValueError):
+    """A bundle (or a change to one) that is invalid; the message names the file and the field or tensor."""
+
+
+def check_task_name(name: Any, where: str) -> None:
+    """Task names end up in URLs and file names: 1-128 of [A-Za-z0-9._-], starting alphanumeric, no '..'."""
+    if not isinstance(name, str) or not TASK_NAME.fullmatch(name) or ".." in name:
+        raise BundleError(f"{where}: invalid task name {name!r}: use 1-128 characters of A-Z a-z 0-9 . _ -, "
+                          "starting with a letter or digit, without '..'")
+
+
+def check_tensor(t: Tensor, shape: tuple[int, ...], where: str) -> None:
+    """Shape, float dtype and finite values of one tensor; `where` names it in the error."""
+    if tuple(t.shape) != tuple(shape):
+        raise BundleError(f"{where}: expected shape {list(shape)}, found {list(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise BundleError(f"{where}: dtype {t.dtype} is not one of float32, bfloat16, float16")
+    if not torch.isfinite(t).all():
+        raise BundleError(f"{where}: contains NaN or Inf values")
+
+
+def check_routing_row(logits: Tensor | None, module: str, config: MHRConfig, where: str) -> None:
+    if logits is None:
+        raise BundleError(f"{where}: no logits for module {module!r}")
+    check_tensor(logits, (config.n_heads, config.n_skills), f"{where}, module {module!r}")
+
+
+def check_dense_lora(lora: LoRA, modules: Mapping[str, tuple[int, int]], where: str) -> None:
+    """A dense LoRA fits the bundle: its modules are bundle modules, with [d_in, r] / [r, d_out] shapes."""
+    extra = sorted(set(lora.modules) - set(modules))
+    if extra:
+        raise BundleError(f"{where}: modules not in the bundle: {extra} (bundle modules: {list(modules)[:4]}…)")
+    if not (isinstance(lora.alpha, (int, float)) and lora.alpha > 0):
+        raise BundleError(f"{where}: alpha must be > 0, got {lora.alpha!r}")
+    r = lora.rank
+    for m in lora.modules:
+        d_in, d_out = modules[m]
+        check_tensor(lora.A[m], (d_in, r), f"{where}: tensor '{m}.lora_A'")
+        check_tensor(lora.B[m], (r, d_out), f"{where}: tensor '{m}.lora_B'")
+
+
+# ----- manifest ---------------------------------------------------------------------------------------
+
+def check_manifest(path: Path) -> dict[str, Any]:
+    """Parse and validate manifest.json; returns it as a dict whose fields have the documented types."""
+    try:
+        m = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{path}: file not found: is this a bundle directory?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(m, dict):
+        raise BundleError(f"{path}: must hold a JSON object")
+    version = m.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(f"{path}: field 'format_version' is {version!r}; this reader knows format "
+                          f"{FORMAT_VERSION} only: upgrade mhr-serve or re-export the bundle")
+
+    def need(obj: dict, key: str, kind: type | tuple, label: str) -> Any:
+        value = obj.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            raise BundleError(f"{path}: field '{label}' must be {_kind_name(kind)}, found {value!r}")
+        return value
+
+    if need(m, "revision", int, "revision") < 0:
+        raise BundleError(f"{path}: field 'revision' must be >= 0")
+    backbone = need(m, "backbone", dict, "backbone")
+    need(backbone, "name_or_path", str, "backbone.name_or_path")
+    need(backbone, "fingerprint", str, "backbone.fingerprint")
+    try:
+        config = MHRConfig.from_dict(need(m, "config", dict, "config"))
+    except (ConfigError, TypeError) as e:
+        raise BundleError(f"{path}: field 'config': {e}") from None
+    modules = need(m, "modules", dict, "modules")
+    if not modules:
+        raise BundleError(f"{path}: field 'modules' is empty")
+    for name, dims in modules.items():
+        if not (isinstance(dims, list) and len(dims) == 2 and all(type(d) is int and d > 0 for d in dims)):
+            raise BundleError(f"{path}: field 'modules.{name}' must be [d_in, d_out], found {dims!r}")
+        if dims[0] % config.n_heads or dims[1] % config.n_heads:
+            raise BundleError(f"{path}: field 'modules.{name}': {dims} not divisible by n_heads={config.n_heads}")
+    seen = set()
+    for i, task in enumerate(need(m, "tasks", list, "tasks")):
+        label = f"tasks[{i}]"
+        if not isinstance(task, dict):
+            raise BundleError(f"{path}: field '{label}' must be an object, found {task!r}")
+        check_task_name(task.get("name"), f"{path}: field '{label}.name'")
+        if task["name"] in seen:
+            raise BundleError(f"{path}: field '{label}.name': duplicate task name {task['name']!r}")
+        seen.add(task["name"])
+        if task.get("kind") not in TASK_KINDS:
+            raise BundleError(f"{path}: field '{label}.kind' must be one of {TASK_KINDS}, found {task.get('kind')!r}")
+        if task["kind"] == "dense":
+            _positive(need(task, "alpha", (int, float), f"{label}.alpha"), path, f"{label}.alpha")
+        need(task, "metadata", dict, f"{label}.metadata")
+    zero_shot = m.get("zero_shot")
+    if zero_shot is not None:
+        need(m, "zero_shot", dict, "zero_shot")
+        _positive(need(zero_shot, "alpha", (int, float), "zero_shot.alpha"), path, "zero_shot.alpha")
+    need(m, "training", dict, "training")
+    files = need(m, "files", dict, "files")
+    for rel, digest in files.items():
+        if not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
+            raise BundleError(f"{path}: field 'files.{rel}' must be a sha256 hex digest, found {digest!r}")
+    expected = _expected_files(m)
+    if set(files) != expected:
+        raise BundleError(f"{path}: field 'files' lists {sorted(files)}, the tasks need {sorted(expected)}")
+    return m
+
+
+def _expected_files(m: dict[str, Any]) -> set[str]:
+    files = {"inventory.safetensors"}
+    if any(t["kind"] == "routed" for t in m["tasks"]):
+        files.add("routing.safetensors")
+    files |= {f"adapters/{t['name']}.safetensors" for t in m["tasks"] if t["kind"] == "dense"}
+    if m.get("zero_shot") is not None:
+        files.add("zero_shot.safetensors")
+    return files
+
+
+def _positive(value: float, path: Path, label: str) -> None:
+    if not value > 0:
+        raise BundleError(f"{path}: field '{label}' must be > 0, found {value!r}")
+
+
+def _kind_name(kind: type | tuple) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+# ----- tensor files -----------------------------------------------------------------------------------
+
+@dataclass
+class BundleTensors:
+    lora_A: dict[str, Tensor]
+    lora_B: dict[str, Tensor]
+    routing: dict[str, Tensor]
+    adapters: dict[str, LoRA]
+    zero_shot: LoRA | None
+
+
+def read_checked(root: Path, manifest: dict[str, Any], config: MHRConfig,
+                 modules: dict[str, tuple[int, int]], tasks: list) -> BundleTensors:
+    """Read every tensor file the manifest lists and validate it against the config and modules."""
+    K, h, r = config.n_skills, config.n_heads, config.rank
+
+    def read(rel: str) -> dict[str, Tensor]:
+        path = root / rel
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise BundleError(f"{path}: file not found (listed in manifest.json)") from None
+        if sha256(data) != manifest["files"][rel]:
+            raise BundleError(f"{path}: sha256 does not match manifest.json: the file was changed or damaged "
+                              "after the bundle was saved")
+        try:
+            return parse_safetensors(data, path)
+        except FileFormatError as e:
+            raise BundleError(str(e)) from None
+
+    def need_keys(tensors: dict[str, Tensor], keys: list[str], rel: str) -> None:
+        missing, extra = sorted(set(keys) - set(tensors)), sorted(set(tensors) - set(keys))
+        if missing or extra:
+            raise BundleError(f"{root / rel}: missing tensor(s) {missing[:5]}, unexpected tensor(s) {extra[:5]}")
+
+    inv = read("inventory.safetensors")
+    need_keys(inv, [f"{m}.lora_{ab}" for m in modules for ab in "AB"], "inventory.safetensors")
+    for m, (d_in, d_out) in modules.items():
+        check_tensor(inv[f"{m}.lora_A"], (K, h, d_in // h, r), f"{root / 'inventory.safetensors'}: tensor '{m}.lora_A'")
+        check_tensor(inv[f"{m}.lora_B"], (K, h, r, d_out // h), f"{root / 'inventory.safetensors'}: tensor '{m}.lora_B'")
+
+    routing = {}
+    n_routed = sum(t.kind.value == "routed" for t in tasks)
+    if n_routed:
+        routing = read("routing.safetensors")
+        need_keys(routing, list(modules), "routing.safetensors")
+        for m in modules:
+            check_tensor(routing[m], (n_routed, h, K), f"{root / 'routing.safetensors'}: tensor '{m}'")
+
+    def read_lora(rel: str, alpha: float) -> LoRA:
+        tensors = read(rel)
+        names = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
+        need_keys(tensors, [f"{m}.lora_{ab}" for m in names for ab in "AB"], rel)
+        try:
+            lora = LoRA({m: tensors[f"{m}.lora_A"] for m in names}, {m: tensors[f"{m}.lora_B"] for m in names}, alpha)
+        except ValueError as e:
+            raise BundleError(f"{root / rel}: {e}") from None
+        check_dense_lora(lora, modules, where=str(root / rel))
+        return lora
+
+    adapters = {t.name: read_lora(f"adapters/{t.name}.safetensors", t.alpha)
+                for t in tasks if t.kind.value == "dense"}
+    zs = manifest.get("zero_shot")
+    zero_shot = read_lora("zero_shot.safetensors", zs["alpha"]) if zs else None
+    return BundleTensors({m: inv[f"{m}.lora_A"] for m in modules}, {m: inv[f"{m}.lora_B"] for m in modules},
+                         {m: routing[m] for m in modules} if routing else {}, adapters, zero_shot)

@@ -1,0 +1,67 @@
+"""Atomic file writes and pickle-free safetensors reads, with errors that name the file."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+
+class FileFormatError(ValueError):
+    """A file that cannot be read as what it claims to be; the message names the file."""
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    """Serialize tensors (any device, any layout) to safetensors bytes."""
+    return save_safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+
+
+def parse_safetensors(data: bytes, path: Path) -> dict[str, torch.Tensor]:
+    """Tensors from safetensors bytes read from `path`; never unpickles."""
+    try:
+        return load_safetensors_bytes(data)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise FileFormatError(f"{path}: not a valid safetensors file ({e})") from e
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file, with a clear error when it is missing or malformed."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as e:
+        raise FileFormatError(f"{path}: file not found") from e
+    return parse_safetensors(data, path)

@@ -6,7 +6,10 @@ ordinary LoRA, the bundle format shared by training and serving, and export to P
 """
 
 from mhr.adapter import LoRA
+from mhr.bundle import Bundle, Task, TaskKind, backbone_fingerprint
+from mhr.bundle_check import BundleError
 from mhr.config import ConfigError, MHRConfig
+from mhr.export_peft import PeftFormatError, export_peft, import_peft
 from mhr.functional import routing_weights, uniform_weights
 from mhr.inject import (
     InjectionError,
@@ -24,6 +27,14 @@ from mhr.layer import MHRLinear, Mode
 from mhr.materialize import SkillInventory
 
 __all__ = [
+    "Bundle",
+    "BundleError",
+    "PeftFormatError",
+    "Task",
+    "TaskKind",
+    "backbone_fingerprint",
+    "export_peft",
+    "import_peft",
     "ConfigError",
     "InjectionError",
     "LoRA",

@@ -1,12 +1,13 @@
 """The bundle: the one artifact between training and serving (skill inventory, routing table, task LoRAs).
 
-On disk a bundle is a directory (specified exactly in docs/bundle-format.md):
+On disk a bundle is a directory (specified exactly in docs/bundle-format.md); each tensor file is stored
+under its name with the first 16 hex digits of its sha256 inserted, e.g. inventory.0123456789abcdef.safetensors:
 
-    manifest.json                 format version, backbone, MHRConfig, modules, tasks, file checksums
-    inventory.safetensors         "<module>.lora_A" [K, h, d_in/h, r], "<module>.lora_B" [K, h, r, d_out/h]
-    routing.safetensors           "<module>" logits [T_routed, h, K], rows in manifest order of routed tasks
-    adapters/<task>.safetensors   "<module>.lora_A" [d_in, r], "<module>.lora_B" [r, d_out]  (dense tasks)
-    zero_shot.safetensors         same layout as a dense task: the trained MHR-mu adapter (optional)
+    manifest.json           format version, backbone, MHRConfig, modules, tasks, file checksums
+    inventory               "<module>.lora_A" [K, h, d_in/h, r], "<module>.lora_B" [K, h, r, d_out/h]
+    routing                 "<module>" logits [T_routed, h, K], rows in manifest order of routed tasks
+    adapters/<task>         "<module>.lora_A" [d_in, r], "<module>.lora_B" [r, d_out]  (dense tasks)
+    zero_shot               same layout as a dense task: the trained MHR-mu adapter (optional)
 
 `Bundle` holds all of it in memory; tasks are added, replaced, renamed and removed with method calls and
 written back with `save`, which replaces files atomically and commits by writing the manifest last.
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 
 from mhr.adapter import LoRA
 from mhr.bundle_check import (
+    stored_name,
     FORMAT_VERSION,
     BundleError,
     check_dense_lora,
@@ -260,10 +262,11 @@ class Bundle:
     def save(self, path: str | Path) -> None:
         """Write the bundle to directory `path` (created if needed).
 
-        Each changed file is replaced atomically, the manifest (with every file's sha256) is written
-        last and commits the change, then files no longer listed are deleted. A crash leaves the old or
-        the new bundle readable. Refuses to overwrite a bundle saved by someone else since this one was
-        loaded (its revision moved on).
+        Tensor files are named by their content hash (see `stored_name`), so a changed file is a new
+        file: the new files are written first, the manifest (listing them) is replaced atomically and
+        commits the change, then files no longer listed are deleted. A crash at any point leaves the old
+        or the new bundle complete. Refuses to overwrite a bundle saved by someone else since this copy
+        was loaded (its revision moved on).
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -273,17 +276,18 @@ class Bundle:
                 raise BundleError(
                     f"{path / MANIFEST}: the bundle on disk is at revision {on_disk.get('revision')}, this copy "
                     f"was loaded at revision {self.revision}: load it again and redo the change")
-            old = on_disk.get("files", {}) if on_disk else {}
-            files = self._files()
             checksums = {}
-            for rel, data in files.items():
+            for rel, data in self._files().items():
                 checksums[rel] = sha256(data)
-                if old.get(rel) != checksums[rel] or not (path / rel).is_file():
-                    write_atomic(path / rel, data)
+                target = path / stored_name(rel, checksums[rel])
+                if not target.is_file():
+                    write_atomic(target, data)
             self.revision += 1
             write_atomic(path / MANIFEST, (json.dumps(self._manifest(checksums), indent=2) + "\n").encode())
-            for rel in set(old) - set(files):
-                (path / rel).unlink(missing_ok=True)
+            keep = {path / stored_name(rel, digest) for rel, digest in checksums.items()}
+            for stale in [*path.glob("*.safetensors"), *path.glob("adapters/*.safetensors")]:
+                if stale not in keep:
+                    stale.unlink()
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module | None = None) -> Bundle:

@@ -28,6 +28,13 @@ TASK_KINDS = ("routed", "dense")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
+def stored_name(rel: str, digest: str) -> str:
+    """Where the file listed as `rel` with sha256 `digest` lives: "adapters/t.safetensors" ->
+    "adapters/t.<first 16 hex digits>.safetensors". Content-named files are never overwritten in place."""
+    stem = rel.removesuffix(".safetensors")
+    return f"{stem}.{digest[:16]}.safetensors"
+
+
 class BundleError(ValueError):
     """A bundle (or a change to one) that is invalid; the message names the file and the field or tensor."""
 
@@ -175,15 +182,18 @@ def read_checked(root: Path, manifest: dict[str, Any], config: MHRConfig,
     """Read every tensor file the manifest lists and validate it against the config and modules."""
     K, h, r = config.n_skills, config.n_heads, config.rank
 
+    def label(rel: str) -> Path:
+        return root / stored_name(rel, manifest["files"][rel])
+
     def read(rel: str) -> dict[str, Tensor]:
-        path = root / rel
+        path = label(rel)
         try:
             data = path.read_bytes()
         except FileNotFoundError:
             raise BundleError(f"{path}: file not found (listed in manifest.json)") from None
         if sha256(data) != manifest["files"][rel]:
-            raise BundleError(f"{path}: sha256 does not match manifest.json: the file was changed or damaged "
-                              "after the bundle was saved")
+            raise BundleError(f"{path}: sha256 does not match manifest.json 'files.{rel}': the file was "
+                              "changed or damaged after the bundle was saved")
         try:
             return parse_safetensors(data, path)
         except FileFormatError as e:
@@ -192,13 +202,13 @@ def read_checked(root: Path, manifest: dict[str, Any], config: MHRConfig,
     def need_keys(tensors: dict[str, Tensor], keys: list[str], rel: str) -> None:
         missing, extra = sorted(set(keys) - set(tensors)), sorted(set(tensors) - set(keys))
         if missing or extra:
-            raise BundleError(f"{root / rel}: missing tensor(s) {missing[:5]}, unexpected tensor(s) {extra[:5]}")
+            raise BundleError(f"{label(rel)}: missing tensor(s) {missing[:5]}, unexpected tensor(s) {extra[:5]}")
 
     inv = read("inventory.safetensors")
     need_keys(inv, [f"{m}.lora_{ab}" for m in modules for ab in "AB"], "inventory.safetensors")
     for m, (d_in, d_out) in modules.items():
-        check_tensor(inv[f"{m}.lora_A"], (K, h, d_in // h, r), f"{root / 'inventory.safetensors'}: tensor '{m}.lora_A'")
-        check_tensor(inv[f"{m}.lora_B"], (K, h, r, d_out // h), f"{root / 'inventory.safetensors'}: tensor '{m}.lora_B'")
+        check_tensor(inv[f"{m}.lora_A"], (K, h, d_in // h, r), f"{label('inventory.safetensors')}: tensor '{m}.lora_A'")
+        check_tensor(inv[f"{m}.lora_B"], (K, h, r, d_out // h), f"{label('inventory.safetensors')}: tensor '{m}.lora_B'")
 
     routing = {}
     n_routed = sum(t.kind.value == "routed" for t in tasks)
@@ -206,7 +216,7 @@ def read_checked(root: Path, manifest: dict[str, Any], config: MHRConfig,
         routing = read("routing.safetensors")
         need_keys(routing, list(modules), "routing.safetensors")
         for m in modules:
-            check_tensor(routing[m], (n_routed, h, K), f"{root / 'routing.safetensors'}: tensor '{m}'")
+            check_tensor(routing[m], (n_routed, h, K), f"{label('routing.safetensors')}: tensor '{m}'")
 
     def read_lora(rel: str, alpha: float) -> LoRA:
         tensors = read(rel)
@@ -215,8 +225,8 @@ def read_checked(root: Path, manifest: dict[str, Any], config: MHRConfig,
         try:
             lora = LoRA({m: tensors[f"{m}.lora_A"] for m in names}, {m: tensors[f"{m}.lora_B"] for m in names}, alpha)
         except ValueError as e:
-            raise BundleError(f"{root / rel}: {e}") from None
-        check_dense_lora(lora, modules, where=str(root / rel))
+            raise BundleError(f"{label(rel)}: {e}") from None
+        check_dense_lora(lora, modules, where=str(label(rel)))
         return lora
 
     adapters = {t.name: read_lora(f"adapters/{t.name}.safetensors", t.alpha)

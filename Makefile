@@ -1,0 +1,30 @@
+# Fresh machine: `make test` or `make demo` creates .venv, installs, then runs.
+PYTHON ?= python3
+VENV ?= .venv
+PYTEST_ARGS ?=
+# e.g. https://download.pytorch.org/whl/cpu where no local CPU wheel of torch is configured
+TORCH_INDEX_URL ?=
+PIP := $(VENV)/bin/python -m pip
+
+# Reinstalls only when pyproject.toml changes. torch goes first and by exact version: pip then
+# keeps the CPU build found here (or a CUDA build installed beforehand) instead of fetching one.
+STAMP := $(VENV)/install.stamp
+
+.PHONY: venv test demo lint
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --progress-bar off torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+	$(PIP) install --progress-bar off -e '.[dev]'
+	touch $@
+
+test: venv
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+demo: venv
+	$(VENV)/bin/python examples/quickstart.py
+
+lint: venv
+	$(VENV)/bin/ruff check .

@@ -1,0 +1,1 @@
+"""Serving: many tasks from one backbone behind an OpenAI-compatible HTTP API (in progress)."""

@@ -1,0 +1,1 @@
+"""Test suite; `tests.tiny` builds the tiny offline models the fixtures share."""

@@ -1,0 +1,1 @@
+"""Training: multi-task pre-training and few-shot adaptation of MHR adapters (in progress)."""

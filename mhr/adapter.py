@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,16 @@ class LoRA:
     def delta_weight(self, name: str) -> Tensor:
         """The dense update of one module in nn.Linear layout [*batch, d_out, d_in]."""
         return (self.A[name] @ self.B[name]).transpose(-1, -2) * self.scaling
+
+    def fingerprint(self) -> str:
+        """sha256 hex digest of alpha, module names, shapes, dtypes and values: equal LoRAs, equal digests."""
+        h = hashlib.sha256(repr(self.alpha).encode())
+        for name in self.A:
+            for t in (self.A[name], self.B[name]):
+                t = t.detach().contiguous().cpu()
+                h.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
+                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
 
     def equal(self, other: LoRA) -> bool:
         """Exact equality of modules, tensors and alpha."""

@@ -64,8 +64,10 @@ class MHRConfig:
             errors.append(f"alpha must be a finite number > 0, got {self.alpha!r}")
         if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             errors.append(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if not _is_number(self.temperature) or not self.temperature > 0:
-            errors.append(f"temperature must be > 0, got {self.temperature!r}")
+        if not _is_number(self.temperature) or not (0 < self.temperature < math.inf):
+            errors.append(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        if not isinstance(self.relaxed_routing, bool):
+            errors.append(f"relaxed_routing must be true or false, got {self.relaxed_routing!r}")
         if self.init not in INITS:
             errors.append(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         errors.extend(_target_errors(self.target_modules))

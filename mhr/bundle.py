@@ -30,14 +30,15 @@ from torch import Tensor, nn
 
 from mhr.adapter import LoRA
 from mhr.bundle_check import (
-    stored_name,
     FORMAT_VERSION,
+    STORED_NAME,
     BundleError,
     check_dense_lora,
     check_manifest,
     check_routing_row,
     check_task_name,
     read_checked,
+    stored_name,
 )
 from mhr.config import MHRConfig
 from mhr.files import safetensors_bytes, sha256, write_atomic
@@ -160,7 +161,8 @@ class Bundle:
             raise BundleError(f"routing logits of task {name!r} name modules not in the bundle: {extra}")
         if name in self.task_names:
             self.remove_task(name)
-        row = {m: logits[m].detach().to("cpu", torch.float32).reshape(1, *logits[m].shape[-2:])
+        # copy=True: the first row would otherwise alias the caller's tensor (a router still training)
+        row = {m: logits[m].detach().to("cpu", torch.float32, copy=True).reshape(1, *logits[m].shape[-2:])
                for m in self.modules}
         self.routing = {m: torch.cat([self.routing[m], row[m]]) if self.routing else row[m]
                         for m in self.modules}
@@ -173,14 +175,14 @@ class Bundle:
         check_dense_lora(lora, self.modules, where=f"LoRA of task {name!r}")
         if name in self.task_names:
             self.remove_task(name)
-        self.adapters[name] = lora.to("cpu")
+        self.adapters[name] = _stored_copy(lora, self.modules)
         self.tasks.append(Task(name, TaskKind.DENSE, alpha=float(lora.alpha), metadata=dict(metadata or {})))
 
     def set_zero_shot(self, lora: LoRA | None) -> None:
         """Store the trained MHR-mu adapter (None: fall back to the plain average of the skills)."""
         if lora is not None:
             check_dense_lora(lora, self.modules, where="zero-shot LoRA")
-            lora = lora.to("cpu")
+            lora = _stored_copy(lora, self.modules)
         self.zero_shot = lora
 
     def remove_task(self, name: str) -> None:
@@ -246,10 +248,10 @@ class Bundle:
             files[ZERO_SHOT] = _lora_bytes(self.zero_shot)
         return files
 
-    def _manifest(self, checksums: dict[str, str]) -> dict[str, Any]:
+    def _manifest(self, checksums: dict[str, str], revision: int) -> dict[str, Any]:
         return {
             "format_version": FORMAT_VERSION,
-            "revision": self.revision,
+            "revision": revision,
             "backbone": {"name_or_path": self.backbone, "fingerprint": self.fingerprint},
             "config": self.config.to_dict(),
             "modules": {m: list(dims) for m, dims in self.modules.items()},
@@ -276,17 +278,19 @@ class Bundle:
                 raise BundleError(
                     f"{path / MANIFEST}: the bundle on disk is at revision {on_disk.get('revision')}, this copy "
                     f"was loaded at revision {self.revision}: load it again and redo the change")
-            checksums = {}
-            for rel, data in self._files().items():
-                checksums[rel] = sha256(data)
+            files = self._files()
+            checksums = {rel: sha256(data) for rel, data in files.items()}
+            # Serialized before anything is written: metadata that is not JSON fails the save cleanly.
+            manifest = json.dumps(self._manifest(checksums, self.revision + 1), indent=2) + "\n"
+            for rel, data in files.items():
                 target = path / stored_name(rel, checksums[rel])
                 if not target.is_file():
                     write_atomic(target, data)
-            self.revision += 1
-            write_atomic(path / MANIFEST, (json.dumps(self._manifest(checksums), indent=2) + "\n").encode())
+            write_atomic(path / MANIFEST, manifest.encode())
+            self.revision += 1  # only once committed: a failed save can be retried from this copy
             keep = {path / stored_name(rel, digest) for rel, digest in checksums.items()}
             for stale in [*path.glob("*.safetensors"), *path.glob("adapters/*.safetensors")]:
-                if stale not in keep:
+                if stale not in keep and STORED_NAME.fullmatch(stale.name):
                     stale.unlink()
 
     @classmethod
@@ -311,6 +315,14 @@ class Bundle:
         if model is not None:
             bundle.check_backbone(model)
         return bundle
+
+
+def _stored_copy(lora: LoRA, modules: Mapping[str, tuple[int, int]]) -> LoRA:
+    """A CPU copy of `lora` (never an alias of the caller's tensors) with its modules in bundle order,
+    the order `Bundle.load` reads them back in: a round trip gives the same LoRA, module order included."""
+    names = [m for m in modules if m in lora.A]
+    return LoRA({m: lora.A[m].to("cpu", copy=True) for m in names},
+                {m: lora.B[m].to("cpu", copy=True) for m in names}, lora.alpha)
 
 
 def _lora_bytes(lora: LoRA) -> bytes:

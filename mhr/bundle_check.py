@@ -28,6 +28,9 @@ TASK_KINDS = ("routed", "dense")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
+STORED_NAME = re.compile(r".+\.[0-9a-f]{16}\.safetensors")  # what save may delete: only its own files
+
+
 def stored_name(rel: str, digest: str) -> str:
     """Where the file listed as `rel` with sha256 `digest` lives: "adapters/t.safetensors" ->
     "adapters/t.<first 16 hex digits>.safetensors". Content-named files are never overwritten in place."""
@@ -206,9 +209,10 @@ def read_checked(root: Path, manifest: dict[str, Any], config: MHRConfig,
 
     inv = read("inventory.safetensors")
     need_keys(inv, [f"{m}.lora_{ab}" for m in modules for ab in "AB"], "inventory.safetensors")
+    inv_label = label("inventory.safetensors")
     for m, (d_in, d_out) in modules.items():
-        check_tensor(inv[f"{m}.lora_A"], (K, h, d_in // h, r), f"{label('inventory.safetensors')}: tensor '{m}.lora_A'")
-        check_tensor(inv[f"{m}.lora_B"], (K, h, r, d_out // h), f"{label('inventory.safetensors')}: tensor '{m}.lora_B'")
+        check_tensor(inv[f"{m}.lora_A"], (K, h, d_in // h, r), f"{inv_label}: tensor '{m}.lora_A'")
+        check_tensor(inv[f"{m}.lora_B"], (K, h, r, d_out // h), f"{inv_label}: tensor '{m}.lora_B'")
 
     routing = {}
     n_routed = sum(t.kind.value == "routed" for t in tasks)
@@ -220,7 +224,8 @@ def read_checked(root: Path, manifest: dict[str, Any], config: MHRConfig,
 
     def read_lora(rel: str, alpha: float) -> LoRA:
         tensors = read(rel)
-        names = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
+        found = {k.rsplit(".lora_", 1)[0] for k in tensors}
+        names = [m for m in modules if m in found] + sorted(found - set(modules))  # bundle (model) order
         need_keys(tensors, [f"{m}.lora_{ab}" for m in names for ab in "AB"], rel)
         try:
             lora = LoRA({m: tensors[f"{m}.lora_A"] for m in names}, {m: tensors[f"{m}.lora_B"] for m in names}, alpha)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,10 @@ def export_peft(lora: LoRA, out_dir: str | Path, base_model_name_or_path: str, *
         tensors[f"{PREFIX}{m}.lora_A.weight"] = lora.A[m].T  # [r, d_in]
         tensors[f"{PREFIX}{m}.lora_B.weight"] = lora.B[m].T  # [d_out, r]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    # Not mkdtemp: its 0700 would survive the rename and hide the adapter from a server running as
+    # another user; mkdir honours the umask like any directory PEFT writes.
+    tmp = out_dir.with_name(f".{out_dir.name}.{secrets.token_hex(8)}.tmp")
+    tmp.mkdir()
     try:
         write_atomic(tmp / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
         write_atomic(tmp / WEIGHTS_FILE, safetensors_bytes(tensors))
@@ -133,7 +137,8 @@ def _read_config(path: Path) -> dict[str, Any]:
     refusals = {
         "peft_type": (config.get("peft_type") != "LORA", "only LORA adapters can be imported"),
         "use_dora": (bool(config.get("use_dora")), "DoRA adapters are not supported"),
-        "modules_to_save": (bool(config.get("modules_to_save")), "adapters that retrain whole modules are not supported"),
+        "modules_to_save": (bool(config.get("modules_to_save")),
+                            "adapters that retrain whole modules are not supported"),
         "bias": (config.get("bias", "none") != "none", "LoRA biases are not supported"),
         "fan_in_fan_out": (bool(config.get("fan_in_fan_out")), "Conv1D (fan_in_fan_out) layouts are not supported"),
     }
@@ -154,7 +159,9 @@ def _module_scaling(config: dict[str, Any], module: str, rank: int) -> float:
 
 
 def _pattern_value(pattern: dict[str, Any], module: str, default: float) -> float:
+    """PEFT's rule (peft.utils.other.get_pattern_key): the first key that, read as a regular expression,
+    matches the whole module name or a dotted suffix of it."""
     for key, value in pattern.items():
-        if module == key or module.endswith("." + key):
+        if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default

@@ -7,7 +7,6 @@ their names, shapes, dtypes and values (no NaN/Inf) against the config.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from torch import Tensor
 
 from mhr.adapter import LoRA
 from mhr.config import ConfigError, MHRConfig
-from mhr.files import FileFormatError, parse_safetensors, sha256
+from mhr.files import FileFormatError, parse_safetensors, read_json_object, sha256
 
 FORMAT_VERSION = 1
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -84,13 +83,9 @@ def check_dense_lora(lora: LoRA, modules: Mapping[str, tuple[int, int]], where: 
 def check_manifest(path: Path) -> dict[str, Any]:
     """Parse and validate manifest.json; returns it as a dict whose fields have the documented types."""
     try:
-        m = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BundleError(f"{path}: file not found: is this a bundle directory?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(m, dict):
-        raise BundleError(f"{path}: must hold a JSON object")
+        m = read_json_object(path, "a bundle directory")
+    except FileFormatError as e:
+        raise BundleError(str(e)) from None
     version = m.get("format_version")
     if version != FORMAT_VERSION:
         raise BundleError(f"{path}: field 'format_version' is {version!r}; this reader knows format "

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from mhr.adapter import LoRA
-from mhr.files import FileFormatError, read_safetensors, safetensors_bytes, write_atomic
+from mhr.files import FileFormatError, read_json_object, read_safetensors, safetensors_bytes, write_atomic
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -127,13 +127,9 @@ def import_peft(adapter_dir: str | Path) -> LoRA:
 
 def _read_config(path: Path) -> dict[str, Any]:
     try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PeftFormatError(f"{path}: file not found: is this a PEFT adapter directory?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PeftFormatError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise PeftFormatError(f"{path}: must hold a JSON object")
+        config = read_json_object(path, "a PEFT adapter directory")
+    except FileFormatError as e:
+        raise PeftFormatError(str(e)) from None
     refusals = {
         "peft_type": (config.get("peft_type") != "LORA", "only LORA adapters can be imported"),
         "use_dora": (bool(config.get("use_dora")), "DoRA adapters are not supported"),

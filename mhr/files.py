@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -63,6 +64,22 @@ def parse_safetensors(data: bytes, path: Path) -> dict[str, torch.Tensor]:
         return load_safetensors_bytes(data)
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise FileFormatError(f"{path}: not a valid safetensors file ({e})") from e
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """The JSON object in `path`; FileFormatError names the file when it is missing or not an object.
+
+    `what` says what the file should belong to, for the not-found message (e.g. "a bundle directory").
+    """
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileFormatError(f"{path}: file not found: is this {what}?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FileFormatError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise FileFormatError(f"{path}: must hold a JSON object")
+    return value
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,322 @@
+"""The wire format: pydantic models of every request and response body the HTTP API speaks.
+
+OpenAI-compatible completions, chat completions and models, the native per-task routes, and the error
+body. Requests forbid unknown fields and reject parameters the server does not implement with a message
+naming them, so nothing a client asks for is silently ignored. The `mhr` extension field carries
+per-request skill mixing.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_STOP = 4
+MAX_BATCH_INPUTS = 64
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ----- errors -----------------------------------------------------------------------------------------
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
+
+    error: ErrorInfo
+
+
+# ----- the mhr extension ------------------------------------------------------------------------------
+
+class SkillMix(Strict):
+    """Serve a mixture instead of one task: interpolate tasks, or set per-head skill weights directly.
+
+    mix: task name -> weight (>= 0, not all zero); the tasks' routing weights are averaged with these
+    weights (routed tasks only). skills: per-head skill weights [h][K] (>= 0, every head non-zero),
+    normalised per head and used for every module.
+    """
+
+    mix: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = None
+    skills: list[list[Annotated[float, Field(ge=0, allow_inf_nan=False)]]] | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> SkillMix:
+        if (self.mix is None) == (self.skills is None):
+            raise ValueError("give exactly one of 'mix' (task -> weight) or 'skills' (per-head skill weights)")
+        if self.mix is not None:
+            if not self.mix or len(self.mix) > 16:
+                raise ValueError("'mix' needs 1 to 16 tasks")
+            if sum(self.mix.values()) <= 0:
+                raise ValueError("'mix' weights are all zero")
+        if self.skills is not None and (not self.skills or any(sum(head) <= 0 for head in self.skills)):
+            raise ValueError("'skills' needs one non-empty row of weights per head, none all zero")
+        return self
+
+
+class AdapterInfo(BaseModel):
+    """Which adapter served a response: the task, the zero-shot adapter, or a per-request mixture."""
+
+    adapter: str
+
+
+# ----- sampling shared by every generation request ----------------------------------------------------
+
+class Sampling(Strict):
+    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    mhr: SkillMix | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, stop: str | list[str] | None) -> list[str]:
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > MAX_STOP or any(not s for s in stops):
+            raise ValueError(f"give at most {MAX_STOP} non-empty stop strings")
+        return stops
+
+
+def _unsupported(value: Any, default: Any, name: str, why: str) -> None:
+    if value is not None and value != default:
+        raise ValueError(f"'{name}' is not supported: {why}")
+
+
+class OpenAISampling(Sampling):
+    n: int | None = 1
+    logprobs: Any = None
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = Field(None, max_length=256)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self) -> OpenAISampling:
+        _unsupported(self.n, 1, "n", "one choice per request; send several requests instead")
+        _unsupported(self.logprobs, False, "logprobs", "log-probabilities are not returned")
+        _unsupported(self.presence_penalty, 0.0, "presence_penalty", "penalties are not implemented")
+        _unsupported(self.frequency_penalty, 0.0, "frequency_penalty", "penalties are not implemented")
+        _unsupported(self.logit_bias, {}, "logit_bias", "logit biases are not implemented")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("'stream_options' needs 'stream': true")
+        return self
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+# ----- /v1/completions --------------------------------------------------------------------------------
+
+class CompletionRequest(OpenAISampling):
+    model: str = Field(min_length=1, max_length=256)
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> CompletionRequest:
+        _unsupported(self.echo, False, "echo", "the prompt is not echoed back")
+        _unsupported(self.best_of, 1, "best_of", "one candidate per request")
+        _unsupported(self.suffix, None, "suffix", "insertion is not implemented")
+        prompts = self.prompt if isinstance(self.prompt, list) else [self.prompt]
+        if not prompts or len(prompts) > MAX_BATCH_INPUTS:
+            raise ValueError(f"'prompt' needs 1 to {MAX_BATCH_INPUTS} prompts")
+        if any(p == "" or p == [] for p in prompts):
+            raise ValueError("'prompt' must not be empty")
+        return self
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class CompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: _id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    mhr: AdapterInfo
+
+
+# ----- /v1/chat/completions ---------------------------------------------------------------------------
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[TextPart]
+    name: str | None = Field(None, max_length=64)
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(OpenAISampling):
+    model: str = Field(min_length=1, max_length=256)
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ChatCompletionRequest:
+        _unsupported(self.top_logprobs, None, "top_logprobs", "log-probabilities are not returned")
+        _unsupported(self.tools, [], "tools", "tool calling is not implemented")
+        _unsupported(self.tool_choice, "none", "tool_choice", "tool calling is not implemented")
+        if self.response_format not in (None, {"type": "text"}):
+            raise ValueError("'response_format' is not supported: only plain text responses")
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise ValueError("give 'max_completion_tokens' or 'max_tokens', not both")
+        return self
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: _id("chatcmpl"))
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    mhr: AdapterInfo
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    mhr: AdapterInfo
+
+
+# ----- /v1/models -------------------------------------------------------------------------------------
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "mhr-serve"
+    root: str
+    parent: str | None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ----- native routes ----------------------------------------------------------------------------------
+
+class GenerateRequest(Sampling):
+    """POST /v1/tasks/{task}/generate: one input or a batch of inputs for one task."""
+
+    inputs: str | list[str]
+    max_new_tokens: int = Field(16, ge=1)
+    temperature: float = Field(0.0, ge=0, le=2, allow_inf_nan=False)
+    stream: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> GenerateRequest:
+        inputs = self.inputs if isinstance(self.inputs, list) else [self.inputs]
+        if not inputs or len(inputs) > MAX_BATCH_INPUTS or any(not i for i in inputs):
+            raise ValueError(f"'inputs' needs 1 to {MAX_BATCH_INPUTS} non-empty strings")
+        if self.stream and isinstance(self.inputs, list) and len(self.inputs) > 1:
+            raise ValueError("'stream' works with a single input")
+        return self
+
+
+class GeneratedText(BaseModel):
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    task: str
+    adapter: str
+    outputs: list[GeneratedText]
+
+
+class TaskInfo(BaseModel):
+    name: str
+    kind: Literal["routed", "dense"]
+    rank: int
+    metadata: dict[str, Any] = {}
+    routing: list[list[float]] | None = None   # routed tasks: per-head skill weights averaged over modules
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskInfo]
+    zero_shot: str | None                      # the id serving unknown tasks, None when fallback is off
+
+
+OpenAISampling.model_rebuild()
+CompletionRequest.model_rebuild()
+ChatCompletionRequest.model_rebuild()

@@ -1,1 +1,1 @@
-"""Training: multi-task pre-training and few-shot adaptation of MHR adapters (in progress)."""
+"""Training: multi-task pre-training, few-shot adaptation and zero-shot MHR-mu, producing `mhr` bundles."""

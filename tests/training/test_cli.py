@@ -1,0 +1,96 @@
+"""The `mhr` command line: a run from suite to eval, one-line errors for bad input, plugin commands."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from training import cli
+
+runner = CliRunner()
+SMALL = ["--steps", "2", "--batch-size", "4", "--max-length", "48", "--quiet"]
+
+
+def invoke(*args):
+    return runner.invoke(cli.app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("command", ["suite", "train", "adapt", "zeroshot", "eval", "plot"])
+def test_help(command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_suite_train_adapt_zeroshot_eval_plot(tmp_path, tiny_llama_path):
+    assert invoke("suite", "--out", tmp_path / "s", "--n-train", 2, "--n-test", 1, "--n-shots", 2).exit_code == 0
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"skills": 2, "heads": 2, "rank": 2, "steps": 50}))  # --steps overrides
+    result = invoke("train", "--model", tiny_llama_path, "--data", tmp_path / "s" / "train.jsonl",
+                    "--out", tmp_path / "b", "--config", config, "--target-modules", "q_proj,v_proj", *SMALL)
+    assert result.exit_code == 0, result.output
+    assert "2 steps" in result.output
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["config"]["n_skills"] == 2 and manifest["training"]["steps"] == 2
+    held = "reverse.sort"
+    # heldout-train holds several tasks: adapting one of them names the first record of another
+    result = invoke("adapt", "--bundle", tmp_path / "b", "--data", tmp_path / "s" / "heldout-train.jsonl",
+                    "--task", held, *SMALL)
+    assert result.exit_code == 2 and "heldout-train.jsonl:" in result.output and "unknown task" in result.output
+    only = tmp_path / "held.jsonl"
+    lines = (tmp_path / "s" / "heldout-train.jsonl").read_text().splitlines()
+    only.write_text("\n".join(line for line in lines if json.loads(line)["task"] == held) + "\n")
+    result = invoke("adapt", "--bundle", tmp_path / "b", "--data", only, "--task", held, "--method", "mhr-z", *SMALL)
+    assert result.exit_code == 0, result.output
+    result = invoke("zeroshot", "--bundle", tmp_path / "b", "--data", tmp_path / "s" / "train.jsonl", *SMALL)
+    assert result.exit_code == 0, result.output
+    result = invoke("eval", "--bundle", tmp_path / "b", "--data", tmp_path / "s" / "heldout-test.jsonl",
+                    "--task", held, "--out", tmp_path / "report.json", "--max-new-tokens", 4,
+                    "--model", tiny_llama_path)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert list(report["tasks"]) == [held] and "average" in result.output
+    result = invoke("eval", "--bundle", tmp_path / "b", "--data", tmp_path / "s" / "heldout-test.jsonl")
+    assert result.exit_code == 2 and "not in the bundle" in result.output
+    result = invoke("plot", "--bundle", tmp_path / "b", "--out", tmp_path / "routing.png")
+    assert result.exit_code == 0 and (tmp_path / "routing.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--model", "m", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/b"], "bad.jsonl:2: invalid JSON"),
+    (["train", "--model", "m", "--data", "{tmp}/good.jsonl", "--out", "{tmp}/b", "--steps", "0"], "steps must be"),
+    (["train", "--model", "m", "--data", "{tmp}/good.jsonl", "--out", "{tmp}/b", "--method", "mhr-z"],
+     "train takes method"),
+    (["train", "--model", "{tmp}/no-model", "--data", "{tmp}/good.jsonl", "--out", "{tmp}/b",
+      "--target-modules", "q_proj"], "cannot load the backbone"),
+    (["adapt", "--bundle", "{tmp}/none", "--data", "{tmp}/good.jsonl", "--task", "t1"], "bundle directory not found"),
+    (["eval", "--bundle", "{tmp}", "--data", "{tmp}/missing.jsonl"], "missing.jsonl: cannot read"),
+])
+def test_bad_input_is_one_line_without_traceback(tmp_path, args, message):
+    (tmp_path / "good.jsonl").write_text('{"task": "t1", "input": "a", "target": "b"}\n')
+    (tmp_path / "bad.jsonl").write_text('{"task": "t1", "input": "a", "target": "b"}\n{"task": \n')
+    result = invoke(*[a.format(tmp=tmp_path) for a in args])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert result.output.count("\n") == 1 and result.output.startswith("error: ")
+    assert "Traceback" not in result.output
+
+
+def test_other_packages_add_commands(monkeypatch, capsys):
+    class Entry:
+        name = "hello"
+
+        @staticmethod
+        def load():
+            def hello(name: str = "world") -> None:
+                """Say hello."""
+                print(f"hello {name}")
+            return hello
+
+    monkeypatch.setattr(cli, "entry_points", lambda group: [Entry] if group == cli.PLUGIN_GROUP else [])
+    monkeypatch.setattr(cli, "app", cli.typer.Typer())  # a fresh app, so the real one is not changed
+    cli.app.command()(cli.suite)
+    monkeypatch.setattr("sys.argv", ["mhr", "hello", "--name", "you"])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == 0
+    assert capsys.readouterr().out == "hello you\n"

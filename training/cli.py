@@ -1,0 +1,220 @@
+"""The `mhr` command line: suite, train, adapt, zeroshot, eval, plot.
+
+Other packages add commands through the "mhr.commands" entry-point group (name = a function that typer
+can turn into a command), loaded by `main`; this module imports none of them.
+Bad input (a file, a field, a task, a setting) ends with one line on stderr and exit status 2.
+Commands import their implementation when they run: transformers takes seconds to import, and
+`mhr --help` should not wait for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+import mhr
+from training import distributed
+from training import suite as suite_module
+from training.config import TrainConfig, TrainConfigError
+from training.data import DataError, read_jsonl
+
+app = typer.Typer(help="Train, adapt and evaluate Multi-Head Adapter Routing (MHR) bundles.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+PLUGIN_GROUP = "mhr.commands"
+USER_ERRORS = (DataError, TrainConfigError, mhr.BundleError, mhr.ConfigError, mhr.InjectionError, OSError)
+DEFAULT = TrainConfig()
+
+
+def _opt(help: str, field: str | None = None):
+    """An optional setting; left out, the TrainConfig (file or default) value applies, shown in --help."""
+    default = f" (default: {getattr(DEFAULT, field)})" if field else ""
+    return typer.Option(help=help + default, show_default=False)
+
+
+# Settings shared by every training command; None means "not given on the command line".
+Config = Annotated[Path | None, typer.Option(help="JSON file of TrainConfig fields; options below override it")]
+Steps = Annotated[int | None, _opt("optimizer steps", "steps")]
+BatchSize = Annotated[int | None, _opt("examples per micro-batch", "batch_size")]
+GradAccum = Annotated[int | None, _opt("micro-batches per optimizer step", "grad_accum")]
+Lr = Annotated[float | None, _opt("learning rate of adapter weights", "lr")]
+LogitsLr = Annotated[float | None, _opt("learning rate of routing logits", "logits_lr")]
+Warmup = Annotated[int | None, _opt("linear warmup steps", "warmup_steps")]
+Schedule = Annotated[str | None, _opt("constant | linear | cosine decay after warmup", "schedule")]
+WeightDecay = Annotated[float | None, _opt("AdamW weight decay of adapter weights", "weight_decay")]
+MaxGradNorm = Annotated[float | None, _opt("gradient clipping norm, 0 = off", "max_grad_norm")]
+Seed = Annotated[int | None, _opt("random seed", "seed")]
+Dtype = Annotated[str | None, _opt("fp32 | bf16 (autocast)", "dtype")]
+MaxLength = Annotated[int | None, _opt("tokens per example", "max_length")]
+SaveEvery = Annotated[int | None, _opt("steps between checkpoints, 0 = never", "save_every")]
+CheckpointDir = Annotated[str | None, _opt("checkpoint directory; a run resumes from its latest checkpoint")]
+Quiet = Annotated[bool, typer.Option("--quiet", help="no progress bar")]
+Backbone = Annotated[str | None, typer.Option(
+    "--model", help="load the backbone from here instead of the path the bundle records (same model, moved)")]
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn an error caused by the user's input into one line on stderr and exit status 2."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        first, *rest = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        typer.echo(f"error: {' '.join([first, '; '.join(rest)]).strip()}", err=True)
+        raise typer.Exit(2) from None
+
+
+def make_config(config_file: Path | None, **options) -> TrainConfig:
+    """TrainConfig from the file (if any), overridden by the options that were given."""
+    given = {k: v for k, v in options.items() if v is not None}
+    return TrainConfig.from_file(config_file, **given) if config_file else TrainConfig(**given)
+
+
+@app.command()
+def suite(out: Annotated[Path, typer.Option(help="directory for the JSONL files")],
+          n_train: Annotated[int, typer.Option(help="instances per training task")] = 64,
+          n_test: Annotated[int, typer.Option(help="test instances per task")] = 16,
+          n_shots: Annotated[int, typer.Option(help="few-shot instances per held-out task")] = 16,
+          seed: Annotated[int, typer.Option(help="generator seed")] = 0) -> None:
+    """Write the compositional task suite: train/test files of the training tasks, heldout-train/heldout-test
+    files of the held-out tasks (unseen compositions of the same skills)."""
+    with user_errors():
+        paths = suite_module.write_suite(out, n_train, n_test, n_shots, seed)
+    typer.echo(f"skills: {', '.join(suite_module.SKILLS)}")
+    typer.echo(f"{len(suite_module.TRAIN_TASKS)} training tasks, held out: {', '.join(suite_module.HELD_OUT_TASKS)}")
+    for name, path in paths.items():
+        typer.echo(f"{name:14s} {path}")
+
+
+@app.command()
+def train(model: Annotated[str, typer.Option(help="backbone: local directory or hub id")],
+          data: Annotated[Path, typer.Option(help="JSONL of {task, input, target} records")],
+          out: Annotated[Path, typer.Option(help="bundle directory to write")],
+          method: Annotated[str | None, _opt("lora (shared) | poly (h=1) | mhr", "method")] = None,
+          skills: Annotated[int | None, _opt("K, skills in the inventory", "skills")] = None,
+          heads: Annotated[int | None, _opt("h, heads per skill (mhr)", "heads")] = None,
+          rank: Annotated[int | None, _opt("LoRA rank", "rank")] = None,
+          alpha: Annotated[float | None, _opt("LoRA alpha (scaling alpha/rank)", "alpha")] = None,
+          target_modules: Annotated[str | None, _opt("comma-separated linear layer names to adapt")] = None,
+          relaxed_routing: Annotated[bool | None, typer.Option(
+              "--relaxed-routing/--sigmoid-routing", show_default=False,
+              help="training routing weights: relaxed-Bernoulli samples (default) or plain sigmoid")] = None,
+          eval_data: Annotated[Path | None, typer.Option(help="JSONL whose loss is shown every --eval-every")] = None,
+          eval_every: Annotated[int | None, _opt("steps between eval losses", "eval_every")] = None,
+          config: Config = None, steps: Steps = None, batch_size: BatchSize = None, grad_accum: GradAccum = None,
+          lr: Lr = None, logits_lr: LogitsLr = None, warmup_steps: Warmup = None, schedule: Schedule = None,
+          weight_decay: WeightDecay = None, max_grad_norm: MaxGradNorm = None, seed: Seed = None,
+          dtype: Dtype = None, max_length: MaxLength = None, save_every: SaveEvery = None,
+          checkpoint_dir: CheckpointDir = None, quiet: Quiet = False) -> None:
+    """Multi-task pre-training of a skill inventory; writes a bundle with one routed task per data task.
+
+    Under `torchrun --nproc-per-node N -m training train ...` N processes share each batch (--batch-size
+    is per process)."""
+    from training.pretrain import pretrain
+    world = distributed.setup()
+    with user_errors():
+        cfg = make_config(config, method=method, skills=skills, heads=heads, rank=rank, alpha=alpha,
+                          target_modules=target_modules.split(",") if target_modules else None,
+                          relaxed_routing=relaxed_routing,
+                          eval_every=eval_every, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                          logits_lr=logits_lr, warmup_steps=warmup_steps, schedule=schedule,
+                          weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, dtype=dtype,
+                          max_length=max_length, save_every=save_every, checkpoint_dir=checkpoint_dir)
+        examples = read_jsonl(data)
+        evals = read_jsonl(eval_data, known_tasks={ex.task for ex in examples}) if eval_data else None
+        bundle, result = pretrain(model, examples, cfg, out, data_name=str(data), eval_examples=evals,
+                                  progress=not quiet, world=world)
+    distributed.teardown(world)
+    if world.is_main:
+        typer.echo(f"bundle {out}: {len(bundle.tasks)} tasks, K={bundle.config.n_skills} "
+                   f"h={bundle.config.n_heads} r={bundle.config.rank}; {result.summary()}")
+
+
+@app.command()
+def adapt(bundle: Annotated[Path, typer.Option(help="bundle directory; the task is added to it")],
+          data: Annotated[Path, typer.Option(help="JSONL of the new task's records")],
+          task: Annotated[str, typer.Option(help="name of the new task (every record must have it)")],
+          method: Annotated[str, typer.Option(help="mhr | mhr-z | mhr-mu | poly | lora")] = "mhr-z",
+          shots: Annotated[int | None, typer.Option(help="use the first N records (default: all)")] = None,
+          replace: Annotated[bool, typer.Option(help="overwrite the task if the bundle has it")] = False,
+          config: Config = None, steps: Steps = None, batch_size: BatchSize = None, grad_accum: GradAccum = None,
+          lr: Lr = None, logits_lr: LogitsLr = None, warmup_steps: Warmup = None, schedule: Schedule = None,
+          weight_decay: WeightDecay = None, max_grad_norm: MaxGradNorm = None, seed: Seed = None,
+          dtype: Dtype = None, max_length: MaxLength = None, save_every: SaveEvery = None,
+          checkpoint_dir: CheckpointDir = None, model: Backbone = None, quiet: Quiet = False) -> None:
+    """Few-shot adaptation of a new task from the bundle's inventory; the task is added to the bundle."""
+    from training.adapt import adapt as run_adapt
+    with user_errors():
+        cfg = make_config(config, method=method, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                          logits_lr=logits_lr, warmup_steps=warmup_steps, schedule=schedule,
+                          weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, dtype=dtype,
+                          max_length=max_length, save_every=save_every, checkpoint_dir=checkpoint_dir)
+        examples = read_jsonl(data, known_tasks={task})[:shots]
+        result = run_adapt(bundle, examples, task, cfg, data_name=str(data), replace=replace, backbone=model,
+                           progress=not quiet)
+    typer.echo(f"task {task!r} added to {bundle} ({cfg.method}, {len(examples)} shots, {result.summary()})")
+
+
+@app.command()
+def zeroshot(bundle: Annotated[Path, typer.Option(help="bundle directory; its zero-shot adapter is replaced")],
+             data: Annotated[Path, typer.Option(help="JSONL of the multi-task training records")],
+             config: Config = None, steps: Steps = None, batch_size: BatchSize = None,
+             grad_accum: GradAccum = None, lr: Lr = None, warmup_steps: Warmup = None, schedule: Schedule = None,
+             weight_decay: WeightDecay = None, max_grad_norm: MaxGradNorm = None, seed: Seed = None,
+             dtype: Dtype = None, max_length: MaxLength = None, save_every: SaveEvery = None,
+             checkpoint_dir: CheckpointDir = None, model: Backbone = None, quiet: Quiet = False) -> None:
+    """Zero-shot MHR-mu: train the average of the skills on all tasks and store it as the zero-shot adapter."""
+    from training.zeroshot import zeroshot as run_zeroshot
+    with user_errors():
+        cfg = make_config(config, method="mhr-mu", steps=steps, batch_size=batch_size, grad_accum=grad_accum,
+                          lr=lr, warmup_steps=warmup_steps, schedule=schedule, weight_decay=weight_decay,
+                          max_grad_norm=max_grad_norm, seed=seed, dtype=dtype, max_length=max_length,
+                          save_every=save_every, checkpoint_dir=checkpoint_dir)
+        result = run_zeroshot(bundle, read_jsonl(data), cfg, data_name=str(data), backbone=model,
+                              progress=not quiet)
+    typer.echo(f"zero-shot adapter of {bundle} trained: {result.summary()}")
+
+
+@app.command(name="eval")
+def evaluate(bundle: Annotated[Path, typer.Option(help="bundle directory")],
+             data: Annotated[Path, typer.Option(help="JSONL of test records")],
+             task: Annotated[list[str] | None, typer.Option(help="only this task (repeatable)")] = None,
+             zero_shot: Annotated[bool, typer.Option(help="serve every task with the zero-shot adapter")] = False,
+             out: Annotated[Path | None, typer.Option(help="write the report as JSON here")] = None,
+             max_new_tokens: Annotated[int, typer.Option(help="generation length limit")] = 32,
+             batch_size: Annotated[int, typer.Option(help="prompts per generate call")] = 16,
+             model: Backbone = None) -> None:
+    """Exact match and ROUGE-L (generation) or accuracy (records with choices), per task and averaged."""
+    from training.evaluate import evaluate_bundle, format_table, write_report
+    with user_errors():
+        examples = read_jsonl(data)
+        if task:
+            examples = [ex for ex in examples if ex.task in task]
+            if not examples:
+                raise DataError(f"{data}: no records of task(s) {task}")
+        report = evaluate_bundle(bundle, examples, zero_shot=zero_shot, backbone=model,
+                                 max_new_tokens=max_new_tokens, batch_size=batch_size)
+        if out:
+            write_report(report, out)
+    typer.echo(format_table(report))
+
+
+@app.command()
+def plot(bundle: Annotated[Path, typer.Option(help="bundle directory")],
+         out: Annotated[Path, typer.Option(help="PNG file to write")] = Path("routing.png")) -> None:
+    """Heatmaps of the learned routing (tasks x skills per head, averaged over layers) and task similarity."""
+    from training.plot import plot_routing
+    with user_errors():
+        path = plot_routing(mhr.Bundle.load(bundle), out)
+    typer.echo(f"routing of {bundle} drawn in {path}")
+
+
+def main() -> None:
+    """Entry point of the `mhr` script: the commands above plus those other installed packages provide."""
+    for entry in entry_points(group=PLUGIN_GROUP):
+        app.command(name=entry.name)(entry.load())
+    app()

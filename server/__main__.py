@@ -1,0 +1,5 @@
+"""`python -m server` runs `mhr serve`."""
+
+from server.main import main
+
+main()

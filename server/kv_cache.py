@@ -1,0 +1,110 @@
+"""The KV cache of the running batch: preallocated per-layer key/value buffers, one row per sequence.
+
+Owns the buffers, which rows are in use and how many positions of each are filled, and the attention
+masks and position ids that go with them. Running sequences always occupy rows 0..n-1: when one
+leaves, the last row moves into its place (TGI's "filter"), so a decode step works on plain views of
+the buffers and never gathers. The engine decides which sequences run; this module only stores.
+
+Buffers per layer: keys, values [max_rows, kv_heads, max_len, head_dim]. The model calls `update`
+(the transformers Cache method) once per layer and forward; what it does depends on whether the
+engine began a prefill or a decode step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class KVCacheFull(RuntimeError):
+    """No free row: the engine admits no more sequences than `max_rows`."""
+
+
+class RowKVCache:
+    """Static keys/values for up to `max_rows` sequences of up to `max_len` positions each."""
+
+    def __init__(self, n_layers: int, max_rows: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 device: torch.device | str, dtype: torch.dtype) -> None:
+        shape = (max_rows, n_kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.max_rows, self.max_len, self.device = max_rows, max_len, device
+        self.lengths: list[int] = []         # filled positions of rows 0..n_active-1
+        self._write: tuple = ()              # what `update` does in the current forward
+
+    @property
+    def n_active(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def n_free(self) -> int:
+        return self.max_rows - self.n_active
+
+    def add_rows(self, n: int) -> range:
+        """Take `n` rows (empty, length 0) at the end of the running rows."""
+        if n > self.n_free:
+            raise KVCacheFull(f"{n} row(s) wanted, {self.n_free} free of {self.max_rows}")
+        first = self.n_active
+        self.lengths.extend([0] * n)
+        return range(first, first + n)
+
+    def remove_row(self, row: int) -> int | None:
+        """Free `row`; the last row moves into it. Returns the moved row's old index (None if none moved)."""
+        last = self.n_active - 1
+        if row != last:
+            n = self.lengths[last]
+            for buf in (*self.keys, *self.values):
+                buf[row, :, :n].copy_(buf[last, :, :n])
+            self.lengths[row] = n
+        self.lengths.pop()
+        return last if row != last else None
+
+    def begin_prefill(self, rows: range, lengths: list[int]) -> tuple[Tensor, Tensor]:
+        """Set up a forward of prompts [len(rows), L] right-padded to L = max(lengths), into `rows`.
+
+        Returns (attention mask [m, 1, L, L] bool, position ids [m, L]). Padded positions write
+        keys past a row's length, which stay masked and are overwritten by later decode steps.
+        """
+        L = max(lengths)
+        if L > self.max_len:
+            raise ValueError(f"prompt of {L} tokens exceeds the cache length {self.max_len}")
+        for row, n in zip(rows, lengths, strict=True):
+            self.lengths[row] = n
+        pos = torch.arange(L, device=self.device)
+        valid = pos[None, :] < torch.tensor(lengths, device=self.device)[:, None]    # [m, L]
+        mask = (pos[None, :] <= pos[:, None])[None] & valid[:, None, :]              # [m, L(q), L(k)]
+        self._write = ("prefill", rows.start, rows.stop)
+        return mask[:, None], pos.expand(len(lengths), L)
+
+    def begin_decode(self) -> tuple[Tensor, Tensor]:
+        """Set up a forward of one new token per running row, written at each row's length.
+
+        Returns (attention mask [n, 1, 1, K] bool over K = max length + 1, position ids [n, 1]).
+        """
+        if max(self.lengths) >= self.max_len:
+            raise ValueError("a running sequence reached the cache length")
+        pos = torch.tensor(self.lengths, device=self.device)                         # [n]
+        kv_len = max(self.lengths) + 1
+        mask = torch.arange(kv_len, device=self.device)[None, :] <= pos[:, None]      # [n, K]
+        self._write = ("decode", pos, torch.arange(self.n_active, device=self.device), kv_len)
+        return mask[:, None, None, :], pos[:, None]
+
+    def end_decode(self) -> None:
+        """Count the token each running row just wrote."""
+        self.lengths = [n + 1 for n in self.lengths]
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs
+               ) -> tuple[Tensor, Tensor]:
+        """Store one layer's new keys/values [m, kv_heads, q_len, head_dim]; return what attention reads."""
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if self._write[0] == "prefill":
+            _, first, stop = self._write
+            L = key_states.shape[2]
+            keys[first:stop, :, :L] = key_states
+            values[first:stop, :, :L] = value_states
+            return key_states, value_states
+        _, pos, rows, kv_len = self._write
+        keys[rows, :, pos] = key_states[:, :, 0]        # [n, kv_heads, head_dim] at each row's position
+        values[rows, :, pos] = value_states[:, :, 0]
+        n = rows.shape[0]
+        return keys[:n, :, :kv_len], values[:n, :, :kv_len]

@@ -1,0 +1,123 @@
+"""The serving backbone: a causal LM whose target linears read their adapter from per-row slots.
+
+Owns wrapping the target nn.Linear modules (`BatchedLoRALinear`), the slot weight storage they hold
+(`SlotWeights`) and the `SlotContext` the engine sets before every forward. Linears of one shape share
+one stacked buffer (each layer holds a view of its part), so writing an adapter into a slot is a few
+copies per shape group, not several per layer. Which adapter goes into which slot is `server.slots`'s
+business, the adapters themselves `server.inventory`'s, the KV cache `server.kv_cache`'s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from server.lora_ops import SlotPlan, add_lora
+
+# One adapter in slot layout: per shape group, A [G, d_in, r] and B [G, r, d_out] with the scaling in B.
+GroupedLoRA = list[tuple[Tensor, Tensor]]
+
+
+class SlotContext:
+    """The slot plan of the current forward, shared by every layer of one model.
+
+    Layers see slot indices only, never task names: the engine translates requests to slots.
+    """
+
+    def __init__(self) -> None:
+        self.plan: SlotPlan | None = None
+
+    def current(self) -> SlotPlan:
+        if self.plan is None:
+            raise RuntimeError("no slot plan set: the engine sets one before each forward")
+        return self.plan
+
+
+class BatchedLoRALinear(nn.Module):
+    """y = base(x) + x @ A[slot(row)] @ B[slot(row)] for the frozen nn.Linear `base`.
+
+    Buffers (views into the shape group's storage, in the base layer's dtype and device):
+    lora_A [d_in, S, r_max] (slot-interleaved, see `server.lora_ops`), lora_B [S, r_max, d_out].
+    Slot 0 is zero and never written (the "no adapter" slot).
+    """
+
+    def __init__(self, base: nn.Linear, lora_A: Tensor, lora_B: Tensor, context: SlotContext) -> None:
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.register_buffer("lora_A", lora_A, persistent=False)
+        self.register_buffer("lora_B", lora_B, persistent=False)
+        self.context = context
+
+    def forward(self, x: Tensor) -> Tensor:
+        return add_lora(self.base(x), x, self.lora_A, self.lora_B, self.context.current())
+
+    def extra_repr(self) -> str:
+        _, S, r = self.lora_A.shape
+        return f"slots={S}, max_rank={r}"
+
+
+@dataclass
+class SlotGroup:
+    """The slot storage of all adapted linears of one shape, in `names` order."""
+
+    names: list[str]
+    A: Tensor  # [G, d_in, S, r_max]
+    B: Tensor  # [G, S, r_max, d_out]
+
+
+class SlotWeights:
+    """The slot storage of a whole model, grouped by linear shape."""
+
+    def __init__(self, groups: list[SlotGroup], layers: dict[str, BatchedLoRALinear]) -> None:
+        self.groups, self.layers = groups, layers
+        _, _, self.n_slots, self.max_rank = groups[0].A.shape
+
+    def write(self, slot: int, adapter: GroupedLoRA) -> None:
+        """Put an adapter into `slot` of every layer; ranks below r_max are zero-padded (exact zeros)."""
+        if not 0 < slot < self.n_slots:
+            raise ValueError(f"slot {slot} is not a writable slot (1..{self.n_slots - 1})")
+        rank = adapter[0][0].shape[-1]
+        if rank > self.max_rank:
+            raise ValueError(f"adapter rank {rank} exceeds the slots' max rank {self.max_rank}")
+        with torch.no_grad():
+            for group, (A, B) in zip(self.groups, adapter, strict=True):
+                if rank < self.max_rank:
+                    group.A[:, :, slot, rank:].zero_()
+                    group.B[:, slot, rank:].zero_()
+                group.A[:, :, slot, :rank].copy_(A)
+                group.B[:, slot, :rank].copy_(B)
+
+    def clear(self, slot: int) -> None:
+        with torch.no_grad():
+            for group in self.groups:
+                group.A[:, :, slot].zero_()
+                group.B[:, slot].zero_()
+
+
+def wrap_model(model: nn.Module, module_names: list[str], n_slots: int,
+               max_rank: int) -> tuple[SlotContext, SlotWeights]:
+    """Replace, in place, the named nn.Linear modules of `model` by BatchedLoRALinear layers.
+
+    Returns the context the engine sets per forward and the slot storage the adapter cache writes.
+    """
+    if n_slots < 2:
+        raise ValueError(f"n_slots must be >= 2 (slot 0 is the empty adapter), got {n_slots}")
+    by_shape: dict[tuple, list[str]] = {}
+    for name in module_names:
+        linear = model.get_submodule(name)
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{name} is a {type(linear).__name__}, not an nn.Linear: cannot adapt it")
+        key = (linear.in_features, linear.out_features, linear.weight.dtype, linear.weight.device)
+        by_shape.setdefault(key, []).append(name)
+    context, groups, layers = SlotContext(), [], {}
+    for (d_in, d_out, dtype, device), names in by_shape.items():
+        kwargs = dict(dtype=dtype, device=device)
+        group = SlotGroup(names, torch.zeros(len(names), d_in, n_slots, max_rank, **kwargs),
+                          torch.zeros(len(names), n_slots, max_rank, d_out, **kwargs))
+        for i, name in enumerate(names):
+            layers[name] = BatchedLoRALinear(model.get_submodule(name), group.A[i], group.B[i], context)
+            model.set_submodule(name, layers[name])
+        groups.append(group)
+    return context, SlotWeights(groups, layers)

@@ -1,0 +1,121 @@
+"""The adapter slot table: which adapter sits in which device slot, LRU eviction, pins, reference counts.
+
+Slot 0 is the empty adapter and is never handed out. A slot referenced by a running request is never
+evicted; when every slot is referenced, `acquire` returns None and the caller waits for a release
+(no failure, no thrash). Loading an adapter (materializing it) and writing it into the layers are
+callbacks, so this module holds no tensors and knows neither bundles nor models.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class CacheStats:
+    """Counters of the slot table; lookups = hits + misses + waits."""
+
+    lookups: int = 0
+    hits: int = 0
+    misses: int = 0
+    waits: int = 0                  # lookups refused because every slot was referenced
+    evictions: int = 0              # resident adapters dropped to make room for another
+    load_seconds: float = 0.0       # materializing and writing adapters on misses, in total
+
+
+class AdapterCache:
+    """S slots of adapters keyed by any hashable key (the engine uses (task, version)).
+
+    Args:
+        n_slots: slots per layer, slot 0 included (usable slots are 1..n_slots-1).
+        write: puts an adapter (whatever `load` returns) into a slot of every layer.
+    """
+
+    def __init__(self, n_slots: int, write: Callable[[int, Any], None]) -> None:
+        self._write = write
+        self._free = list(range(n_slots - 1, 0, -1))   # pop() hands out low slots first
+        self._slot: dict[Hashable, int] = {}
+        self._key: dict[int, Hashable] = {}
+        self._refs: dict[int, int] = {}
+        self._idle: OrderedDict[int, None] = OrderedDict()  # resident, unreferenced: LRU first
+        self._stale: set[Hashable] = set()                 # to be freed at their last release
+        self.stats = CacheStats()
+
+    def acquire(self, key: Hashable, load: Callable[[], Any]) -> int | None:
+        """A slot holding `key`'s adapter, with one more reference; None when no slot can be had."""
+        self.stats.lookups += 1
+        slot = self._slot.get(key)
+        if slot is not None:
+            self.stats.hits += 1
+        else:
+            slot = self._take_slot()
+            if slot is None:
+                self.stats.waits += 1
+                return None
+            self.stats.misses += 1
+            start = time.perf_counter()
+            try:
+                self._write(slot, load())
+            except BaseException:
+                self._free.append(slot)
+                raise
+            self.stats.load_seconds += time.perf_counter() - start
+            self._slot[key], self._key[slot], self._refs[slot] = slot, key, 0
+        self._refs[slot] += 1
+        self._idle.pop(slot, None)
+        return slot
+
+    def release(self, slot: int) -> None:
+        """Drop one reference; an unreferenced slot becomes evictable, or free if its key went stale."""
+        self._refs[slot] -= 1
+        if self._refs[slot]:
+            return
+        if self._key[slot] in self._stale:
+            self._drop(slot)
+        else:
+            self._idle[slot] = None
+
+    def invalidate(self, key: Hashable) -> None:
+        """`key` will never be asked for again (task replaced or removed): free its slot once unused."""
+        slot = self._slot.get(key)
+        if slot is None:
+            return
+        if self._refs[slot]:
+            self._stale.add(key)
+        else:
+            self._idle.pop(slot)
+            self._drop(slot)
+
+    def slot_of(self, key: Hashable) -> int | None:
+        return self._slot.get(key)
+
+    def refs(self, slot: int) -> int:
+        return self._refs.get(slot, 0)
+
+    def resident(self) -> dict[Hashable, int]:
+        """Key -> slot of every adapter held in a slot."""
+        return dict(self._slot)
+
+    @property
+    def n_free(self) -> int:
+        return len(self._free)
+
+    def _take_slot(self) -> int | None:
+        if self._free:
+            return self._free.pop()
+        if not self._idle:
+            return None
+        victim, _ = self._idle.popitem(last=False)
+        self.stats.evictions += 1
+        del self._slot[self._key.pop(victim)], self._refs[victim]
+        return victim
+
+    def _drop(self, slot: int) -> None:
+        key = self._key.pop(slot)
+        del self._slot[key], self._refs[slot]
+        self._stale.discard(key)
+        self._free.append(slot)

@@ -1,0 +1,76 @@
+"""Sequence state and sampling: finish reasons, stop strings, per-request generators, top-p."""
+
+import pytest
+import torch
+
+from server.batch import (
+    InvalidRequest,
+    Request,
+    SamplingParams,
+    Sequence,
+    make_generator,
+    next_tokens,
+    prefill_groups,
+)
+
+
+def seq(params=None, slot=1):
+    params = params or SamplingParams()
+    return Sequence(Request([1, 2], "t", params), slot, "t", make_generator(params, "cpu"))
+
+
+def test_params_are_validated_all_at_once():
+    with pytest.raises(InvalidRequest, match="max_new_tokens.*temperature.*top_p"):
+        SamplingParams(max_new_tokens=0, temperature=-1, top_p=0)
+
+
+def test_finish_reasons():
+    s = seq(SamplingParams(max_new_tokens=3))
+    s.append(5, frozenset({9}), None)
+    assert s.finish_reason is None
+    s.append(9, frozenset({9}), None)
+    assert s.finish_reason == "eos"
+    s = seq(SamplingParams(max_new_tokens=2, ignore_eos=True))
+    s.append(9, frozenset({9}), None), s.append(9, frozenset({9}), None)
+    assert s.finish_reason == "length"
+
+
+def test_stop_string_cuts_the_text_even_across_tokens():
+    pieces = {1: "hel", 2: "lo wo", 3: "rld"}
+    s = seq(SamplingParams(max_new_tokens=10, stop=("o w",)))
+    decode = lambda toks: "".join(pieces[t] for t in toks)  # noqa: E731
+    assert s.append(1, frozenset(), decode) == "hel"
+    assert s.append(2, frozenset(), decode) == "l"
+    assert s.text == "hell" and s.finish_reason == "stop"
+
+
+def test_partial_characters_are_held_back():
+    s = seq()
+    decode = lambda toks: "ab\ufffd" if len(toks) == 1 else "abé"  # noqa: E731
+    assert s.append(1, frozenset(), decode) == ""
+    assert s.append(2, frozenset(), decode) == "abé"
+
+
+def test_sampling_depends_on_the_request_only():
+    logits = torch.randn(3, 50)
+    params = SamplingParams(temperature=1.0, seed=7)
+    alone = [next_tokens(logits[1:2], [seq(params)])[0] for _ in range(2)]
+    mixed = next_tokens(logits, [seq(SamplingParams(temperature=0.8, seed=1)), seq(params), seq()])
+    assert alone[0] == alone[1] == mixed[1]
+    assert mixed[2] == int(logits[2].argmax())  # greedy rows take the argmax
+
+
+def test_tiny_top_p_keeps_only_the_best_token():
+    logits = torch.randn(1, 50)
+    params = SamplingParams(temperature=2.0, top_p=1e-6, seed=3)
+    assert next_tokens(logits, [seq(params)]) == [int(logits[0].argmax())]
+
+
+def test_prefill_groups_bound_the_padding():
+    lengths = [16, 64, 60, 20, 33, 62, 17]
+    groups = prefill_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        assert max(lengths[i] for i in g) * len(g) <= 1.25 * sum(lengths[i] for i in g)
+    assert groups[0][:3] == [1, 5, 2] and len(groups) < len(lengths)  # longest first
+    assert prefill_groups([8, 8, 8]) == [[0, 1, 2]]

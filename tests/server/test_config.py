@@ -1,0 +1,18 @@
+"""ServerConfig validation: every problem reported at once."""
+
+import pytest
+import torch
+
+from server.config import ServerConfig, ServerConfigError
+
+
+def test_defaults_are_valid():
+    assert ServerConfig().torch_dtype == torch.float32
+
+
+def test_every_error_is_listed():
+    with pytest.raises(ServerConfigError) as e:
+        ServerConfig(n_slots=2, max_running=0, dtype="int8", device="nowhere", max_rank=0)
+    message = str(e.value)
+    for field in ("n_slots", "max_running", "dtype", "device", "max_rank"):
+        assert field in message

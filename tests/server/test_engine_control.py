@@ -1,0 +1,189 @@
+"""The engine under pressure and change: more tasks than slots, cancellation, the bounded queue,
+zero-shot policy, and tasks added, replaced and removed while requests run."""
+
+import pytest
+
+from server.batch import InvalidRequest, Request, SamplingParams
+from server.scheduler import QueueFull
+from server.tasks import UnknownTask
+from tests.server.conftest import DENSE, ROUTED, random_logits, random_lora
+from tests.server.test_engine import GREEDY, prompt, run_alone
+
+LONG = SamplingParams(max_new_tokens=30, ignore_eos=True)
+
+
+def task_requests(tokenizer, tasks, params=GREEDY):
+    return [Request(prompt(tokenizer, 3 + i % 5, i % 3), t, params) for i, t in enumerate(tasks)]
+
+
+def test_more_tasks_than_slots_all_complete_correctly(make_engine, tiny_tokenizer):
+    tasks = [*ROUTED, DENSE] * 2                     # 7 tasks, 14 requests
+    requests = task_requests(tiny_tokenizer, tasks)
+    want = run_alone(make_engine(), requests)
+    engine = make_engine(n_slots=5)                  # slot 0, the zero-shot pin, 3 for 7 tasks
+    written = []
+
+    def guarded_write(slot, lora, write=engine.slots.write):
+        running = {s.slot for s in engine.batch.seqs}
+        assert slot not in running, "a slot read by a running request was overwritten"
+        written.append(slot)
+        write(slot, lora)
+
+    engine.cache._write = guarded_write
+    pinned_misses = engine.cache.stats.misses          # the zero-shot adapter, loaded at start
+    results = engine.generate(requests)
+    assert [r.tokens for r in results] == [w.tokens for w in want]
+    stats = engine.cache.stats
+    assert stats.lookups == stats.hits + stats.misses + stats.waits
+    assert stats.misses - pinned_misses == len(written) >= len(set(tasks))
+    assert stats.evictions == len(written) - 3        # the first three misses found free slots
+    assert stats.waits > 0                           # some requests had to wait for a slot
+    assert all(engine.cache.refs(s) == 0 for s in range(2, 5)) and engine.cache.refs(1) == 1  # only the pin
+
+
+def test_cancel_mid_generation_frees_slot_and_kv_row(make_engine, tiny_tokenizer):
+    engine = make_engine()
+    requests = task_requests(tiny_tokenizer, [ROUTED[0], ROUTED[3], ROUTED[0]], LONG)
+    want = run_alone(make_engine(), requests)
+    handles = [engine.submit(r) for r in requests]
+    for _ in range(4):
+        engine.step()
+    slot = engine.cache.slot_of(engine.tasks.resolve(ROUTED[3]))
+    assert engine.kv.n_active == 3 and engine.cache.refs(slot) == 1
+    assert engine.cancel(requests[1].request_id)
+    assert engine.kv.n_active == 2 and len(engine.batch) == 2 and engine.cache.refs(slot) == 0
+    cancelled = handles[1].result(timeout=0)
+    assert cancelled.finish_reason == "cancelled" and 0 < len(cancelled.tokens) < LONG.max_new_tokens
+    assert cancelled.tokens == want[1].tokens[: len(cancelled.tokens)]
+    assert not engine.cancel(requests[1].request_id)  # already gone
+    while not all(h.done for h in handles):
+        engine.step()
+    assert [handles[i].result().tokens for i in (0, 2)] == [want[0].tokens, want[2].tokens]
+    assert engine.kv.n_active == 0 and engine.cache.refs(engine.cache.slot_of(engine.tasks.resolve(ROUTED[0]))) == 0
+
+
+def test_cancel_while_waiting(make_engine, tiny_tokenizer):
+    engine = make_engine(max_running=1)
+    first, second = task_requests(tiny_tokenizer, [ROUTED[0], ROUTED[1]], LONG)
+    engine.submit(first), engine.step()
+    handle = engine.submit(second)
+    assert engine.cancel(second.request_id) and engine.scheduler.n_waiting == 0
+    assert handle.result(timeout=0).finish_reason == "cancelled"
+
+
+def test_full_queue_fails_fast_with_its_own_error(make_engine, tiny_tokenizer):
+    engine = make_engine(max_waiting=2)
+    requests = task_requests(tiny_tokenizer, ROUTED[:3])
+    engine.submit(requests[0]), engine.submit(requests[1])
+    with pytest.raises(QueueFull):
+        engine.submit(requests[2])
+    engine.step()                                     # both admitted: the queue has room again
+    engine.submit(requests[2])
+
+
+def test_requests_that_can_never_run_are_refused(make_engine, tiny_tokenizer):
+    engine = make_engine(max_seq_len=20)
+    with pytest.raises(InvalidRequest, match="max_seq_len"):
+        engine.submit(Request(prompt(tiny_tokenizer, 5), ROUTED[0], SamplingParams(max_new_tokens=19)))
+    with pytest.raises(InvalidRequest, match="empty"):
+        engine.submit(Request([], ROUTED[0]))
+
+
+def test_zero_shot_policy(make_engine, tiny_tokenizer):
+    request = Request(prompt(tiny_tokenizer, 4), "unseen-task", GREEDY)
+    assert make_engine().generate([request])[0].adapter == "zero-shot"
+    strict = make_engine(allow_zero_shot=False)
+    with pytest.raises(UnknownTask, match="unseen-task"):
+        strict.submit(Request(prompt(tiny_tokenizer, 4), "unseen-task", GREEDY))
+    assert strict.cache.resident() == {}              # nothing pinned without the policy
+
+
+def test_replace_task_while_running(make_engine, tiny_tokenizer):
+    engine = make_engine()
+    old_request = Request(prompt(tiny_tokenizer, 5), ROUTED[2], LONG)
+    old_want = run_alone(make_engine(), [old_request])[0].tokens
+    handle = engine.submit(old_request)
+    engine.step()
+    old_key = engine.tasks.resolve(ROUTED[2])
+    engine.put_task(ROUTED[2], logits=random_logits(engine.tasks.bundle, seed=99))
+    new_request = Request(old_request.prompt, ROUTED[2], LONG)
+    new_handle = engine.submit(new_request)
+    engine.step()
+    assert old_key in engine.cache.resident()         # still read by the running request
+    while not (handle.done and new_handle.done):
+        engine.step()
+    assert handle.result().tokens == old_want         # finished on the old weights
+    new_tokens = new_handle.result().tokens
+    assert new_tokens != old_want
+    assert old_key not in engine.cache.resident()     # freed at its last release
+
+    fresh = make_engine()
+    fresh.put_task(ROUTED[2], logits=random_logits(fresh.tasks.bundle, seed=99))
+    assert fresh.generate([Request(old_request.prompt, ROUTED[2], LONG)])[0].tokens == new_tokens
+
+
+def test_add_and_remove_tasks_while_running(make_engine, tiny_tokenizer):
+    engine = make_engine(allow_zero_shot=False)
+    running = Request(prompt(tiny_tokenizer, 5), ROUTED[4], LONG)
+    want = run_alone(make_engine(), [running])[0].tokens
+    handle = engine.submit(running)
+    engine.step()
+    engine.put_task("added", lora=random_lora(engine.tasks.bundle, rank=3, seed=5))
+    added = engine.submit(Request(prompt(tiny_tokenizer, 3), "added", GREEDY))
+    key = engine.tasks.resolve(ROUTED[4])
+    engine.remove_task(ROUTED[4])
+    with pytest.raises(UnknownTask):
+        engine.submit(Request(prompt(tiny_tokenizer, 3), ROUTED[4], GREEDY))
+    while not (handle.done and added.done):
+        engine.step()
+    assert handle.result().tokens == want
+    assert added.result().adapter == "added" and len(added.result().tokens) == GREEDY.max_new_tokens
+    assert key not in engine.cache.resident() and ROUTED[4] not in engine.tasks.task_names
+
+
+def test_task_removed_while_waiting_fails_that_request(make_engine, tiny_tokenizer):
+    engine = make_engine(max_running=1, allow_zero_shot=False)
+    first, second = task_requests(tiny_tokenizer, [ROUTED[0], ROUTED[1]], GREEDY)
+    engine.submit(first), engine.step()
+    handle = engine.submit(second)
+    engine.remove_task(ROUTED[1])
+    while not handle.done:
+        engine.step()
+    result = handle.result()
+    assert result.finish_reason == "error" and ROUTED[1] in result.error
+
+
+def test_too_large_rank_is_refused(make_engine):
+    engine = make_engine()
+    with pytest.raises(InvalidRequest, match="max rank"):
+        engine.put_task("big", lora=random_lora(engine.tasks.bundle, rank=7, seed=2))
+    assert "big" not in engine.tasks.task_names
+
+
+def test_replace_bundle_while_running(make_engine, tiny_tokenizer, bundle_path):
+    import mhr
+
+    engine = make_engine()
+    running = Request(prompt(tiny_tokenizer, 5), ROUTED[1], LONG)
+    want = run_alone(make_engine(), [running])[0].tokens
+    handle = engine.submit(running)
+    engine.step()
+    old_keys = set(engine.cache.resident())
+    bundle = mhr.Bundle.load(bundle_path)
+    bundle.add_routed_task(ROUTED[1], random_logits(bundle, seed=7), replace=True)
+    engine.replace_bundle(bundle)
+    fresh = engine.submit(Request(running.prompt, ROUTED[1], LONG))
+    while not (handle.done and fresh.done):
+        engine.step()
+    assert handle.result().tokens == want and fresh.result().tokens != want
+    assert not old_keys & set(engine.cache.resident())  # every old adapter freed, the old pin included
+    assert engine.tasks.zero_shot_key in engine.cache.resident()
+
+
+def test_stats_snapshot(make_engine, tiny_tokenizer):
+    engine = make_engine()
+    engine.generate(task_requests(tiny_tokenizer, [ROUTED[0], ROUTED[1], ROUTED[0]]))
+    stats = engine.stats()
+    assert (stats.running, stats.waiting, stats.slots, stats.tasks) == (0, 0, 8, len(ROUTED) + 1)
+    assert stats.slots_in_use == 3 and stats.cache.misses == 3 and stats.cache.hits == 1
+    assert stats.steps == GREEDY.max_new_tokens - 1 and stats.batch_rows == 3 * (GREEDY.max_new_tokens - 1)

@@ -1,0 +1,39 @@
+"""KV rows: taking and freeing rows, the last row moving into a hole, and the masks of each step kind."""
+
+import pytest
+import torch
+
+from server.kv_cache import KVCacheFull, RowKVCache
+
+
+def cache(rows=3):
+    return RowKVCache(n_layers=1, max_rows=rows, n_kv_heads=1, max_len=8, head_dim=2, device="cpu",
+                      dtype=torch.float32)
+
+
+def test_rows_are_taken_and_freed_with_the_last_moving_in():
+    kv = cache()
+    kv.add_rows(3)
+    kv.lengths = [2, 1, 3]
+    kv.keys[0][2, :, :3] = 7.0
+    with pytest.raises(KVCacheFull):
+        kv.add_rows(1)
+    assert kv.remove_row(0) == 2              # row 2 moved into row 0
+    assert kv.lengths == [3, 1] and torch.equal(kv.keys[0][0, :, :3], torch.full((1, 3, 2), 7.0))
+    assert kv.remove_row(1) is None and kv.n_free == 2
+
+
+def test_masks_and_positions():
+    kv = cache()
+    mask, pos = kv.begin_prefill(kv.add_rows(2), [3, 1])
+    assert mask.shape == (2, 1, 3, 3) and pos.tolist() == [[0, 1, 2]] * 2
+    assert mask[1, 0].tolist() == [[True, False, False]] * 3      # padding keys are never attended
+    assert mask[0, 0].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+    mask, pos = kv.begin_decode()
+    assert pos.tolist() == [[3], [1]] and mask.shape == (2, 1, 1, 4)
+    assert mask[1, 0, 0].tolist() == [True, True, False, False]
+    k = torch.ones(2, 1, 1, 2)
+    keys, _ = kv.update(k, k, 0)
+    assert keys.shape == (2, 1, 4, 2) and keys[1, 0, 1].tolist() == [1.0, 1.0]
+    kv.end_decode()
+    assert kv.lengths == [4, 2]

@@ -1,0 +1,67 @@
+"""The multi-slot LoRA op: every fast path against the row-by-row reference, and slot 0 = the base output."""
+
+import pytest
+import torch
+
+from server.lora_ops import SlotPlan, add_lora, lora_all_slots, lora_gather, lora_reference
+
+S, D_IN, R, D_OUT = 6, 24, 3, 20
+
+
+def slot_tensors(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(D_IN, S, R, generator=g).to(dtype)
+    B = torch.randn(S, R, D_OUT, generator=g).to(dtype)
+    A[:, 0], B[0] = 0, 0  # slot 0 is the empty adapter
+    return A, B
+
+
+def inputs(*shape, seed=1):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_close(got, want, dtype):
+    # bf16 rounds the rank-r intermediate too: allow a few bf16 ulps of the output's scale
+    error = (got.double() - want).abs().max()
+    assert error <= (1e-5 if dtype == torch.float32 else 2e-2) * want.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(7, 1), (3, 5)])  # decode rows [N, 1, d] and prefill rows [N, L, d]
+def test_fast_paths_match_reference(dtype, shape):
+    A, B = slot_tensors(dtype)
+    x = inputs(*shape, D_IN).to(dtype)
+    slots = [1, 0, 4, 1, 2, 5, 0][: shape[0]]
+    plan = SlotPlan.of(slots, "cpu", S, dtype)
+    want = lora_reference(x.double(), A.double(), B.double(), plan.rows)
+    assert_close(lora_gather(x, A, B, plan.rows), want, dtype)
+    assert_close(lora_all_slots(x, A, B, plan.row_mask), want, dtype)
+
+
+@pytest.mark.parametrize("slots", [[2, 0, 2, 4, 1], [1, 5], [3, 3, 3, 3, 3], [0, 0, 0, 0, 0]])
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_add_lora_every_path_matches_reference(slots, tokens):
+    A, B = slot_tensors()
+    n = len(slots)
+    x, base = inputs(n, tokens, D_IN, seed=2), inputs(n, tokens, D_OUT, seed=3)
+    plan = SlotPlan.of(slots, "cpu", S)
+    want = base.double() + lora_reference(x.double(), A.double(), B.double(), plan.rows)
+    assert_close(add_lora(base, x, A, B, plan), want, torch.float32)
+
+
+def test_slot_zero_rows_get_exactly_the_base_output():
+    A, B = slot_tensors()
+    x, base = inputs(6, 1, D_IN, seed=4), inputs(6, 1, D_OUT, seed=5)
+    for n_slots in (S, 100):  # all-slots path, gather path
+        got = add_lora(base, x, A, B, SlotPlan.of([0, 3, 0, 1, 0, 2], "cpu", n_slots))
+        assert torch.equal(got[[0, 2, 4]], base[[0, 2, 4]])
+        assert not torch.allclose(got[[1, 3, 5]], base[[1, 3, 5]])
+    assert add_lora(base, x, A, B, SlotPlan.of([0] * 6, "cpu", S)) is base  # no adapter: no work at all
+
+
+def test_plan_picks_the_path():
+    assert SlotPlan.of([2, 2, 2], "cpu", S).uniform == 2
+    mixed = SlotPlan.of([2, 0, 2], "cpu", S)
+    assert mixed.uniform is None and mixed.row_mask.shape == (3, 1, S, 1)
+    few_rows = SlotPlan.of([2, 0], "cpu", 16)
+    assert few_rows.row_mask is None and few_rows.rows.tolist() == [2, 0]

@@ -1,0 +1,49 @@
+"""Wrapped linears: slot storage grouped by shape, writing pads ranks exactly, slot 0 is the bare layer."""
+
+import pytest
+import torch
+from torch import nn
+
+from server.lora_ops import SlotPlan
+from server.model import BatchedLoRALinear, wrap_model
+
+
+class ThreeLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.mid, self.down = nn.Linear(8, 12), nn.Linear(12, 12), nn.Linear(12, 8)
+
+    def forward(self, x):
+        return self.down(self.mid(self.up(x)))
+
+
+def test_written_slot_equals_base_plus_lora():
+    torch.manual_seed(0)
+    model = ThreeLinears()
+    x = torch.randn(3, 2, 8)
+    want_base = model(x)
+    context, slots = wrap_model(model, ["up", "mid", "down"], n_slots=4, max_rank=5)
+    assert isinstance(model.up, BatchedLoRALinear) and [g.names for g in slots.groups] == [["up"], ["mid"], ["down"]]
+    A, B = torch.randn(8, 3), torch.randn(3, 12)  # rank 3 < 5; "mid" and "down" get zeros
+    slots.write(2, [(A[None], B[None]), (torch.zeros(1, 12, 3), torch.zeros(1, 3, 12)),
+                    (torch.zeros(1, 12, 3), torch.zeros(1, 3, 8))])
+    context.plan = SlotPlan.of([0, 2, 2], "cpu", 4)
+    got = model(x)
+    want_adapted = model.down.base(model.mid.base(model.up.base(x[1:]) + x[1:] @ A @ B))
+    assert torch.equal(got[0], want_base[0])
+    assert torch.allclose(got[1:], want_adapted, atol=1e-5)
+    assert model.up.lora_A.data_ptr() == slots.groups[0].A.data_ptr()  # a view, not a copy
+    slots.clear(2)
+    assert torch.allclose(model(x), want_base, atol=1e-6)
+
+
+def test_slot_writes_are_checked():
+    _, slots = wrap_model(ThreeLinears(), ["mid"], n_slots=3, max_rank=2)
+    with pytest.raises(ValueError, match="max rank"):
+        slots.write(1, [(torch.zeros(1, 12, 3), torch.zeros(1, 3, 12))])
+    with pytest.raises(ValueError, match="writable slot"):
+        slots.write(0, [(torch.zeros(1, 12, 2), torch.zeros(1, 2, 12))])
+    with pytest.raises(RuntimeError, match="no slot plan"):
+        slots.layers["mid"](torch.zeros(1, 12))  # the engine sets a plan before every forward
+    with pytest.raises(TypeError, match="not an nn.Linear"):
+        wrap_model(ThreeLinears(), [""], n_slots=3, max_rank=2)

@@ -33,7 +33,7 @@ def serve(
     port: Annotated[int | None, Opt(help="port [default: 8000]")] = None,
     api_key: Annotated[str | None, Opt(help="require 'Authorization: Bearer KEY' on /v1 [env MHR_API_KEY]")] = None,
     admin_key: Annotated[str | None, Opt(help="enable /admin routes, guarded by this key [env MHR_ADMIN_KEY]")] = None,
-    drain_seconds: Annotated[float | None, Opt(help="on SIGTERM, time to finish running requests [default: 30]")] = None,
+    drain_seconds: Annotated[float | None, Opt(help="on SIGTERM, seconds to drain [default: 30]")] = None,
 ) -> None:
     """Serve a bundle's tasks over HTTP (OpenAI-compatible and per-task routes, metrics, hot deploys)."""
     from server.config import ServerConfig, ServerConfigError

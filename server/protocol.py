@@ -75,7 +75,7 @@ class AdapterInfo(BaseModel):
 class Sampling(Strict):
     temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, validate_default=True)
     seed: int | None = Field(None, ge=0, lt=2**63)
     mhr: SkillMix | None = None
 

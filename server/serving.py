@@ -1,0 +1,313 @@
+"""Serving logic between the wire protocol and the engine: requests in, responses and SSE chunks out.
+
+Turns protocol requests into engine requests (tokenizing prompts and chat messages, checking them
+against the context limit), runs them, and builds OpenAI-shaped responses or streams. Maps engine
+refusals to API errors with a status code. Knows nothing of routes: `server.api` owns those.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from mhr.bundle_check import BundleError, check_task_name
+from server.batch import InvalidRequest, Request, SamplingParams
+from server.engine import Engine
+from server.metrics import ServerMetrics
+from server.outputs import RequestHandle, Result
+from server.protocol import (
+    AdapterInfo,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatResponseMessage,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    GeneratedText,
+    GenerateRequest,
+    GenerateResponse,
+    Sampling,
+    Usage,
+)
+from server.scheduler import QueueFull
+from server.tasks import ZERO_SHOT, UnknownTask
+
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
+DEFAULT_CHAT_TEMPLATE = "{role}: {content}\n"  # used when the tokenizer has no chat template
+
+
+class APIError(Exception):
+    """An error the API answers with `status` and OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+
+Disconnected = Callable[[], Awaitable[bool]]
+
+
+@dataclass
+class Prepared:
+    """Engine requests ready to submit, with the adapter that will serve them."""
+
+    requests: list[Request]
+    adapter: str
+
+
+class Serving:
+    """The API's view of one engine (and its tokenizer)."""
+
+    def __init__(self, engine: Engine, metrics: ServerMetrics) -> None:
+        if engine.tokenizer is None:
+            raise ValueError("serving text needs the engine's tokenizer")
+        self.engine, self.tokenizer, self.metrics = engine, engine.tokenizer, metrics
+
+    # ----- requests -> engine -----------------------------------------------------------------------
+
+    def adapter_for(self, task: str) -> str:
+        """Which adapter will serve `task` (400 for an invalid name, 404 when no adapter may)."""
+        try:
+            check_task_name(task, where="model")
+        except BundleError as e:
+            raise APIError(400, str(e), param="model", code="invalid_model_name") from None
+        try:
+            key = self.engine.tasks.resolve(task)
+        except UnknownTask as e:
+            raise APIError(404, str(e), param="model", code="model_not_found") from None
+        return ZERO_SHOT if key == self.engine.tasks.zero_shot_key else key.name
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt).input_ids
+        vocab = len(self.tokenizer)
+        if any(not 0 <= t < vocab for t in prompt):
+            raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+        return list(prompt)
+
+    def chat_prompt(self, request: ChatCompletionRequest) -> list[int]:
+        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+        if getattr(self.tokenizer, "chat_template", None):
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        text = "".join(DEFAULT_CHAT_TEMPLATE.format(**m) for m in messages) + "assistant:"
+        return self.tokenizer(text).input_ids
+
+    def prepare(self, task: str, prompts: list[list[int]], sampling: Sampling, max_tokens: int | None,
+                param: str) -> Prepared:
+        """Engine requests for `prompts`, checked against the context limit."""
+        adapter = self.adapter_for(task)
+        limit = self.engine.config.max_seq_len
+        requests = []
+        for ids in prompts:
+            budget = limit - len(ids)
+            if budget < 1:
+                raise APIError(400, f"the prompt has {len(ids)} tokens; the context limit is {limit}: "
+                                    "shorten the prompt", param=param, code="context_length_exceeded")
+            wanted = budget if max_tokens is None else max_tokens
+            if wanted > budget:
+                raise APIError(400, f"the prompt has {len(ids)} tokens and max_tokens is {wanted}; together "
+                                    f"they exceed the context limit of {limit}: lower max_tokens to {budget} "
+                                    "or shorten the prompt", param="max_tokens", code="context_length_exceeded")
+            try:
+                params = SamplingParams(max_new_tokens=wanted, temperature=sampling.temperature,
+                                        top_p=sampling.top_p, seed=sampling.seed, stop=tuple(sampling.stop))
+            except InvalidRequest as e:
+                raise APIError(400, str(e)) from None
+            requests.append(Request(ids, task, params))
+        return Prepared(requests, adapter)
+
+    def submit(self, prepared: Prepared) -> list[RequestHandle]:
+        handles: list[RequestHandle] = []
+        try:
+            for request in prepared.requests:
+                handles.append(self.engine.submit(request))
+        except QueueFull as e:
+            self._cancel(handles)
+            self.metrics.rejected("queue_full")
+            raise APIError(429, f"the server is at capacity ({e}); retry shortly", type="rate_limit_error",
+                           code="queue_full", headers={"Retry-After": "1"}) from None
+        except UnknownTask as e:
+            self._cancel(handles)
+            raise APIError(404, str(e), param="model", code="model_not_found") from None
+        except InvalidRequest as e:
+            self._cancel(handles)
+            raise APIError(400, str(e)) from None
+        return handles
+
+    def _cancel(self, handles: list[RequestHandle]) -> None:
+        for h in handles:
+            self.engine.cancel(h.request_id)
+
+    async def results(self, prepared: Prepared, disconnected: Disconnected) -> list[Result]:
+        """Run `prepared` to completion; cancels it when the client goes away first."""
+        started = time.monotonic()
+        handles = self.submit(prepared)
+        waiter = asyncio.ensure_future(asyncio.gather(*(h.wait() for h in handles)))
+        watcher = asyncio.ensure_future(_until(disconnected))
+        try:
+            await asyncio.wait({waiter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not waiter.done():
+                self._cancel(handles)
+                waiter.cancel()
+        if not waiter.done() or waiter.cancelled():
+            raise asyncio.CancelledError
+        results = waiter.result()
+        for r in results:
+            self.metrics.finished(prepared.adapter, r, time.monotonic() - started)
+        for r in results:
+            if r.finish_reason == "error":
+                raise _unavailable(r)
+        return results
+
+    async def stream(self, prepared: Prepared, handles: list[RequestHandle],
+                     render: Callable[[int, str, str | None], str],
+                     usage: Callable[[Usage], str] | None) -> AsyncIterator[str]:
+        """SSE lines for submitted requests: `render(index, text, finish_reason)` per event, then usage, then
+        [DONE]. The requests are cancelled in the engine when the consumer stops iterating (client gone).
+        """
+        started = time.monotonic()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, handle: RequestHandle) -> None:
+            async for event in handle:
+                await queue.put((index, event))
+
+        pumps = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
+        try:
+            remaining = len(handles)
+            while remaining:
+                index, event = await queue.get()
+                reason = None
+                if event.finish_reason is not None:
+                    remaining -= 1
+                    result = await handles[index].wait()
+                    self.metrics.finished(prepared.adapter, result, time.monotonic() - started)
+                    if result.finish_reason == "error":  # the status line is sent: report in the stream
+                        error = _unavailable(result)
+                        yield _sse(json.dumps({"error": {"message": error.message, "type": error.type,
+                                                         "param": None, "code": error.code}}))
+                        return
+                    reason = FINISH_REASONS.get(event.finish_reason, event.finish_reason)
+                if event.text or reason is not None:
+                    yield _sse(render(index, event.text, reason))
+            if usage is not None:
+                results = [await h.wait() for h in handles]
+                yield _sse(usage(_usage(results)))
+            yield "data: [DONE]\n\n"
+        finally:
+            for p in pumps:
+                p.cancel()
+            self._cancel([h for h in handles if not h.done])
+
+    # ----- protocol -> response ---------------------------------------------------------------------
+
+    def completion_inputs(self, request: CompletionRequest) -> Prepared:
+        prompt = request.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompts = [self.tokenize(prompt)]
+        else:
+            prompts = [self.tokenize(p) for p in prompt]
+        return self.prepare(request.model, prompts, request, request.max_tokens, "prompt")
+
+    async def completion(self, request: CompletionRequest, disconnected: Disconnected) -> CompletionResponse:
+        prepared = self.completion_inputs(request)
+        results = await self.results(prepared, disconnected)
+        return CompletionResponse(
+            model=request.model, mhr=AdapterInfo(adapter=prepared.adapter), usage=_usage(results),
+            choices=[CompletionChoice(index=i, text=r.text, finish_reason=FINISH_REASONS.get(r.finish_reason))
+                     for i, r in enumerate(results)])
+
+    def completion_stream(self, request: CompletionRequest, prepared: Prepared,
+                          handles: list[RequestHandle]) -> AsyncIterator[str]:
+        head = CompletionResponse(model=request.model, mhr=AdapterInfo(adapter=prepared.adapter), choices=[])
+
+        def render(index: int, text: str, reason: str | None) -> str:
+            chunk = head.model_copy(update={"choices": [CompletionChoice(index=index, text=text,
+                                                                         finish_reason=reason)]})
+            return chunk.model_dump_json(exclude_none=False)
+
+        def usage(u: Usage) -> str:
+            return head.model_copy(update={"usage": u}).model_dump_json()
+
+        include_usage = request.stream_options is not None and request.stream_options.include_usage
+        return self.stream(prepared, handles, render, usage if include_usage else None)
+
+    def chat_inputs(self, request: ChatCompletionRequest) -> Prepared:
+        return self.prepare(request.model, [self.chat_prompt(request)], request, request.token_limit, "messages")
+
+    async def chat(self, request: ChatCompletionRequest, disconnected: Disconnected) -> ChatCompletionResponse:
+        prepared = self.chat_inputs(request)
+        (result,) = await self.results(prepared, disconnected)
+        return ChatCompletionResponse(
+            model=request.model, mhr=AdapterInfo(adapter=prepared.adapter), usage=_usage([result]),
+            choices=[ChatChoice(index=0, message=ChatResponseMessage(content=result.text),
+                                finish_reason=FINISH_REASONS.get(result.finish_reason))])
+
+    def chat_stream(self, request: ChatCompletionRequest, prepared: Prepared,
+                    handles: list[RequestHandle]) -> AsyncIterator[str]:
+        head = ChatCompletionChunk(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
+                                   model=request.model, choices=[], mhr=AdapterInfo(adapter=prepared.adapter))
+        first = [True]
+
+        def render(index: int, text: str, reason: str | None) -> str:
+            delta = ChatDelta(role="assistant" if first[0] else None, content=text or None)
+            first[0] = False
+            choice = ChatChunkChoice(index=index, delta=delta, finish_reason=reason)
+            return head.model_copy(update={"choices": [choice]}).model_dump_json()
+
+        def usage(u: Usage) -> str:
+            return head.model_copy(update={"usage": u}).model_dump_json()
+
+        include_usage = request.stream_options is not None and request.stream_options.include_usage
+        return self.stream(prepared, handles, render, usage if include_usage else None)
+
+    def generate_inputs(self, task: str, request: GenerateRequest) -> Prepared:
+        inputs = request.inputs if isinstance(request.inputs, list) else [request.inputs]
+        return self.prepare(task, [self.tokenize(i) for i in inputs], request, request.max_new_tokens, "inputs")
+
+    def generate_stream(self, prepared: Prepared, handles: list[RequestHandle]) -> AsyncIterator[str]:
+        def render(index: int, text: str, reason: str | None) -> str:
+            return json.dumps({"text": text, "finish_reason": reason, "adapter": prepared.adapter})
+
+        return self.stream(prepared, handles, render, None)
+
+    async def generate(self, task: str, request: GenerateRequest, disconnected: Disconnected) -> GenerateResponse:
+        prepared = self.generate_inputs(task, request)
+        results = await self.results(prepared, disconnected)
+        return GenerateResponse(task=task, adapter=prepared.adapter, outputs=[
+            GeneratedText(text=r.text, finish_reason=FINISH_REASONS.get(r.finish_reason, r.finish_reason),
+                          prompt_tokens=r.prompt_tokens, completion_tokens=len(r.tokens)) for r in results])
+
+
+def _unavailable(result: Result) -> APIError:
+    return APIError(503, f"the request could not be served: {result.error}", type="server_error",
+                    code="task_unavailable")
+
+
+def _usage(results: list[Result]) -> Usage:
+    prompt = sum(r.prompt_tokens for r in results)
+    completion = sum(len(r.tokens) for r in results)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _sse(data: str) -> str:
+    return f"data: {data}\n\n"
+
+
+async def _until(disconnected: Disconnected, every: float = 0.25) -> None:
+    while not await disconnected():
+        await asyncio.sleep(every)
+

@@ -77,7 +77,7 @@ def adapt(bundle_path: str | Path, examples: list[Example], task: str, config: T
     if others:
         raise DataError(f"adaptation data for task {task!r} also holds task(s) {others}")
     seed_everything(config.seed)
-    model, tokenizer = model_for_bundle(bundle, n_tasks=1, backbone=backbone)
+    model, tokenizer = model_for_bundle(bundle, n_tasks=1, backbone=backbone, device=config.torch_device)
     prepare(model, config.method, bundle.config)
     data = TaskBatches(tokenizer, examples, [task], config.batch_size, config.max_length, config.seed,
                        encoder_decoder=model.config.is_encoder_decoder)

@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from training.model import model_device
+
 KEEP = 2  # checkpoints kept; older ones are deleted after a newer one is complete
 PREFIX = "step-"
 
@@ -32,8 +34,9 @@ def save(directory: str | Path, step: int, model: nn.Module, optimizer: torch.op
         for key, value in state.items():
             tensors[f"optim.{index}.{key}"] = torch.as_tensor(value)
     tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    device = model_device(model)
+    if device.type == "cuda":  # routing noise and dropout are drawn on the model's GPU
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
     state = {"step": step, "param_groups": opt["param_groups"], "scheduler": scheduler.state_dict()}
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory))
     try:
@@ -75,11 +78,13 @@ def restore(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer
         if key.startswith("optim."):
             _, index, name = key.split(".", 2)
             optim_state.setdefault(int(index), {})[name] = t
+    # load_state_dict moves the moments onto their parameters' device (AdamW's step count stays on the CPU)
     optimizer.load_state_dict({"state": optim_state, "param_groups": state["param_groups"]})
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    device = model_device(model)
+    if "rng.cuda" in tensors and device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
     return state["step"]
 
 

@@ -20,7 +20,7 @@ import typer
 import mhr
 from training import distributed
 from training import suite as suite_module
-from training.config import TrainConfig, TrainConfigError
+from training.config import TrainConfig, TrainConfigError, resolve_device
 from training.data import DataError, read_jsonl
 
 app = typer.Typer(help="Train, adapt and evaluate Multi-Head Adapter Routing (MHR) bundles.",
@@ -49,6 +49,8 @@ WeightDecay = Annotated[float | None, _opt("AdamW weight decay of adapter weight
 MaxGradNorm = Annotated[float | None, _opt("gradient clipping norm, 0 = off", "max_grad_norm")]
 Seed = Annotated[int | None, _opt("random seed", "seed")]
 Dtype = Annotated[str | None, _opt("fp32 | bf16 (autocast)", "dtype")]
+Device = Annotated[str | None, _opt("auto (cuda if available, else cpu) | cpu | cuda | cuda:N | mps; "
+                                    "under torchrun a CUDA device is one GPU per process", "device")]
 MaxLength = Annotated[int | None, _opt("tokens per example", "max_length")]
 SaveEvery = Annotated[int | None, _opt("steps between checkpoints, 0 = never", "save_every")]
 CheckpointDir = Annotated[str | None, _opt("checkpoint directory; a run resumes from its latest checkpoint")]
@@ -108,14 +110,13 @@ def train(model: Annotated[str, typer.Option(help="backbone: local directory or 
           config: Config = None, steps: Steps = None, batch_size: BatchSize = None, grad_accum: GradAccum = None,
           lr: Lr = None, logits_lr: LogitsLr = None, warmup_steps: Warmup = None, schedule: Schedule = None,
           weight_decay: WeightDecay = None, max_grad_norm: MaxGradNorm = None, seed: Seed = None,
-          dtype: Dtype = None, max_length: MaxLength = None, save_every: SaveEvery = None,
+          dtype: Dtype = None, device: Device = None, max_length: MaxLength = None, save_every: SaveEvery = None,
           checkpoint_dir: CheckpointDir = None, quiet: Quiet = False) -> None:
     """Multi-task pre-training of a skill inventory; writes a bundle with one routed task per data task.
 
     Under `torchrun --nproc-per-node N -m training train ...` N processes share each batch (--batch-size
-    is per process)."""
+    is per process); on CUDA each process uses its own GPU (cuda:LOCAL_RANK) and they exchange over nccl."""
     from training.pretrain import pretrain
-    world = distributed.setup()
     with user_errors():
         cfg = make_config(config, method=method, skills=skills, heads=heads, rank=rank, alpha=alpha,
                           target_modules=target_modules.split(",") if target_modules else None,
@@ -123,7 +124,8 @@ def train(model: Annotated[str, typer.Option(help="backbone: local directory or 
                           eval_every=eval_every, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                           logits_lr=logits_lr, warmup_steps=warmup_steps, schedule=schedule,
                           weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, dtype=dtype,
-                          max_length=max_length, save_every=save_every, checkpoint_dir=checkpoint_dir)
+                          device=device, max_length=max_length, save_every=save_every, checkpoint_dir=checkpoint_dir)
+        world = distributed.setup(cfg.torch_device)
         examples = read_jsonl(data)
         evals = read_jsonl(eval_data, known_tasks={ex.task for ex in examples}) if eval_data else None
         bundle, result = pretrain(model, examples, cfg, out, data_name=str(data), eval_examples=evals,
@@ -144,7 +146,7 @@ def adapt(bundle: Annotated[Path, typer.Option(help="bundle directory; the task 
           config: Config = None, steps: Steps = None, batch_size: BatchSize = None, grad_accum: GradAccum = None,
           lr: Lr = None, logits_lr: LogitsLr = None, warmup_steps: Warmup = None, schedule: Schedule = None,
           weight_decay: WeightDecay = None, max_grad_norm: MaxGradNorm = None, seed: Seed = None,
-          dtype: Dtype = None, max_length: MaxLength = None, save_every: SaveEvery = None,
+          dtype: Dtype = None, device: Device = None, max_length: MaxLength = None, save_every: SaveEvery = None,
           checkpoint_dir: CheckpointDir = None, model: Backbone = None, quiet: Quiet = False) -> None:
     """Few-shot adaptation of a new task from the bundle's inventory; the task is added to the bundle."""
     from training.adapt import adapt as run_adapt
@@ -152,7 +154,7 @@ def adapt(bundle: Annotated[Path, typer.Option(help="bundle directory; the task 
         cfg = make_config(config, method=method, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                           logits_lr=logits_lr, warmup_steps=warmup_steps, schedule=schedule,
                           weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, dtype=dtype,
-                          max_length=max_length, save_every=save_every, checkpoint_dir=checkpoint_dir)
+                          device=device, max_length=max_length, save_every=save_every, checkpoint_dir=checkpoint_dir)
         examples = read_jsonl(data, known_tasks={task})[:shots]
         result = run_adapt(bundle, examples, task, cfg, data_name=str(data), replace=replace, backbone=model,
                            progress=not quiet)
@@ -165,15 +167,16 @@ def zeroshot(bundle: Annotated[Path, typer.Option(help="bundle directory; its ze
              config: Config = None, steps: Steps = None, batch_size: BatchSize = None,
              grad_accum: GradAccum = None, lr: Lr = None, warmup_steps: Warmup = None, schedule: Schedule = None,
              weight_decay: WeightDecay = None, max_grad_norm: MaxGradNorm = None, seed: Seed = None,
-             dtype: Dtype = None, max_length: MaxLength = None, save_every: SaveEvery = None,
-             checkpoint_dir: CheckpointDir = None, model: Backbone = None, quiet: Quiet = False) -> None:
+             dtype: Dtype = None, device: Device = None, max_length: MaxLength = None,
+             save_every: SaveEvery = None, checkpoint_dir: CheckpointDir = None, model: Backbone = None,
+             quiet: Quiet = False) -> None:
     """Zero-shot MHR-mu: train the average of the skills on all tasks and store it as the zero-shot adapter."""
     from training.zeroshot import zeroshot as run_zeroshot
     with user_errors():
         cfg = make_config(config, method="mhr-mu", steps=steps, batch_size=batch_size, grad_accum=grad_accum,
                           lr=lr, warmup_steps=warmup_steps, schedule=schedule, weight_decay=weight_decay,
-                          max_grad_norm=max_grad_norm, seed=seed, dtype=dtype, max_length=max_length,
-                          save_every=save_every, checkpoint_dir=checkpoint_dir)
+                          max_grad_norm=max_grad_norm, seed=seed, dtype=dtype, device=device,
+                          max_length=max_length, save_every=save_every, checkpoint_dir=checkpoint_dir)
         result = run_zeroshot(bundle, read_jsonl(data), cfg, data_name=str(data), backbone=model,
                               progress=not quiet)
     typer.echo(f"zero-shot adapter of {bundle} trained: {result.summary()}")
@@ -187,16 +190,17 @@ def evaluate(bundle: Annotated[Path, typer.Option(help="bundle directory")],
              out: Annotated[Path | None, typer.Option(help="write the report as JSON here")] = None,
              max_new_tokens: Annotated[int, typer.Option(help="generation length limit")] = 32,
              batch_size: Annotated[int, typer.Option(help="prompts per generate call")] = 16,
-             model: Backbone = None) -> None:
+             device: Device = None, model: Backbone = None) -> None:
     """Exact match and ROUGE-L (generation) or accuracy (records with choices), per task and averaged."""
     from training.evaluate import evaluate_bundle, format_table, write_report
     with user_errors():
+        torch_device = resolve_device(device or DEFAULT.device)
         examples = read_jsonl(data)
         if task:
             examples = [ex for ex in examples if ex.task in task]
             if not examples:
                 raise DataError(f"{data}: no records of task(s) {task}")
-        report = evaluate_bundle(bundle, examples, zero_shot=zero_shot, backbone=model,
+        report = evaluate_bundle(bundle, examples, zero_shot=zero_shot, backbone=model, device=torch_device,
                                  max_new_tokens=max_new_tokens, batch_size=batch_size)
         if out:
             write_report(report, out)

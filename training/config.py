@@ -12,12 +12,15 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mhr import MHRConfig
 
 PRETRAIN_METHODS = ("lora", "poly", "mhr")
 ADAPT_METHODS = ("lora", "poly", "mhr", "mhr-z", "mhr-mu")
 SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("fp32", "bf16")
+DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
 class TrainConfigError(ValueError):
@@ -38,6 +41,8 @@ class TrainConfig:
             per step. warmup_steps, schedule: linear warmup, then constant / linear / cosine decay to 0.
         weight_decay: AdamW decay of adapter weights (never of logits). max_grad_norm: clipping (0 = off).
         dtype: "fp32", or "bf16" autocast (adapter weights and optimizer stay fp32).
+        device: "auto" (CUDA when available, else the CPU), "cpu", "cuda", "cuda:N" or "mps"; under torchrun
+            a CUDA device means one GPU per process (see `training.distributed.World.device`).
         max_length: tokens per example (prompt truncated from the left first).
         eval_every: steps between evaluations of the eval loss (0 = never). save_every: steps between
             checkpoints (0 = never), written under checkpoint_dir, from which a run resumes.
@@ -62,6 +67,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     dtype: str = "fp32"
+    device: str = "auto"
     max_length: int = 256
     eval_every: int = 0
     save_every: int = 0
@@ -87,6 +93,8 @@ class TrainConfig:
             errors.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.dtype not in DTYPES:
             errors.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if problem := device_error(self.device):
+            errors.append(problem)
         if self.save_every and not self.checkpoint_dir:
             errors.append("save_every > 0 needs a checkpoint_dir")
         if not errors:
@@ -105,6 +113,11 @@ class TrainConfig:
         return MHRConfig(n_skills=skills, n_heads=heads, rank=self.rank, alpha=self.alpha, dropout=self.dropout,
                          target_modules=self.target_modules,
                          relaxed_routing=self.relaxed_routing and self.method != "lora")
+
+    @property
+    def torch_device(self) -> torch.device:
+        """The device of `device` on this machine ("auto" resolved)."""
+        return resolve_device(self.device)
 
     def require_method(self, allowed: tuple[str, ...], command: str) -> None:
         if self.method not in allowed:
@@ -130,6 +143,37 @@ class TrainConfig:
         if not isinstance(data, dict):
             raise TrainConfigError(f"{path}: a config file must hold a JSON object")
         return cls.from_dict({**data, **overrides})
+
+
+def device_error(name: Any) -> str | None:
+    """Why `name` (a `device` setting) cannot be used on this machine, or None when it can."""
+    if name == "auto":
+        return None
+    try:
+        device = torch.device(name) if isinstance(name, str) else None
+    except RuntimeError:  # not a device string
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        return f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"device {name!r}: CUDA is not available here (torch {torch.__version__}); use cpu or auto"
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        return f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return f"device {name!r}: MPS is not available here"
+    return None
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device of a `device` setting: "auto" is CUDA when available, else the CPU.
+
+    Raises TrainConfigError when the device is unknown or not available here.
+    """
+    if problem := device_error(name):
+        raise TrainConfigError(problem)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def _is_int(value: Any) -> bool:

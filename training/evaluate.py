@@ -16,7 +16,7 @@ from torch import nn
 import mhr
 from training.data import DataError, Example, collate, encode, n_targets, padding_id, task_names
 from training.loop import target_nll
-from training.model import model_for_bundle
+from training.model import model_device, model_for_bundle
 
 
 def normalize(text: str) -> str:
@@ -51,13 +51,13 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens
     """Greedy continuations of `prompts` (left-padded into one batch), decoded without special tokens."""
     ids = [tokenizer(p)["input_ids"] for p in prompts]
     length = max(len(i) for i in ids)
-    pad = padding_id(tokenizer)
-    input_ids = torch.tensor([[pad] * (length - len(i)) + i for i in ids])
-    attention_mask = torch.tensor([[0] * (length - len(i)) + [1] * len(i) for i in ids])
+    pad, device = padding_id(tokenizer), model_device(model)
+    input_ids = torch.tensor([[pad] * (length - len(i)) + i for i in ids], device=device)
+    attention_mask = torch.tensor([[0] * (length - len(i)) + [1] * len(i) for i in ids], device=device)
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                          do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
     new = out if model.config.is_encoder_decoder else out[:, length:]  # a decoder-only model repeats the prompt
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new.tolist()]
 
 
 @torch.no_grad()
@@ -102,18 +102,18 @@ def evaluate_examples(model: nn.Module, tokenizer, examples: Sequence[Example], 
 
 
 def evaluate_bundle(bundle_path: str | Path, examples: Sequence[Example], *, zero_shot: bool = False,
-                    backbone: str | None = None, **kwargs) -> dict:
+                    backbone: str | None = None, device: torch.device | str = "cpu", **kwargs) -> dict:
     """Per-task metrics and their average over tasks, each task served by its own adapter from the bundle
-    (or, with `zero_shot`, every task by the zero-shot adapter). `backbone` overrides where the bundle's
-    backbone is loaded from; `kwargs` go to `evaluate_examples`."""
+    (or, with `zero_shot`, every task by the zero-shot adapter), with the model on `device`. `backbone`
+    overrides where the bundle's backbone is loaded from; `kwargs` go to `evaluate_examples`."""
     bundle = mhr.Bundle.load(bundle_path)
     tasks = task_names(examples)
     if not zero_shot:
         unknown = [t for t in tasks if t not in bundle.task_names]
         if unknown:
             raise DataError(f"task(s) {unknown} are not in the bundle {bundle_path}: evaluate them zero-shot")
-    model, tokenizer = model_for_bundle(bundle, n_tasks=0, backbone=backbone)
-    inventory = bundle.inventory()
+    model, tokenizer = model_for_bundle(bundle, n_tasks=0, backbone=backbone, device=device)
+    inventory = bundle.inventory(device=device)  # materialize the tasks' LoRAs where they are used
     results = {}
     for task in tasks:
         lora = bundle.zero_shot_lora(inventory) if zero_shot else bundle.task_lora(task, inventory)

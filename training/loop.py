@@ -20,6 +20,7 @@ from training import checkpoint
 from training.config import TrainConfig
 from training.data import IGNORE, TaskBatches, n_targets
 from training.distributed import SINGLE, World, broadcast_parameters, sum_gradients, sum_over
+from training.model import model_device
 from training.optim import build_optimizer
 
 EVAL_BATCHES = 4  # micro-batches behind each eval loss: a cheap, fixed sample of the eval data
@@ -43,8 +44,15 @@ class TrainResult:
         return f"{self.steps} steps, {loss}"
 
 
+def on_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """The batch's tensors on `device` (those already there are not copied)."""
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def target_nll(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Per-example summed cross-entropy [B] on the target tokens (labels != IGNORE, aligned with the outputs)."""
+    """Per-example summed cross-entropy [B] on the target tokens (labels != IGNORE, aligned with the outputs),
+    on the model's device (the batch is moved there)."""
+    batch = on_device(batch, model_device(model))
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if model.config.is_encoder_decoder:  # the decoder reads the labels shifted right
         inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
@@ -60,8 +68,8 @@ def run_metadata(config: TrainConfig, data: str, n_examples: int, result: TrainR
 
 
 def _forward_sum(model: nn.Module, batch: dict[str, Tensor], config: TrainConfig) -> Tensor:
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
+    device = model_device(model)
+    batch = on_device(batch, device)  # the task ids too: every MHR layer reads them on every forward
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.dtype == "bf16"), \
             mhr.use_tasks(model, batch["task_ids"]):
         return target_nll(model, batch).sum()
@@ -75,7 +83,7 @@ def train_step(model: nn.Module, data: TaskBatches, step: int, config: TrainConf
     of one batch k times as large.
     """
     micro = [data[step * config.grad_accum + m] for m in range(config.grad_accum)]
-    n_tokens = sum_over(world, sum(n_targets(b) for b in micro))
+    n_tokens = sum_over(world, sum(n_targets(b) for b in micro), model_device(model))
     total = 0.0
     for batch in micro:
         loss = _forward_sum(model, batch, config) / n_tokens

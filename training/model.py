@@ -17,16 +17,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_backbone(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
-    """A causal or encoder-decoder (T5-style) LM, eval mode and frozen, and its tokenizer, from a local
-    directory or hub id.
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's parameters (one device holds them all)."""
+    return next(model.parameters()).device
+
+
+def load_backbone(name_or_path: str, dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu") -> tuple[nn.Module, object]:
+    """A causal or encoder-decoder (T5-style) LM on `device`, eval mode and frozen, and its tokenizer, from
+    a local directory or hub id. Inject MHR layers after loading: they are created on their base layer's device.
 
     Raises OSError naming the backbone when it cannot be loaded (transformers raises several kinds).
     """
     try:
         config = AutoConfig.from_pretrained(name_or_path)
         auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        model = auto.from_pretrained(name_or_path, dtype=dtype).eval()
+        model = auto.from_pretrained(name_or_path, dtype=dtype).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
         raise OSError(f"cannot load the backbone {name_or_path!r}: {e}") from e
@@ -58,10 +64,11 @@ def load_inventory(model: nn.Module, bundle: mhr.Bundle) -> None:
             layer.lora_B.copy_(bundle.lora_B[name])
 
 
-def model_for_bundle(bundle: mhr.Bundle, n_tasks: int, backbone: str | None = None) -> tuple[nn.Module, object]:
+def model_for_bundle(bundle: mhr.Bundle, n_tasks: int, backbone: str | None = None,
+                     device: torch.device | str = "cpu") -> tuple[nn.Module, object]:
     """The bundle's backbone (or `backbone`, e.g. the same model moved elsewhere; checked against the bundle's
-    fingerprint) with the bundle's inventory and `n_tasks` fresh routing rows."""
-    model, tokenizer = load_backbone(backbone or bundle.backbone)
+    fingerprint) on `device` with the bundle's inventory and `n_tasks` fresh routing rows."""
+    model, tokenizer = load_backbone(backbone or bundle.backbone, device=device)
     bundle.check_backbone(model)
     mhr.inject(model, bundle.config, n_tasks)
     load_inventory(model, bundle)

@@ -18,11 +18,12 @@ def pretrain(backbone: str, examples: list[Example], config: TrainConfig, out: s
     """Train an inventory with one routing row per task of `examples` and save the bundle at `out`.
 
     Tasks get routing rows in sorted name order; every task of the data becomes a routed task. With
-    several processes, each trains on its share of every batch and rank 0 writes the bundle.
+    several processes, each trains on its share of every batch (on its own GPU when `config.device` is a
+    CUDA device) and rank 0 writes the bundle.
     """
     config.require_method(PRETRAIN_METHODS, "train")
     seed_everything(config.seed)
-    model, tokenizer = load_backbone(backbone)
+    model, tokenizer = load_backbone(backbone, device=world.device(config.torch_device))
     tasks = task_names(examples)
     mhr_config = config.mhr_config()
     mhr.inject(model, mhr_config, len(tasks))

@@ -22,7 +22,7 @@ def zeroshot(bundle_path: str | Path, examples: list[Example], config: TrainConf
     bundle = mhr.Bundle.load(bundle_path)
     seed_everything(config.seed)
     # no routing rows: the average serves every task
-    model, tokenizer = model_for_bundle(bundle, n_tasks=0, backbone=backbone)
+    model, tokenizer = model_for_bundle(bundle, n_tasks=0, backbone=backbone, device=config.torch_device)
     mhr.start_average(model)
     set_trainable(model, dense=True)
     data = TaskBatches(tokenizer, examples, task_names(examples), config.batch_size, config.max_length,

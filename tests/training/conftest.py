@@ -15,9 +15,9 @@ TARGETS = ["q_proj", "v_proj"]
 
 
 def small_config(**overrides) -> TrainConfig:
-    """Settings small enough for a few CPU seconds per run."""
+    """Settings small enough for a few CPU seconds per run (on the CPU even where CUDA is available)."""
     base = dict(method="mhr", skills=3, heads=2, rank=2, alpha=2.0, target_modules=TARGETS, steps=3,
-                batch_size=4, lr=1e-2, logits_lr=0.1, max_length=48)
+                batch_size=4, lr=1e-2, logits_lr=0.1, max_length=48, device="cpu")
     return TrainConfig(**{**base, **overrides})
 
 

@@ -3,12 +3,13 @@
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from training import cli
 
 runner = CliRunner()
-SMALL = ["--steps", "2", "--batch-size", "4", "--max-length", "48", "--quiet"]
+SMALL = ["--steps", "2", "--batch-size", "4", "--max-length", "48", "--device", "cpu", "--quiet"]
 
 
 def invoke(*args):
@@ -19,6 +20,7 @@ def invoke(*args):
 def test_help(command):
     result = invoke(command, "--help")
     assert result.exit_code == 0 and "Usage" in result.output
+    assert ("--device" in result.output) == (command in ("train", "adapt", "zeroshot", "eval"))
 
 
 def test_suite_train_adapt_zeroshot_eval_plot(tmp_path, tiny_llama_path):
@@ -31,6 +33,7 @@ def test_suite_train_adapt_zeroshot_eval_plot(tmp_path, tiny_llama_path):
     assert "2 steps" in result.output
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["config"]["n_skills"] == 2 and manifest["training"]["steps"] == 2
+    assert manifest["training"]["config"]["device"] == "cpu"  # --device reached the run's TrainConfig
     held = "reverse.sort"
     # heldout-train holds several tasks: adapting one of them names the first record of another
     result = invoke("adapt", "--bundle", tmp_path / "b", "--data", tmp_path / "s" / "heldout-train.jsonl",
@@ -45,7 +48,7 @@ def test_suite_train_adapt_zeroshot_eval_plot(tmp_path, tiny_llama_path):
     assert result.exit_code == 0, result.output
     result = invoke("eval", "--bundle", tmp_path / "b", "--data", tmp_path / "s" / "heldout-test.jsonl",
                     "--task", held, "--out", tmp_path / "report.json", "--max-new-tokens", 4,
-                    "--model", tiny_llama_path)
+                    "--model", tiny_llama_path, "--device", "cpu")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "report.json").read_text())
     assert list(report["tasks"]) == [held] and "average" in result.output
@@ -64,6 +67,9 @@ def test_suite_train_adapt_zeroshot_eval_plot(tmp_path, tiny_llama_path):
       "--target-modules", "q_proj"], "cannot load the backbone"),
     (["adapt", "--bundle", "{tmp}/none", "--data", "{tmp}/good.jsonl", "--task", "t1"], "bundle directory not found"),
     (["eval", "--bundle", "{tmp}", "--data", "{tmp}/missing.jsonl"], "missing.jsonl: cannot read"),
+    (["train", "--model", "m", "--data", "{tmp}/good.jsonl", "--out", "{tmp}/b", "--device", "tpu"],
+     "device must be auto, cpu, cuda, cuda:N or mps"),
+    (["eval", "--bundle", "{tmp}", "--data", "{tmp}/good.jsonl", "--device", "tpu"], "device must be"),
 ])
 def test_bad_input_is_one_line_without_traceback(tmp_path, args, message):
     (tmp_path / "good.jsonl").write_text('{"task": "t1", "input": "a", "target": "b"}\n')
@@ -73,6 +79,20 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, args, message):
     assert message in result.output
     assert result.output.count("\n") == 1 and result.output.startswith("error: ")
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", [
+    ["train", "--model", "m", "--out", "{tmp}/b"],
+    ["adapt", "--bundle", "{tmp}/b", "--task", "t1"],
+    ["zeroshot", "--bundle", "{tmp}/b"],
+    ["eval", "--bundle", "{tmp}/b"],
+])
+def test_cuda_without_cuda_is_refused_before_any_work(tmp_path, monkeypatch, command):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "good.jsonl").write_text('{"task": "t1", "input": "a", "target": "b"}\n')
+    result = invoke(*[a.format(tmp=tmp_path) for a in command], "--data", tmp_path / "good.jsonl", "--device", "cuda")
+    assert result.exit_code == 2
+    assert result.output.startswith("error: ") and "CUDA is not available" in result.output
 
 
 def test_other_packages_add_commands(monkeypatch, capsys):

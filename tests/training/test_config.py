@@ -3,16 +3,44 @@
 import json
 
 import pytest
+import torch
 
-from training.config import PRETRAIN_METHODS, TrainConfig, TrainConfigError
+from training.config import PRETRAIN_METHODS, TrainConfig, TrainConfigError, resolve_device
 
 
 def test_every_problem_is_listed_at_once():
     with pytest.raises(TrainConfigError) as e:
-        TrainConfig(method="adam", steps=0, lr=-1.0, schedule="step", dtype="fp16", save_every=5)
+        TrainConfig(method="adam", steps=0, lr=-1.0, schedule="step", dtype="fp16", device="tpu", save_every=5)
     message = str(e.value)
-    for part in ("method", "steps", "lr", "schedule", "dtype", "checkpoint_dir"):
+    for part in ("method", "steps", "lr", "schedule", "dtype", "device", "checkpoint_dir"):
         assert part in message
+
+
+@pytest.mark.parametrize("cuda, expected", [(False, "cpu"), (True, "cuda")])
+def test_auto_device_is_cuda_when_available(monkeypatch, cuda, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert TrainConfig().device == "auto"  # kept as given: a recorded config means the same on another machine
+    assert TrainConfig().torch_device == resolve_device("auto") == torch.device(expected)
+
+
+@pytest.mark.parametrize("name", ["cpu", "cpu:0"])
+def test_cpu_is_always_available(name):
+    assert TrainConfig(device=name).torch_device.type == "cpu"
+
+
+@pytest.mark.parametrize("name", ["cuda", "cuda:1"])
+def test_cuda_without_cuda_is_a_config_error(monkeypatch, name):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(TrainConfigError, match="CUDA is not available"):
+        TrainConfig(device=name)
+    with pytest.raises(TrainConfigError, match="CUDA is not available"):
+        resolve_device(name)
+
+
+@pytest.mark.parametrize("name", ["tpu", "cuda:x", "meta", "", 0])
+def test_unknown_devices_are_refused(name):
+    with pytest.raises(TrainConfigError, match="device must be auto, cpu, cuda, cuda:N or mps"):
+        TrainConfig(device=name)
 
 
 def test_an_inventory_that_does_not_fit_is_refused():

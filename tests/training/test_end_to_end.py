@@ -1,5 +1,5 @@
 """End to end on the suite with the tiny model: MHR pre-training lowers the loss, a held-out task is
-adapted with MHR-z, and the bundle evaluates."""
+adapted with MHR-z, and the bundle evaluates, all with device="cpu" given explicitly."""
 
 import mhr
 from tests.training.conftest import small_config
@@ -31,6 +31,6 @@ def test_pretrain_adapt_eval(tiny_llama_path, suite_files, tmp_path):
 
     test = [ex for ex in read_jsonl(suite_files["heldout-test"]) if ex.task == held]
     test += [ex for ex in read_jsonl(suite_files["test"]) if ex.task == tasks[0]]
-    report = evaluate_bundle(tmp_path / "b", test, max_new_tokens=8)
+    report = evaluate_bundle(tmp_path / "b", test, max_new_tokens=8, device="cpu")
     assert set(report["tasks"]) == {held, tasks[0]}
     assert all(0.0 <= s["rouge_l"] <= 1.0 and s["n"] == 4 for s in report["tasks"].values())

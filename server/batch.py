@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from server.lora_ops import SlotPlan
+from server.tasks import Mixture
 
 
 class InvalidRequest(ValueError):
@@ -55,6 +56,7 @@ class Request:
     task: str | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    mixture: Mixture | None = None          # a per-request mixture of skills instead of the task's adapter
     arrived: float = field(default_factory=time.monotonic)   # for queue and first-token latencies
 
     @property

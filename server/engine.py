@@ -85,7 +85,7 @@ class Engine:
     def submit(self, request: Request, on_event: Callable[[TokenEvent], None] | None = None) -> RequestHandle:
         """Queue a request; returns its handle. Raises QueueFull, UnknownTask or InvalidRequest at once."""
         self._check(request)
-        self.tasks.resolve(request.task)  # fail fast; resolved again at admission (tasks change)
+        self.tasks.resolve(request.task, request.mixture)  # fail fast; resolved again at admission (tasks change)
         handle = RequestHandle(request.request_id, on_event)
         self._handles[request.request_id] = handle
         try:
@@ -150,7 +150,7 @@ class Engine:
 
         def try_start(request: Request) -> Start:
             try:
-                key = self.tasks.resolve(request.task)
+                key = self.tasks.resolve(request.task, request.mixture)
             except UnknownTask as e:  # removed while it waited
                 self._finish(Result(request.request_id, "", finish_reason="error", prompt_tokens=request.prompt_len,
                                     error=str(e)))

@@ -45,8 +45,12 @@ class ServingInventory:
 
     def routed(self, logits: Mapping[str, Tensor]) -> GroupedLoRA:
         """A routed task's adapter from its logits [h, K] per module (evaluation weights)."""
-        return [self._mix(routing_weights(torch.stack([logits[n] for n in names]).to(self.device)), i)
-                for i, names in enumerate(self.groups)]                           # weights [G, h, K]
+        return self.weighted({n: routing_weights(t) for n, t in logits.items()})
+
+    def weighted(self, weights: Mapping[str, Tensor]) -> GroupedLoRA:
+        """The adapter of mixing weights [h, K] per module (already normalised per head)."""
+        return [self._mix(torch.stack([weights[n] for n in names]).to(self.device), i)
+                for i, names in enumerate(self.groups)]
 
     def average(self) -> GroupedLoRA:
         """The MHR-mu adapter: every head averages every skill."""

@@ -14,7 +14,11 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+import torch
+
+from mhr.bundle import TaskKind
 from mhr.bundle_check import BundleError, check_task_name
+from mhr.functional import routing_weights
 from server.batch import InvalidRequest, Request, SamplingParams
 from server.engine import Engine
 from server.metrics import ServerMetrics
@@ -35,10 +39,11 @@ from server.protocol import (
     GenerateRequest,
     GenerateResponse,
     Sampling,
+    SkillMix,
     Usage,
 )
 from server.scheduler import QueueFull
-from server.tasks import ZERO_SHOT, UnknownTask
+from server.tasks import ZERO_SHOT, Mixture, UnknownTask
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 DEFAULT_CHAT_TEMPLATE = "{role}: {content}\n"  # used when the tokenizer has no chat template
@@ -63,6 +68,7 @@ class Prepared:
 
     requests: list[Request]
     adapter: str
+    label: str  # the adapter's metrics label: mixtures share one, so clients cannot mint new series
 
 
 class Serving:
@@ -103,10 +109,33 @@ class Serving:
         text = "".join(DEFAULT_CHAT_TEMPLATE.format(**m) for m in messages) + "assistant:"
         return self.tokenizer(text).input_ids
 
+    def mixture(self, mix: SkillMix) -> Mixture:
+        """The per-request mixture a request's `mhr` field asks for (400 when it does not fit the bundle)."""
+        bundle = self.engine.tasks.bundle
+        h, K = bundle.config.n_heads, bundle.config.n_skills
+        if mix.skills is not None:
+            skills = torch.tensor(mix.skills) if {len(row) for row in mix.skills} == {K} else None
+            if skills is None or skills.shape != (h, K):
+                raise APIError(400, f"mhr.skills must be {h} rows (heads) of {K} weights (skills)", param="mhr.skills")
+            weights = skills / skills.sum(dim=-1, keepdim=True)
+            return Mixture.of({m: weights for m in bundle.modules})
+        total = sum(mix.mix.values())
+        mixed = {m: torch.zeros(h, K) for m in bundle.modules}
+        for task, share in mix.mix.items():
+            if task not in self.engine.tasks.task_names:
+                raise APIError(400, f"mhr.mix: task {task!r} is not in the bundle", param="mhr.mix")
+            if bundle.task(task).kind is not TaskKind.ROUTED:
+                raise APIError(400, f"mhr.mix: task {task!r} has its own LoRA, not routing: only routed tasks "
+                                    "can be mixed", param="mhr.mix")
+            for m, logits in bundle.routing_logits(task).items():
+                mixed[m] += routing_weights(logits.float()) * (share / total)
+        return Mixture.of(mixed)
+
     def prepare(self, task: str, prompts: list[list[int]], sampling: Sampling, max_tokens: int | None,
                 param: str) -> Prepared:
         """Engine requests for `prompts`, checked against the context limit."""
-        adapter = self.adapter_for(task)
+        mixture = self.mixture(sampling.mhr) if sampling.mhr is not None else None
+        adapter = mixture.name if mixture is not None else self.adapter_for(task)
         limit = self.engine.config.max_seq_len
         requests = []
         for ids in prompts:
@@ -124,8 +153,8 @@ class Serving:
                                         top_p=sampling.top_p, seed=sampling.seed, stop=tuple(sampling.stop))
             except InvalidRequest as e:
                 raise APIError(400, str(e)) from None
-            requests.append(Request(ids, task, params))
-        return Prepared(requests, adapter)
+            requests.append(Request(ids, task, params, mixture=mixture))
+        return Prepared(requests, adapter, "mix" if mixture is not None else adapter)
 
     def submit(self, prepared: Prepared) -> list[RequestHandle]:
         handles: list[RequestHandle] = []
@@ -166,7 +195,7 @@ class Serving:
             raise asyncio.CancelledError
         results = waiter.result()
         for r in results:
-            self.metrics.finished(prepared.adapter, r, time.monotonic() - started)
+            self.metrics.finished(prepared.label, r, time.monotonic() - started)
         for r in results:
             if r.finish_reason == "error":
                 raise _unavailable(r)
@@ -194,7 +223,7 @@ class Serving:
                 if event.finish_reason is not None:
                     remaining -= 1
                     result = await handles[index].wait()
-                    self.metrics.finished(prepared.adapter, result, time.monotonic() - started)
+                    self.metrics.finished(prepared.label, result, time.monotonic() - started)
                     if result.finish_reason == "error":  # the status line is sent: report in the stream
                         error = _unavailable(result)
                         yield _sse(json.dumps({"error": {"message": error.message, "type": error.type,

@@ -8,10 +8,13 @@ cache never mixes a task's old and new weights: requests running on the old key 
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from mhr.adapter import LoRA
@@ -19,6 +22,9 @@ from mhr.bundle import Bundle, TaskKind
 from server.inventory import ServingInventory
 from server.model import GroupedLoRA
 
+MIXTURE_PREFIX = "mix-"     # results of per-request mixtures name their adapter "mix-<digest>"
+MIXTURE_VERSION = 0
+MAX_MIXTURES = 1024         # mixtures remembered for (re)loading into a slot; older ones are recomputed
 ZERO_SHOT = "zero-shot"   # the name results give when the zero-shot adapter served a request
 BASE = "base"             # the name results give when no adapter was asked for
 
@@ -27,9 +33,29 @@ class UnknownTask(LookupError):
     """A task the bundle does not hold, with zero-shot fallback turned off."""
 
 
+@dataclass(frozen=True, eq=False)
+class Mixture:
+    """A per-request mixture of skills: weights [h, K] per module (normalised per head), named by content.
+
+    Equal weights give equal names, so a mixture is materialized once and then served from its slot.
+    """
+
+    name: str                      # "mix-" + a digest of the weights
+    weights: Mapping[str, Tensor]
+
+    @classmethod
+    def of(cls, weights: Mapping[str, Tensor]) -> Mixture:
+        digest = hashlib.sha256()
+        for module in sorted(weights):
+            digest.update(module.encode())
+            digest.update(weights[module].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return cls(f"{MIXTURE_PREFIX}{digest.hexdigest()[:16]}", dict(weights))
+
+
 @dataclass(frozen=True)
 class AdapterKey:
-    """A version of one adapter: `name` is a task name or ZERO_SHOT; a new version is a new key."""
+    """A version of one adapter: `name` is a task name, ZERO_SHOT or a mixture's name; a new version is a
+    new key. Task and zero-shot versions count from 1; a mixture's key has version MIXTURE_VERSION."""
 
     name: str
     version: int
@@ -46,7 +72,8 @@ class TaskRegistry:
 
     def __init__(self, bundle: Bundle, inventory: ServingInventory, allow_zero_shot: bool) -> None:
         self.allow_zero_shot = allow_zero_shot
-        self._counter = itertools.count(1)
+        self._counter = itertools.count(MIXTURE_VERSION + 1)
+        self._mixtures: OrderedDict[str, Mixture] = OrderedDict()
         self._keys: dict[str, AdapterKey] = {}
         self.zero_shot_key: AdapterKey | None = None
         self.replace_bundle(bundle, inventory)
@@ -66,8 +93,15 @@ class TaskRegistry:
     def task_names(self) -> list[str]:
         return list(self._keys)
 
-    def resolve(self, task: str | None) -> AdapterKey | None:
-        """The key serving `task` now; None for no adapter (task None). Raises UnknownTask."""
+    def resolve(self, task: str | None, mixture: Mixture | None = None) -> AdapterKey | None:
+        """The key serving `task` (or `mixture`, which takes precedence) now; None for no adapter (task None).
+        Raises UnknownTask."""
+        if mixture is not None:
+            self._mixtures[mixture.name] = mixture
+            self._mixtures.move_to_end(mixture.name)
+            while len(self._mixtures) > MAX_MIXTURES:
+                self._mixtures.popitem(last=False)
+            return AdapterKey(mixture.name, MIXTURE_VERSION)
         if task is None:
             return None
         key = self._keys.get(task)
@@ -80,6 +114,8 @@ class TaskRegistry:
 
     def load(self, key: AdapterKey) -> GroupedLoRA:
         """The adapter of a current key, in slot layout."""
+        if key.version == MIXTURE_VERSION:
+            return self.inventory.weighted(self._mixtures[key.name].weights)
         if key == self.zero_shot_key:
             zero_shot = self.bundle.zero_shot
             return self.inventory.average() if zero_shot is None else self.inventory.dense(zero_shot)

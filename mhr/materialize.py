@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from mhr.adapter import LoRA
-from mhr.functional import average_skills, mix_skills, routing_weights
+from mhr.functional import join_heads, routing_weights
 from mhr.inject import mhr_layers
 
 
@@ -37,12 +37,16 @@ class SkillInventory:
         if len(shapes) != 1:
             raise ValueError(f"every module needs the same (K, h, r); found {sorted(shapes)}")
         self.n_skills, self.n_heads, self.rank = shapes.pop()
-        self._groups = [
-            (names,
-             torch.stack([lora_A[n] for n in names]).to(device=device, dtype=dtype),  # [G, K, h, d_in/h, r]
-             torch.stack([lora_B[n] for n in names]).to(device=device, dtype=dtype))  # [G, K, h, r, d_out/h]
-            for names in groups.values()
-        ]
+        # Stored heads first with each skill's block flattened, [G, h, K, d/h * r]: mixing is then one batched
+        # matmul over (module, head) that reads the skills in place, instead of permuting them per call.
+        self._groups = [(names, self._heads_first(lora_A, names, device, dtype),
+                         self._heads_first(lora_B, names, device, dtype)) for names in groups.values()]
+
+    @staticmethod
+    def _heads_first(tensors: Mapping[str, Tensor], names: list[str], device, dtype) -> Tensor:
+        stacked = torch.stack([tensors[n] for n in names]).to(device=device, dtype=dtype)  # [G, K, h, x, y]
+        G, K, h = stacked.shape[:3]
+        return stacked.transpose(1, 2).reshape(G, h, K, -1).contiguous()                  # [G, h, K, x*y]
 
     @classmethod
     def from_model(cls, model: nn.Module) -> SkillInventory:
@@ -63,11 +67,15 @@ class SkillInventory:
         return self._groups[0][1].dtype
 
     def tensors(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Per-module (lora_A, lora_B), views into the stacked storage."""
+        """Per-module (lora_A [K, h, d_in/h, r], lora_B [K, h, r, d_out/h]), views into the stored skills."""
         A, B = {}, {}
-        for names, A_stack, B_stack in self._groups:
+        K, h, r = self.n_skills, self.n_heads, self.rank
+        for names, A_hk, B_hk in self._groups:
+            G = len(names)
+            A_view = A_hk.view(G, h, K, -1, r).transpose(1, 2)  # [G, K, h, d_in/h, r]
+            B_view = B_hk.view(G, h, K, r, -1).transpose(1, 2)  # [G, K, h, r, d_out/h]
             for i, name in enumerate(names):
-                A[name], B[name] = A_stack[i], B_stack[i]
+                A[name], B[name] = A_view[i], B_view[i]
         return {n: A[n] for n in self.modules}, {n: B[n] for n in self.modules}
 
     def materialize(self, weights: Mapping[str, Tensor] | Tensor) -> LoRA:
@@ -80,7 +88,7 @@ class SkillInventory:
                 [T, r, d_out]; without it, [d_in, r] and [r, d_out].
         """
         A, B = {}, {}
-        for names, A_stack, B_stack in self._groups:
+        for names, A_hk, B_hk in self._groups:
             if isinstance(weights, Tensor):
                 w = weights.to(self.device).expand(len(names), *weights.shape)
             else:
@@ -90,7 +98,7 @@ class SkillInventory:
                 w = torch.stack([weights[n] for n in names]).to(self.device)
             self._check_weights(w)
             single = w.dim() == 3
-            A_t, B_t = mix_skills(w[:, None] if single else w, A_stack, B_stack)  # [G, T, d_in, r]
+            A_t, B_t = self._mix(w[:, None] if single else w, A_hk, B_hk)  # [G, T, d_in, r]
             for i, name in enumerate(names):
                 A[name], B[name] = (A_t[i, 0], B_t[i, 0]) if single else (A_t[i], B_t[i])
         return LoRA({n: A[n] for n in self.modules}, {n: B[n] for n in self.modules}, self.alpha)
@@ -101,11 +109,23 @@ class SkillInventory:
             return self.materialize(routing_weights(logits))
         return self.materialize({n: routing_weights(t) for n, t in logits.items()})
 
+    def _mix(self, w: Tensor, A_hk: Tensor, B_hk: Tensor) -> tuple[Tensor, Tensor]:
+        """Weights [G, T, h, K] -> A [G, T, d_in, r], B [G, T, r, d_out] (heads concatenated)."""
+        G, T, h, _ = w.shape
+        r = self.rank
+        w = w.to(A_hk.dtype).transpose(1, 2)                                        # [G, h, T, K]
+        A_heads = (w @ A_hk).view(G, h, T, -1, r).transpose(1, 2)                   # [G, T, h, d_in/h, r]
+        B_heads = (w @ B_hk).view(G, h, T, r, -1).transpose(1, 2)                   # [G, T, h, r, d_out/h]
+        return join_heads(A_heads, B_heads)
+
     def average(self) -> LoRA:
         """The MHR-mu adapter: per module the mean over skills of A and of B."""
         A, B = {}, {}
-        for names, A_stack, B_stack in self._groups:
-            A_mu, B_mu = average_skills(A_stack, B_stack)  # [G, d_in, r], [G, r, d_out]
+        h, r = self.n_heads, self.rank
+        for names, A_hk, B_hk in self._groups:
+            G = len(names)
+            A_mu, B_mu = join_heads(A_hk.mean(dim=2).view(G, h, -1, r),            # [G, h, d_in/h, r]
+                                    B_hk.mean(dim=2).view(G, h, r, -1))            # [G, h, r, d_out/h]
             for i, name in enumerate(names):
                 A[name], B[name] = A_mu[i], B_mu[i]
         return LoRA({n: A[n] for n in self.modules}, {n: B[n] for n in self.modules}, self.alpha)

@@ -77,12 +77,15 @@ class Sequence:
     finish_reason: str | None = None   # "length", "stop", "eos" or "cancelled" once finished
     started: float = field(default_factory=time.monotonic)     # when it joined the running batch
     first_token_at: float | None = None
+    _prefix: int = 0                   # the text of tokens[:_read] is in `text`; decoding restarts at _prefix
+    _read: int = 0
 
     def append(self, token: int, eos_ids: frozenset[int], decode: Callable[[list[int]], str] | None) -> str:
         """Record a generated token and set `finish_reason` if it ends the request; returns the new text.
 
         Text (and so stop strings) needs `decode`. A trailing partial character (a multi-byte
-        character split across tokens) is held back until the token that completes it.
+        character split across tokens) is held back until the token that completes it. Only a short window
+        of tokens is decoded per call, not the whole list (which grew quadratic in the output length).
         """
         self.tokens.append(token)
         if self.first_token_at is None:
@@ -90,9 +93,8 @@ class Sequence:
         params = self.request.params
         delta = ""
         if decode is not None:
-            text = decode(self.tokens)
-            if not text.endswith("\ufffd"):
-                delta, self.text = text[len(self.text):], text
+            delta = self._new_text(decode)
+            self.text += delta
         if delta and params.stop:
             delta = self._cut_at_stop(delta)
         if self.finish_reason is None:
@@ -101,6 +103,17 @@ class Sequence:
             elif len(self.tokens) >= params.max_new_tokens:
                 self.finish_reason = "length"
         return delta
+
+    def _new_text(self, decode: Callable[[list[int]], str]) -> str:
+        """The text the tokens since `_read` add (TGI's and vLLM's prefix/read offsets): decode the window
+        from `_prefix` with and without them and keep the difference, so that whatever a tokenizer does at
+        the start of a decoded string (dropping a leading space, say) happens to both and cancels."""
+        before = decode(self.tokens[self._prefix:self._read]) if self._read > self._prefix else ""
+        after = decode(self.tokens[self._prefix:])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""                 # nothing visible yet, or a character still incomplete: wait
+        self._prefix, self._read = self._read, len(self.tokens)
+        return after[len(before):]
 
     def _cut_at_stop(self, delta: str) -> str:
         """End the text before the first stop string that the new text completes."""

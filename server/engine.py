@@ -24,6 +24,7 @@ from server.batch import Batch, InvalidRequest, Request, Sequence, make_generato
 from server.config import ServerConfig
 from server.inventory import ServingInventory
 from server.kv_cache import RowKVCache
+from server.lean import lean_decoder_for
 from server.lora_ops import SlotPlan
 from server.model import wrap_model
 from server.outputs import EngineStats, RequestHandle, Result, TokenEvent
@@ -54,6 +55,9 @@ class Engine:
         self.cache = AdapterCache(config.n_slots, self.slots.write)
         self.scheduler = Scheduler(config.max_waiting, config.max_running, config.max_prefill_tokens)
         self.kv = _kv_cache_for(model, config, self.device, dtype)
+        # Llama-family models run our own decoder forward (same weights, same math); others transformers'.
+        # Set to None to force the transformers forward (the benchmark compares both).
+        self.lean = lean_decoder_for(model, config.max_seq_len)
         self.batch = Batch(self.device, config.n_slots, dtype)
         self.eos_ids = _eos_ids(model, tokenizer)
         self._handles: dict[str, RequestHandle] = {}
@@ -68,6 +72,14 @@ class Engine:
             return None
         key = self.tasks.zero_shot_key
         return self.cache.acquire(key, lambda: self.tasks.load(key))
+
+    @property
+    def max_rank(self) -> int:
+        """The largest LoRA rank a task may have (both engines offer it; here the slots' rank)."""
+        return self.slots.max_rank
+
+    def close(self) -> None:
+        """Release what outlives the engine object (both engines offer it; nothing to do here)."""
 
     @classmethod
     def from_config(cls, config: ServerConfig) -> Engine:
@@ -192,6 +204,8 @@ class Engine:
                  keep: int | Tensor) -> Tensor:
         self.context.plan = plan
         try:
+            if self.lean is not None:
+                return self.lean(ids, positions, mask, self.kv, keep)
             return self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                               past_key_values=self.kv, use_cache=True, logits_to_keep=keep).logits
         finally:

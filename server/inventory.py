@@ -44,8 +44,13 @@ class ServingInventory:
         self.rank, self.device, self.dtype = c.rank, device, dtype
 
     def routed(self, logits: Mapping[str, Tensor]) -> GroupedLoRA:
-        """A routed task's adapter from its logits [h, K] per module (evaluation weights)."""
-        return self.weighted({n: routing_weights(t) for n, t in logits.items()})
+        """A routed task's adapter from its logits [h, K] per module (evaluation weights).
+
+        The weights are computed per shape group on the stacked logits [G, h, K]: three small ops per
+        group instead of per module (~1 ms of a cold task's ~6 ms CPU on the REFERENCE model, 1 thread).
+        """
+        return [self._mix(routing_weights(torch.stack([logits[n] for n in names]).to(self.device)), i)
+                for i, names in enumerate(self.groups)]
 
     def weighted(self, weights: Mapping[str, Tensor]) -> GroupedLoRA:
         """The adapter of mixing weights [h, K] per module (already normalised per head)."""

@@ -86,7 +86,13 @@ class RowKVCache:
         pos = torch.tensor(self.lengths, device=self.device)                         # [n]
         kv_len = max(self.lengths) + 1
         mask = torch.arange(kv_len, device=self.device)[None, :] <= pos[:, None]      # [n, K]
-        self._write = ("decode", pos, torch.arange(self.n_active, device=self.device), kv_len)
+        # where each (row, kv head) writes in a layer's buffer viewed as [rows * heads * max_len, head_dim]:
+        # one index_copy_ per layer and side, computed once per step for all layers
+        _, heads, max_len, _ = self.keys[0].shape
+        n = self.n_active
+        rows_heads = torch.arange(n * heads, device=self.device).view(n, heads)       # row * heads + head
+        flat = (rows_heads * max_len + pos[:, None]).flatten()                        # [n * heads]
+        self._write = ("decode", flat, n, kv_len)
         return mask[:, None, None, :], pos[:, None]
 
     def end_decode(self) -> None:
@@ -103,8 +109,8 @@ class RowKVCache:
             keys[first:stop, :, :L] = key_states
             values[first:stop, :, :L] = value_states
             return key_states, value_states
-        _, pos, rows, kv_len = self._write
-        keys[rows, :, pos] = key_states[:, :, 0]        # [n, kv_heads, head_dim] at each row's position
-        values[rows, :, pos] = value_states[:, :, 0]
-        n = rows.shape[0]
+        _, flat, n, kv_len = self._write
+        D = keys.shape[-1]                                # [n, kv_heads, head_dim] at each row's position:
+        keys.view(-1, D).index_copy_(0, flat, key_states[:, :, 0].reshape(-1, D))
+        values.view(-1, D).index_copy_(0, flat, value_states[:, :, 0].reshape(-1, D))
         return keys[:n, :, :kv_len], values[:n, :, :kv_len]

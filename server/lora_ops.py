@@ -30,29 +30,35 @@ class SlotPlan:
 
     rows: slot index per row [N] (int64, on the model's device).
     uniform: the one slot every row uses, or None when rows differ. 0 means no adapter at all.
-    row_mask: [N, 1, S, 1] one-hot of each row's slot in the model's dtype, set when the all-slots
+    row_mask: [N, 1, m, 1] one-hot of each row's slot among slots first..first+m-1 (the span of the
+        slots the rows use; slot-0 rows are all zeros), in the model's dtype, set when the all-slots
         path pays off.
+    first: the first slot of row_mask's span.
     """
 
     rows: Tensor
     uniform: int | None
     row_mask: Tensor | None = None
+    first: int = 0
 
     @classmethod
     def of(cls, slots: list[int], device: torch.device | str, n_slots: int,
            dtype: torch.dtype = torch.float32) -> SlotPlan:
         """A plan from per-row slot indices held in Python (no device sync needed to pick the path).
 
-        The all-slots path reads S slots whatever the batch, the gather path N rows' worth of weights:
-        measured on CPU, all-slots wins once the rows are about half the slots.
+        The all-slots path reads the span of slots the rows use whatever the batch, the gather path N
+        rows' worth of weights: measured on CPU, all-slots wins once the rows are about half the span.
+        Decode is bound by memory traffic on CPU, so reading only the span (not all `n_slots`) pays.
         """
         rows = torch.tensor(slots, dtype=torch.long, device=device)
-        if slots and all(s == slots[0] for s in slots):
-            return cls(rows, slots[0])
-        if 2 * len(slots) < n_slots:
+        if not slots or all(s == slots[0] for s in slots):
+            return cls(rows, slots[0] if slots else 0)
+        used = [s for s in slots if s]
+        first, last = min(used), max(used)
+        if 2 * len(slots) < last - first + 1:
             return cls(rows, None)
-        one_hot = (rows[:, None] == torch.arange(n_slots, device=device)).to(dtype)  # [N, S]
-        return cls(rows, None, one_hot[:, None, :, None])
+        one_hot = (rows[:, None] == torch.arange(first, last + 1, device=device)).to(dtype)  # [N, m]
+        return cls(rows, None, one_hot[:, None, :, None], first)
 
 
 def lora_reference(x: Tensor, A: Tensor, B: Tensor, rows: Tensor) -> Tensor:
@@ -75,14 +81,17 @@ def lora_gather(x: Tensor, A: Tensor, B: Tensor, rows: Tensor) -> Tensor:
     return out.reshape(*x.shape[:-1], B.shape[-1])
 
 
-def lora_all_slots(x: Tensor, A: Tensor, B: Tensor, row_mask: Tensor, base_out: Tensor | None = None) -> Tensor:
-    """The adapter output through every slot at once, keeping each row's own slot only (+ base_out if given).
+def lora_all_slots(x: Tensor, A: Tensor, B: Tensor, row_mask: Tensor, base_out: Tensor | None = None,
+                   first: int = 0) -> Tensor:
+    """The adapter output through slots first..first+m-1 at once, keeping each row's own slot only
+    (+ base_out if given).
 
-    x [N, L, d_in], A [d_in, S, r], B [S, r, d_out], row_mask [N, 1, S, 1] -> [N, L, d_out].
+    x [N, L, d_in], A [d_in, S, r], B [S, r, d_out], row_mask [N, 1, m, 1] -> [N, L, d_out].
     Other slots' columns are multiplied by exact zeros, so they add exact zeros.
     """
-    d_in, S, r = A.shape
-    low = (x @ A.reshape(d_in, S * r)).unflatten(-1, (S, r)).mul_(row_mask)         # [N, L, S, r]
+    S, r = row_mask.shape[2], A.shape[2]
+    A, B = A[:, first:first + S], B[first:first + S]                                # a view: rows strided
+    low = (x @ A.flatten(1)).unflatten(-1, (S, r)).mul_(row_mask)                   # [N, L, S, r]
     low = low.reshape(-1, S * r)                                                    # [N*L, S*r]
     B_all = B.reshape(S * r, -1)                                                    # [S*r, d_out]
     out = low @ B_all if base_out is None else torch.addmm(base_out.reshape(low.shape[0], -1), low, B_all)
@@ -102,5 +111,5 @@ def add_lora(base_out: Tensor, x: Tensor, A: Tensor, B: Tensor, plan: SlotPlan) 
         x2 = x.reshape(-1, x.shape[-1])                                             # [N*L, d_in]
         return torch.addmm(base_out.reshape(x2.shape[0], -1), x2 @ A[:, s], B[s]).reshape(base_out.shape)
     if plan.row_mask is not None and x.dim() == 3 and x.shape[1] == 1:              # decode: one token per row
-        return lora_all_slots(x, A, B, plan.row_mask, base_out)
+        return lora_all_slots(x, A, B, plan.row_mask, base_out, plan.first)
     return base_out + lora_gather(x, A, B, plan.rows)

@@ -74,3 +74,13 @@ def test_prefill_groups_bound_the_padding():
         assert max(lengths[i] for i in g) * len(g) <= 1.25 * sum(lengths[i] for i in g)
     assert groups[0][:3] == [1, 5, 2] and len(groups) < len(lengths)  # longest first
     assert prefill_groups([8, 8, 8]) == [[0, 1, 2]]
+
+
+def test_incremental_text_equals_decoding_every_token(tiny_tokenizer):
+    """Text built from short decoded windows equals decoding the whole output, multi-byte characters included."""
+    ids = tiny_tokenizer("Größe: 12 € — the quiet river; 東京 and the old house", add_special_tokens=False)["input_ids"]
+    ids += torch.randint(4, tiny_tokenizer.vocab_size, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    s = seq(SamplingParams(max_new_tokens=len(ids)))
+    decode = lambda toks: tiny_tokenizer.decode(toks, skip_special_tokens=True)  # noqa: E731
+    streamed = "".join(s.append(t, frozenset(), decode) for t in ids)
+    assert streamed == s.text == decode(ids).removesuffix("\ufffd")

@@ -35,7 +35,7 @@ def test_fast_paths_match_reference(dtype, shape):
     plan = SlotPlan.of(slots, "cpu", S, dtype)
     want = lora_reference(x.double(), A.double(), B.double(), plan.rows)
     assert_close(lora_gather(x, A, B, plan.rows), want, dtype)
-    assert_close(lora_all_slots(x, A, B, plan.row_mask), want, dtype)
+    assert_close(lora_all_slots(x, A, B, plan.row_mask, first=plan.first), want, dtype)
 
 
 @pytest.mark.parametrize("slots", [[2, 0, 2, 4, 1], [1, 5], [3, 3, 3, 3, 3], [0, 0, 0, 0, 0]])
@@ -62,6 +62,8 @@ def test_slot_zero_rows_get_exactly_the_base_output():
 def test_plan_picks_the_path():
     assert SlotPlan.of([2, 2, 2], "cpu", S).uniform == 2
     mixed = SlotPlan.of([2, 0, 2], "cpu", S)
-    assert mixed.uniform is None and mixed.row_mask.shape == (3, 1, S, 1)
-    few_rows = SlotPlan.of([2, 0], "cpu", 16)
-    assert few_rows.row_mask is None and few_rows.rows.tolist() == [2, 0]
+    assert mixed.uniform is None and mixed.row_mask.shape == (3, 1, 1, 1) and mixed.first == 2  # span: slot 2
+    spread = SlotPlan.of([4, 1, 3], "cpu", S)
+    assert spread.first == 1 and spread.row_mask[:, 0, :, 0].tolist() == [[0, 0, 0, 1], [1, 0, 0, 0], [0, 0, 1, 0]]
+    few_rows = SlotPlan.of([2, 9], "cpu", 16)  # 2 rows, a span of 8 slots: gathering reads less
+    assert few_rows.row_mask is None and few_rows.rows.tolist() == [2, 9]

@@ -1,0 +1,97 @@
+"""The lean Llama forward against transformers' forward on the same wrapped model, and when it is chosen."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+from server.batch import Request
+from server.lean import LeanDecoder, lean_decoder_for
+from server.lora_ops import SlotPlan
+from tests.server.conftest import DENSE, ROUTED
+from tests.server.test_engine import GREEDY, mixed_requests
+
+PROMPTS = [[1, 40, 41, 42, 43, 44, 45], [1, 50, 51], [1, 60, 61, 62, 63], [1, 70], [1, 80, 81, 82, 83, 84]]
+
+
+def step_logits(engine, slots: list[int]) -> list[torch.Tensor]:
+    """Prefill PROMPTS (right-padded, one forward) then two decode steps; the logits of real positions."""
+    kv, lengths = engine.kv, [len(p) for p in PROMPTS]
+    width = max(lengths)
+    ids = torch.tensor([p + [0] * (width - len(p)) for p in PROMPTS])
+    mask, positions = kv.begin_prefill(kv.add_rows(len(PROMPTS)), lengths)
+    logits = engine._forward(ids, mask, positions, SlotPlan.of(slots, "cpu", engine.config.n_slots),
+                             torch.arange(width))                                   # [n, width, V]
+    out = [logits[i, :n] for i, n in enumerate(lengths)]
+    plan = SlotPlan.of(slots, "cpu", engine.config.n_slots)
+    assert plan.row_mask is not None  # decode goes through the all-slots path, prefill through gather
+    next_ids = torch.stack([o[-1].argmax() for o in out])[:, None]                  # [n, 1]
+    for _ in range(2):
+        mask, positions = kv.begin_decode()
+        step = engine._forward(next_ids, mask, positions, plan, 1)                   # [n, 1, V]
+        kv.end_decode()
+        out.append(step[:, 0])
+        next_ids = step[:, 0].argmax(-1, keepdim=True)
+    for row in reversed(range(len(PROMPTS))):
+        kv.remove_row(row)
+    return out
+
+
+def test_lean_logits_equal_transformers_forward_on_a_mixed_batch(make_engine):
+    engine = make_engine()
+    assert isinstance(engine.lean, LeanDecoder)
+    keys = [engine.tasks.resolve(t) for t in (ROUTED[0], ROUTED[3], DENSE)]
+    s1, s2, s3 = (engine.cache.acquire(k, lambda k=k: engine.tasks.load(k)) for k in keys)
+    slots = [s1, s2, 0, s3, s1]  # rows of different tasks, one bare row, prompts of 2..7 tokens
+    lean = step_logits(engine, slots)
+    engine.lean = None
+    reference = step_logits(engine, slots)
+    for got, want in zip(lean, reference, strict=True):
+        assert torch.allclose(got, want, atol=1e-5 * want.abs().max().item(), rtol=0)
+
+
+def test_lean_and_transformers_forward_generate_the_same_tokens(make_engine, tiny_tokenizer):
+    requests = mixed_requests(tiny_tokenizer)
+    lean = make_engine().generate(requests)
+    engine = make_engine()
+    engine.lean = None
+    reference = engine.generate([Request(r.prompt, r.task, GREEDY) for r in requests])
+    assert [r.tokens for r in lean] == [r.tokens for r in reference]
+
+
+def test_lean_forward_is_chosen_only_for_exact_llama_architectures(tiny_llama):
+    assert isinstance(lean_decoder_for(tiny_llama, 96), LeanDecoder)
+
+    class Custom(LlamaForCausalLM):  # a subclass may change the forward: not trusted
+        pass
+
+    assert lean_decoder_for(Custom(tiny_llama.config), 96) is None
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+    assert lean_decoder_for(gpt2, 32) is None
+    mistral = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                   num_key_value_heads=1, vocab_size=64)
+    assert isinstance(lean_decoder_for(MistralForCausalLM(MistralConfig(**mistral, sliding_window=None)), 96),
+                      LeanDecoder)
+    windowed = MistralForCausalLM(MistralConfig(**mistral, sliding_window=16))
+    assert lean_decoder_for(windowed, 96) is None  # a window shorter than the sequences: not the same attention
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 2])
+def test_lean_forward_handles_grouped_query_attention(n_kv_heads):
+    """A bare Mistral (GQA when n_kv_heads < heads) through the lean path equals its own forward."""
+    from server.kv_cache import RowKVCache
+    from server.model import wrap_model
+
+    torch.manual_seed(0)
+    config = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=n_kv_heads, head_dim=32, vocab_size=64, sliding_window=None)
+    model = MistralForCausalLM(config).eval()
+    ids = torch.randint(3, 64, (2, 6))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    context, _ = wrap_model(model, ["model.layers.0.self_attn.q_proj"], n_slots=2, max_rank=2)
+    context.plan = SlotPlan.of([0, 0], "cpu", 2)
+    kv = RowKVCache(2, 2, n_kv_heads, 16, 32, "cpu", torch.float32)
+    mask, positions = kv.begin_prefill(kv.add_rows(2), [6, 6])
+    with torch.no_grad():
+        got = lean_decoder_for(model, 16)(ids, positions, mask, kv, torch.arange(6))
+    assert torch.allclose(got, want, atol=1e-5)

@@ -41,7 +41,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, admin_key: str | N
     without one). `deployer` (a `server.deploy.Deployer`) handles admin changes to the bundle."""
     metrics = ServerMetrics(engine.stats)
     serving = Serving(engine, metrics)
-    state = {"ready": False}
+    state = {"ready": False, "stopping": False}  # stopping: set by `begin_shutdown`, never cleared
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -56,7 +56,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, admin_key: str | N
                 await loop_task
 
     app = FastAPI(title="mhr-serve", lifespan=lifespan)
-    app.state.serving, app.state.metrics = serving, metrics
+    app.state.serving, app.state.metrics, app.state.lifecycle = serving, metrics, state
     _install_error_handlers(app, metrics)
     inference = Depends(_bearer_guard(api_key, "API key"))
 
@@ -66,8 +66,9 @@ def create_app(engine: Engine, *, api_key: str | None = None, admin_key: str | N
 
     @app.get("/ready")
     async def ready() -> Response:
-        if not state["ready"]:
-            raise APIError(503, "not ready: the engine is starting or shutting down", type="server_error")
+        if not state["ready"] or state["stopping"]:
+            raise APIError(503, "not ready: the engine is starting or shutting down", type="server_error",
+                           code="not_ready")
         return JSONResponse({"status": "ready", "tasks": len(engine.tasks.task_names)})
 
     @app.get("/metrics")
@@ -114,6 +115,12 @@ def create_app(engine: Engine, *, api_key: str | None = None, admin_key: str | N
     if deployer is not None:
         app.include_router(deployer.router(Depends(_bearer_guard(admin_key, "admin key", required=True))))
     return app
+
+
+def begin_shutdown(app: FastAPI) -> None:
+    """Answer /ready with 503 from now on, so load balancers stop routing here while requests drain.
+    Called by the process entry the moment a stop signal arrives (see `server.main`)."""
+    app.state.lifecycle["stopping"] = True
 
 
 def _json(model, adapter: str) -> JSONResponse:

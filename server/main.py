@@ -34,6 +34,7 @@ def serve(
     api_key: Annotated[str | None, Opt(help="require 'Authorization: Bearer KEY' on /v1 [env MHR_API_KEY]")] = None,
     admin_key: Annotated[str | None, Opt(help="enable /admin routes, guarded by this key [env MHR_ADMIN_KEY]")] = None,
     drain_seconds: Annotated[float | None, Opt(help="on SIGTERM, seconds to drain [default: 30]")] = None,
+    engine: Annotated[str | None, Opt(help="torch | vllm (needs the vllm extra) [default: torch]")] = None,
 ) -> None:
     """Serve a bundle's tasks over HTTP (OpenAI-compatible and per-task routes, metrics, hot deploys)."""
     from server.config import ServerConfig, ServerConfigError
@@ -41,7 +42,7 @@ def serve(
     options = {"bundle": bundle, "model": model, "device": device, "dtype": dtype, "n_slots": slots,
                "max_rank": max_rank, "max_running": max_running, "max_seq_len": max_seq_len,
                "max_waiting": max_waiting, "allow_zero_shot": zero_shot, "host": host, "port": port,
-               "api_key": api_key, "admin_key": admin_key, "drain_seconds": drain_seconds}
+               "api_key": api_key, "admin_key": admin_key, "drain_seconds": drain_seconds, "engine": engine}
     try:
         settings = ServerConfig.load(config, **{k: v for k, v in options.items() if v is not None})
     except ServerConfigError as e:
@@ -50,24 +51,66 @@ def serve(
 
 
 def run(settings) -> None:
-    """Load the model and bundle `settings` name, then serve until SIGINT/SIGTERM (draining first)."""
+    """Load the model and bundle `settings` name, then serve until SIGINT/SIGTERM (draining first).
+
+    On SIGTERM: /ready answers 503 at once, the listening socket closes, running requests get up to
+    `drain_seconds` to finish, then the process exits with status 0.
+    """
+    import signal
+
     import uvicorn
 
     import mhr
     from server.api import create_app
     from server.deploy import Deployer
-    from server.engine import Engine
 
+    engine_class = choose_engine(settings.engine)
     try:
-        engine = Engine.from_config(settings)
+        engine = engine_class.from_config(settings)
     except (mhr.BundleError, mhr.ConfigError, OSError, ValueError) as e:
         _fail(str(e))
     app = create_app(engine, api_key=settings.api_key, admin_key=settings.admin_key,
                      deployer=Deployer(engine, settings.bundle))
     typer.echo(f"serving {len(engine.tasks.task_names)} tasks of {settings.bundle} on "
                f"http://{settings.host}:{settings.port}", err=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info",
-                timeout_graceful_shutdown=int(settings.drain_seconds))
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                            timeout_graceful_shutdown=settings.drain_seconds)
+    # uvicorn re-raises the stop signal once it has drained; with the default SIGTERM action that would
+    # kill the process (status -15) after a clean shutdown, so SIGTERM's own action is made a no-op.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        draining_server(config).run()
+    finally:
+        engine.close()  # the vLLM engine stops vLLM's process and deletes its adapter directories
+
+
+def draining_server(config):
+    """A uvicorn server for `config` that marks the app unready (`server.api.begin_shutdown`) the moment
+    it is told to stop, before it closes its socket and drains."""
+    import uvicorn
+
+    from server.api import begin_shutdown
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            begin_shutdown(self.config.app)
+            super().handle_exit(sig, frame)
+
+    return DrainingServer(config)
+
+
+def choose_engine(name: str) -> type:
+    """The engine class for `settings.engine`; vLLM is imported only when it is chosen."""
+    if name == "vllm":
+        try:
+            from server.vllm_engine import VLLMEngine
+        except ImportError as e:
+            _fail(f"--engine vllm needs vLLM, which is not importable here ({e}): "
+                  "pip install 'mhr-serve[vllm]' (see docs/engines.md)")
+        return VLLMEngine
+    from server.engine import Engine
+
+    return Engine
 
 
 def _fail(message: str) -> None:

@@ -163,7 +163,6 @@ class Serving:
                 handles.append(self.engine.submit(request))
         except QueueFull as e:
             self._cancel(handles)
-            self.metrics.rejected("queue_full")
             raise APIError(429, f"the server is at capacity ({e}); retry shortly", type="rate_limit_error",
                            code="queue_full", headers={"Retry-After": "1"}) from None
         except UnknownTask as e:
@@ -255,7 +254,7 @@ class Serving:
         prepared = self.completion_inputs(request)
         results = await self.results(prepared, disconnected)
         return CompletionResponse(
-            model=request.model, mhr=AdapterInfo(adapter=prepared.adapter), usage=_usage(results),
+            model=request.model, mhr=AdapterInfo(adapter=_served_by(results, prepared)), usage=_usage(results),
             choices=[CompletionChoice(index=i, text=r.text, finish_reason=FINISH_REASONS.get(r.finish_reason))
                      for i, r in enumerate(results)])
 
@@ -281,7 +280,7 @@ class Serving:
         prepared = self.chat_inputs(request)
         (result,) = await self.results(prepared, disconnected)
         return ChatCompletionResponse(
-            model=request.model, mhr=AdapterInfo(adapter=prepared.adapter), usage=_usage([result]),
+            model=request.model, mhr=AdapterInfo(adapter=_served_by([result], prepared)), usage=_usage([result]),
             choices=[ChatChoice(index=0, message=ChatResponseMessage(content=result.text),
                                 finish_reason=FINISH_REASONS.get(result.finish_reason))])
 
@@ -316,7 +315,7 @@ class Serving:
     async def generate(self, task: str, request: GenerateRequest, disconnected: Disconnected) -> GenerateResponse:
         prepared = self.generate_inputs(task, request)
         results = await self.results(prepared, disconnected)
-        return GenerateResponse(task=task, adapter=prepared.adapter, outputs=[
+        return GenerateResponse(task=task, adapter=_served_by(results, prepared), outputs=[
             GeneratedText(text=r.text, finish_reason=FINISH_REASONS.get(r.finish_reason, r.finish_reason),
                           prompt_tokens=r.prompt_tokens, completion_tokens=len(r.tokens)) for r in results])
 
@@ -324,6 +323,13 @@ class Serving:
 def _unavailable(result: Result) -> APIError:
     return APIError(503, f"the request could not be served: {result.error}", type="server_error",
                     code="task_unavailable")
+
+
+def _served_by(results: list[Result], prepared: Prepared) -> str:
+    """The adapter that served `results`: the one resolved on acceptance unless the task changed while they
+    waited (e.g. it was removed and the zero-shot adapter served them)."""
+    served = {r.adapter for r in results if r.adapter}
+    return served.pop() if len(served) == 1 else prepared.adapter
 
 
 def _usage(results: list[Result]) -> Usage:

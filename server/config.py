@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,6 +42,15 @@ class ServerConfig(BaseSettings):
         api_key: when set, inference routes need "Authorization: Bearer <api_key>".
         admin_key: when set, enables the admin routes, guarded by this key (off without one).
         drain_seconds: on SIGTERM, how long running requests may take to finish.
+        engine: "torch" (the embedded engine, `server.engine`) or "vllm" (`server.vllm_engine`; needs the
+            `vllm` extra). The vLLM engine reads model, dtype, max_rank (rounded up to a rank vLLM
+            accepts), max_running, max_seq_len, max_waiting, allow_zero_shot and the vllm_* settings;
+            device and n_slots are the torch engine's.
+        vllm_max_loras: adapters vLLM batches together (its max_loras).
+        vllm_max_cpu_loras: adapters kept registered in vLLM and on disk; idle ones beyond it are unloaded
+            (least recently used first) and their directories deleted.
+        vllm_gpu_memory_utilization: share of device memory vLLM may take (on CPU: of host memory, model
+            and KV cache included).
     """
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
@@ -62,6 +71,10 @@ class ServerConfig(BaseSettings):
     api_key: str | None = Field(None, min_length=8)
     admin_key: str | None = Field(None, min_length=8)
     drain_seconds: float = Field(30.0, ge=0, allow_inf_nan=False)
+    engine: Literal["torch", "vllm"] = "torch"
+    vllm_max_loras: int = Field(8, ge=1)
+    vllm_max_cpu_loras: int = Field(32, ge=1)
+    vllm_gpu_memory_utilization: float = Field(0.2, gt=0, le=1)
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -79,6 +92,13 @@ class ServerConfig(BaseSettings):
         except (RuntimeError, TypeError):
             raise ValueError(f"{device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
         return device
+
+    @model_validator(mode="after")
+    def _vllm_loras(self) -> ServerConfig:
+        if self.vllm_max_cpu_loras < self.vllm_max_loras:
+            raise ValueError(f"vllm_max_cpu_loras ({self.vllm_max_cpu_loras}) must be >= vllm_max_loras "
+                             f"({self.vllm_max_loras})")
+        return self
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -1,0 +1,25 @@
+"""`mhr serve --engine ...`: the engine class is picked in one place, and vLLM is imported only when chosen."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+
+from server.engine import Engine
+from server.main import choose_engine
+
+
+def test_the_torch_engine_is_the_default_choice():
+    assert choose_engine("torch") is Engine
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_engine_vllm_without_vllm_fails_with_one_clear_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "server", "--engine", "vllm", "--bundle", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert lines == [lines[-1]] and "--engine vllm needs vLLM" in lines[-1] and "mhr-serve[vllm]" in lines[-1]

@@ -1,4 +1,4 @@
-# Fresh machine: `make test` or `make demo` creates .venv, installs, then runs.
+# Fresh machine: `make demo` or `make test` creates .venv, installs, then runs.
 PYTHON ?= python3
 VENV ?= .venv
 PYTEST_ARGS ?=
@@ -10,7 +10,7 @@ PIP := $(VENV)/bin/python -m pip
 # keeps the CPU build found here (or a CUDA build installed beforehand) instead of fetching one.
 STAMP := $(VENV)/install.stamp
 
-.PHONY: venv test test-vllm demo lint
+.PHONY: venv test test-vllm demo results lint
 
 venv: $(STAMP)
 
@@ -38,8 +38,19 @@ test-vllm: $(VLLM_STAMP)
 test: venv
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
+# The embedded demo: built on first use (a few minutes on 2 CPU cores, no download), then cached in
+# $(DEMO_DIR) until its recipe changes; serves a fresh copy of the bundle on 127.0.0.1:8000.
+DEMO_DIR ?= .cache/mhr-demo
+DEMO_ADMIN_KEY ?= demo-admin-key
+
 demo: venv
-	$(VENV)/bin/python examples/quickstart.py
+	$(VENV)/bin/mhr demo --cache-dir $(DEMO_DIR)
+	@echo "admin key for /admin routes: $(DEMO_ADMIN_KEY)"
+	$(VENV)/bin/mhr serve --bundle $(DEMO_DIR)/serving --model $(DEMO_DIR)/backbone --admin-key $(DEMO_ADMIN_KEY)
+
+# The paper's comparison on the suite with the demo backbone (about an hour on 2 cores): docs/results.md
+results: venv
+	$(VENV)/bin/python -m training.experiments.compare --out docs
 
 lint: venv
 	$(VENV)/bin/ruff check .

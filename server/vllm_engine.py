@@ -38,7 +38,7 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 
 from mhr.adapter import LoRA
 from mhr.bundle import Bundle
-from server.batch import InvalidRequest, Request, Sequence
+from server.batch import InvalidRequest, Request, Sequence, check_request
 from server.config import ServerConfig
 from server.outputs import EngineStats, RequestHandle, Result, TokenEvent
 from server.scheduler import QueueFull
@@ -120,7 +120,7 @@ class VLLMEngine:
 
     def submit(self, request: Request, on_event: Callable[[TokenEvent], None] | None = None) -> RequestHandle:
         """Queue a request; returns its handle. Raises QueueFull, UnknownTask or InvalidRequest at once."""
-        self._check(request)
+        check_request(request, self.config.max_seq_len, self._handles)
         with self._lock:
             self.tasks.resolve(request.task, request.mixture)   # fail fast; resolved again when it starts
             if len(self._handles) >= self.config.max_running + self.config.max_waiting:
@@ -327,16 +327,6 @@ class VLLMEngine:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     # ----- bookkeeping ------------------------------------------------------------------------------
-
-    def _check(self, request: Request) -> None:
-        n, limit = request.prompt_len, self.config.max_seq_len
-        if n == 0:
-            raise InvalidRequest("the prompt is empty")
-        if n + request.params.max_new_tokens > limit:
-            raise InvalidRequest(f"prompt ({n} tokens) + max_new_tokens ({request.params.max_new_tokens}) "
-                                 f"exceeds max_seq_len {limit}")
-        if request.request_id in self._handles:
-            raise InvalidRequest(f"request id {request.request_id!r} is already in use")
 
     def _finish(self, result: Result, last: TokenEvent | None = None) -> None:
         """Hand out the result once (later calls for the same request do nothing)."""

@@ -30,10 +30,9 @@ def random_lora(bundle: mhr.Bundle, rank: int, seed: int, alpha: float = 4.0) ->
     return mhr.LoRA(A, B, alpha)
 
 
-@pytest.fixture(scope="session")
-def bundle_path(tiny_llama_path, tmp_path_factory):
-    """Six routed tasks and one dense task (rank 6, larger than the inventory's 4), saved to disk."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_path, dtype=torch.float32)
+def save_served_bundle(model_path, path):
+    """Six routed tasks and one dense task (rank 6, larger than the inventory's 4), saved at `path`."""
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     config = mhr.MHRConfig(n_skills=4, n_heads=2, rank=4, alpha=8.0, target_modules=TARGETS)
     layers = mhr.inject(model, config, n_tasks=len(ROUTED))
     g = torch.Generator().manual_seed(0)
@@ -42,11 +41,15 @@ def bundle_path(tiny_llama_path, tmp_path_factory):
             layer.lora_A.normal_(std=0.3, generator=g)
             layer.lora_B.normal_(std=0.3, generator=g)
             layer.router.logits.normal_(std=3.0, generator=g)
-    bundle = mhr.Bundle.from_model(model, config, backbone=str(tiny_llama_path), tasks=ROUTED)
+    bundle = mhr.Bundle.from_model(model, config, backbone=str(model_path), tasks=ROUTED)
     bundle.add_dense_task(DENSE, random_lora(bundle, rank=6, seed=1))
-    path = tmp_path_factory.mktemp("bundles") / "served"
     bundle.save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def bundle_path(tiny_llama_path, tmp_path_factory):
+    return save_served_bundle(tiny_llama_path, tmp_path_factory.mktemp("bundles") / "served")
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 import mhr
 from server.config import ServerConfig
 from server.engine import Engine
-from tests.server.conftest import DENSE, ROUTED, TARGETS, random_lora
+from tests.server.conftest import save_served_bundle
 
 # Fewer adapter slots than the tasks the tests use, so every test also exercises vLLM's slot scheduling
 # and the engine's directory eviction.
@@ -22,20 +22,7 @@ KV_CACHE_BYTES = 64 << 20  # the tiny model needs little; the default share of h
 @pytest.fixture(scope="session")
 def vllm_bundle_path(tiny_llama_path, tmp_path_factory):
     """The server tests' bundle: six routed tasks and a dense task of rank 6 over half the modules."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_path, dtype=torch.float32)
-    config = mhr.MHRConfig(n_skills=4, n_heads=2, rank=4, alpha=8.0, target_modules=TARGETS)
-    layers = mhr.inject(model, config, n_tasks=len(ROUTED))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in layers.values():
-            layer.lora_A.normal_(std=0.3, generator=g)
-            layer.lora_B.normal_(std=0.3, generator=g)
-            layer.router.logits.normal_(std=3.0, generator=g)
-    bundle = mhr.Bundle.from_model(model, config, backbone=str(tiny_llama_path), tasks=ROUTED)
-    bundle.add_dense_task(DENSE, random_lora(bundle, rank=6, seed=1))
-    path = tmp_path_factory.mktemp("bundles") / "served"
-    bundle.save(path)
-    return path
+    return save_served_bundle(tiny_llama_path, tmp_path_factory.mktemp("bundles") / "served")
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ Validation collects every problem before raising, naming each setting.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +13,8 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from mhr.files import FileFormatError, read_json_object
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ENV_PREFIX = "MHR_"
@@ -116,13 +117,9 @@ class ServerConfig(BaseSettings):
 
 def _read_settings_file(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ServerConfigError(f"{path}: settings file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ServerConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ServerConfigError(f"{path}: must hold a JSON object of settings")
+        data = read_json_object(path, "a settings file")
+    except FileFormatError as e:
+        raise ServerConfigError(str(e)) from None
     unknown = sorted(set(data) - set(ServerConfig.model_fields))
     if unknown:
         raise ServerConfigError(f"{path}: unknown setting(s) {unknown}; known: {sorted(ServerConfig.model_fields)}")

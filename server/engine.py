@@ -35,7 +35,7 @@ from server.inventory import ServingInventory
 from server.kv_cache import RowKVCache
 from server.lean import lean_decoder_for
 from server.lora_ops import SlotPlan
-from server.model import wrap_model
+from server.model import column_major_weights, wrap_model
 from server.outputs import EngineStats, RequestHandle, Result, TokenEvent
 from server.scheduler import Scheduler, Start
 from server.slots import AdapterCache
@@ -57,6 +57,8 @@ class Engine:
         self.model, self.config, self.tokenizer = model.eval(), config, tokenizer
         self.device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
+        if self.device.type == "cpu":
+            column_major_weights(model)
         self.context, self.slots = wrap_model(model, list(bundle.modules), config.n_slots,
                                               config.max_rank or _max_rank(bundle))
         inventory = ServingInventory(bundle, [g.names for g in self.slots.groups], self.device, dtype)

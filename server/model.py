@@ -96,6 +96,19 @@ class SlotWeights:
                 group.B[:, slot].zero_()
 
 
+def column_major_weights(model: nn.Module) -> None:
+    """Store every nn.Linear weight of `model` transposed in memory, its values and shape unchanged.
+
+    `F.linear` multiplies by `weight.T`; stored this way that operand is a plain contiguous matrix, which
+    CPU BLAS multiplies 1.5-5x faster at decode batch sizes (2-56 rows) than the default layout, and
+    about as fast for large batches (docs/engine.md). Tied weights are moved once (they are one tensor).
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and module.weight.is_contiguous() and module.weight.dim() == 2:
+                module.weight.data = module.weight.t().contiguous().t()
+
+
 def wrap_model(model: nn.Module, module_names: list[str], n_slots: int,
                max_rank: int) -> tuple[SlotContext, SlotWeights]:
     """Replace, in place, the named nn.Linear modules of `model` by BatchedLoRALinear layers.

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from server.lora_ops import SlotPlan
-from server.model import BatchedLoRALinear, wrap_model
+from server.model import BatchedLoRALinear, column_major_weights, wrap_model
 
 
 class ThreeLinears(nn.Module):
@@ -47,3 +47,26 @@ def test_slot_writes_are_checked():
         slots.layers["mid"](torch.zeros(1, 12))  # the engine sets a plan before every forward
     with pytest.raises(TypeError, match="not an nn.Linear"):
         wrap_model(ThreeLinears(), [""], n_slots=3, max_rank=2)
+
+
+def test_column_major_weights_keep_values_and_outputs(tiny_llama_path):
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_path, dtype=torch.float32).eval()
+    ids = torch.randint(3, 300, (16, 5))
+    with torch.no_grad():
+        want = model(ids).logits
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    column_major_weights(model)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(m.weight.t().is_contiguous() and not m.weight.is_contiguous() for m in linears)
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, want, atol=1e-5)
+
+    tied = LlamaForCausalLM(model.config.__class__(**{**model.config.to_dict(), "tie_word_embeddings": True}))
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    weight = tied.lm_head.weight.detach().clone()
+    column_major_weights(tied)  # one tensor for both modules: moved once, not transposed back
+    assert torch.equal(tied.model.embed_tokens.weight, weight) and tied.lm_head.weight.t().is_contiguous()

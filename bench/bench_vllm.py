@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import tempfile
 import time
@@ -156,6 +157,8 @@ def report(seconds: dict[str, float], ttft: dict[str, list[float]], tokens: int,
               f"{seconds['vLLM engine'] / s:.2f}x |")
     ratio = seconds["raw vLLM, prepared dirs"] / seconds["vLLM engine"]
     print(f"\nvLLM engine / raw vLLM (prepared dirs): {ratio:.2f}x tokens/s (target >= 0.95)")
+    torch_vs_vllm = seconds["raw vLLM, prepared dirs"] / seconds["torch engine"]
+    print(f"torch engine / raw vLLM multi-LoRA, side by side: {torch_vs_vllm:.2f}x tokens/s (target >= 1.2)")
     print("\n| cold task, 1-token request | ms |\n| --- | ---: |")
     print(f"| vLLM engine, task never used (materialize + PEFT dir + vLLM load + prefill) | {cold['cold']:.1f} |")
     print(f"| of which materialize + write the PEFT dir | {cold['write']:.1f} |")
@@ -171,6 +174,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cold", type=int, default=8, help="cold tasks measured")
     args = parser.parse_args()
+    # vLLM's engine core drops to 1 torch thread unless OMP_NUM_THREADS says otherwise: same threads for all
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     with tempfile.TemporaryDirectory() as tmp:
         w = build(Path(tmp), shape=args.shape)
         engine = vllm_engine_for(w, args.cold)

@@ -101,7 +101,7 @@ class Deployer:
                 return True
 
             revision = await asyncio.to_thread(self._persist, change)
-            self.engine.put_task(task, logits=upload.logits, lora=upload.lora)
+            await asyncio.to_thread(self.engine.put_task, task, logits=upload.logits, lora=upload.lora)
         return {"task": task, "kind": "routed" if upload.logits is not None else "dense",
                 "replaced": exists, "revision": revision}
 
@@ -119,7 +119,7 @@ class Deployer:
                 return True
 
             revision = await asyncio.to_thread(self._persist, change)
-            self.engine.remove_task(task)
+            await asyncio.to_thread(self.engine.remove_task, task)
         return {"task": task, "deleted": True, "revision": revision}
 
     async def reload(self) -> dict:
@@ -127,7 +127,7 @@ class Deployer:
         async with self._lock:
             try:
                 bundle = await asyncio.to_thread(mhr.Bundle.load, self.bundle_dir)
-                self.engine.replace_bundle(bundle)
+                await asyncio.to_thread(self.engine.replace_bundle, bundle)
             except (mhr.BundleError, mhr.ConfigError, ValueError) as e:
                 raise APIError(400, f"reload refused, the current bundle keeps serving: {e}",
                                code="invalid_bundle") from None

@@ -84,7 +84,7 @@ def lora_gather(x: Tensor, A: Tensor, B: Tensor, rows: Tensor) -> Tensor:
 def lora_all_slots(x: Tensor, A: Tensor, B: Tensor, row_mask: Tensor, base_out: Tensor | None = None,
                    first: int = 0) -> Tensor:
     """The adapter output through slots first..first+m-1 at once, keeping each row's own slot only
-    (+ base_out if given).
+    (added into base_out in place, if given).
 
     x [N, L, d_in], A [d_in, S, r], B [S, r, d_out], row_mask [N, 1, m, 1] -> [N, L, d_out].
     Other slots' columns are multiplied by exact zeros, so they add exact zeros.
@@ -94,22 +94,26 @@ def lora_all_slots(x: Tensor, A: Tensor, B: Tensor, row_mask: Tensor, base_out: 
     low = (x @ A.flatten(1)).unflatten(-1, (S, r)).mul_(row_mask)                   # [N, L, S, r]
     low = low.reshape(-1, S * r)                                                    # [N*L, S*r]
     B_all = B.reshape(S * r, -1)                                                    # [S*r, d_out]
-    out = low @ B_all if base_out is None else torch.addmm(base_out.reshape(low.shape[0], -1), low, B_all)
-    return out.reshape(*x.shape[:-1], B.shape[-1])
+    if base_out is None:
+        return (low @ B_all).reshape(*x.shape[:-1], B.shape[-1])
+    base_out.view(low.shape[0], -1).addmm_(low, B_all)
+    return base_out
 
 
 def add_lora(base_out: Tensor, x: Tensor, A: Tensor, B: Tensor, plan: SlotPlan) -> Tensor:
     """base_out + each row's adapter output, by the cheapest path the plan allows.
 
-    base_out [N, ..., d_out] is the frozen layer's output for x [N, ..., d_in]. The additions are fused
-    into the last matmul (addmm / baddbmm): one op less per layer and step.
+    base_out [N, ..., d_out] is the frozen layer's (contiguous, freshly computed) output for x [N, ..., d_in];
+    the adapter output is added into it in place, fused into the last matmul (addmm_): no extra op and no
+    copy of the output per layer and step.
     """
     if plan.uniform == 0:
         return base_out
     if plan.uniform is not None:
         s = plan.uniform
         x2 = x.reshape(-1, x.shape[-1])                                             # [N*L, d_in]
-        return torch.addmm(base_out.reshape(x2.shape[0], -1), x2 @ A[:, s], B[s]).reshape(base_out.shape)
+        base_out.view(x2.shape[0], -1).addmm_(x2 @ A[:, s], B[s])
+        return base_out
     if plan.row_mask is not None and x.dim() == 3 and x.shape[1] == 1:              # decode: one token per row
         return lora_all_slots(x, A, B, plan.row_mask, base_out, plan.first)
-    return base_out + lora_gather(x, A, B, plan.rows)
+    return base_out.add_(lora_gather(x, A, B, plan.rows))

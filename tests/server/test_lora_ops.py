@@ -53,7 +53,7 @@ def test_slot_zero_rows_get_exactly_the_base_output():
     A, B = slot_tensors()
     x, base = inputs(6, 1, D_IN, seed=4), inputs(6, 1, D_OUT, seed=5)
     for n_slots in (S, 100):  # all-slots path, gather path
-        got = add_lora(base, x, A, B, SlotPlan.of([0, 3, 0, 1, 0, 2], "cpu", n_slots))
+        got = add_lora(base.clone(), x, A, B, SlotPlan.of([0, 3, 0, 1, 0, 2], "cpu", n_slots))  # adds in place
         assert torch.equal(got[[0, 2, 4]], base[[0, 2, 4]])
         assert not torch.allclose(got[[1, 3, 5]], base[[1, 3, 5]])
     assert add_lora(base, x, A, B, SlotPlan.of([0] * 6, "cpu", S)) is base  # no adapter: no work at all

@@ -43,6 +43,7 @@ class ServerConfig(BaseSettings):
         api_key: when set, inference routes need "Authorization: Bearer <api_key>".
         admin_key: when set, enables the admin routes, guarded by this key (off without one).
         drain_seconds: on SIGTERM, how long running requests may take to finish.
+        max_upload_mb: largest admin upload (the request body, and what an uploaded archive unpacks to), MiB.
         engine: "torch" (the embedded engine, `server.engine`) or "vllm" (`server.vllm_engine`; needs the
             `vllm` extra). The vLLM engine reads model, dtype, max_rank (rounded up to a rank vLLM
             accepts), max_running, max_seq_len, max_waiting, allow_zero_shot and the vllm_* settings;
@@ -72,6 +73,7 @@ class ServerConfig(BaseSettings):
     api_key: str | None = Field(None, min_length=8)
     admin_key: str | None = Field(None, min_length=8)
     drain_seconds: float = Field(30.0, ge=0, allow_inf_nan=False)
+    max_upload_mb: float = Field(256.0, gt=0, allow_inf_nan=False)
     engine: Literal["torch", "vllm"] = "torch"
     vllm_max_loras: int = Field(8, ge=1)
     vllm_max_cpu_loras: int = Field(32, ge=1)
@@ -104,6 +106,10 @@ class ServerConfig(BaseSettings):
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)
 
     @classmethod
     def load(cls, config_file: str | Path | None = None, **overrides: Any) -> ServerConfig:

@@ -34,6 +34,8 @@ def serve(
     api_key: Annotated[str | None, Opt(help="require 'Authorization: Bearer KEY' on /v1 [env MHR_API_KEY]")] = None,
     admin_key: Annotated[str | None, Opt(help="enable /admin routes, guarded by this key [env MHR_ADMIN_KEY]")] = None,
     drain_seconds: Annotated[float | None, Opt(help="on SIGTERM, seconds to drain [default: 30]")] = None,
+    max_upload_mb: Annotated[float | None, Opt(help="largest admin upload, MiB (body and unpacked archive) "
+                                                    "[default: 256]")] = None,
     engine: Annotated[str | None, Opt(help="torch | vllm (needs the vllm extra) [default: torch]")] = None,
 ) -> None:
     """Serve a bundle's tasks over HTTP (OpenAI-compatible and per-task routes, metrics, hot deploys)."""
@@ -42,7 +44,8 @@ def serve(
     options = {"bundle": bundle, "model": model, "device": device, "dtype": dtype, "n_slots": slots,
                "max_rank": max_rank, "max_running": max_running, "max_seq_len": max_seq_len,
                "max_waiting": max_waiting, "allow_zero_shot": zero_shot, "host": host, "port": port,
-               "api_key": api_key, "admin_key": admin_key, "drain_seconds": drain_seconds, "engine": engine}
+               "api_key": api_key, "admin_key": admin_key, "drain_seconds": drain_seconds,
+               "max_upload_mb": max_upload_mb, "engine": engine}
     try:
         settings = ServerConfig.load(config, **{k: v for k, v in options.items() if v is not None})
     except ServerConfigError as e:
@@ -61,16 +64,13 @@ def run(settings) -> None:
     import uvicorn
 
     import mhr
-    from server.api import create_app
-    from server.deploy import Deployer
 
     engine_class = choose_engine(settings.engine)
     try:
         engine = engine_class.from_config(settings)
     except (mhr.BundleError, mhr.ConfigError, OSError, ValueError) as e:
         _fail(str(e))
-    app = create_app(engine, api_key=settings.api_key, admin_key=settings.admin_key,
-                     deployer=Deployer(engine, settings.bundle))
+    app = app_for(settings, engine)
     typer.echo(f"serving {len(engine.tasks.task_names)} tasks of {settings.bundle} on "
                f"http://{settings.host}:{settings.port}", err=True)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
@@ -82,6 +82,16 @@ def run(settings) -> None:
         draining_server(config).run()
     finally:
         engine.close()  # the vLLM engine stops vLLM's process and deletes its adapter directories
+
+
+def app_for(settings, engine):
+    """The HTTP app serving `engine` under `settings`: its keys, and admin routes on its bundle directory
+    with its upload limit."""
+    from server.api import create_app
+    from server.deploy import Deployer
+
+    return create_app(engine, api_key=settings.api_key, admin_key=settings.admin_key,
+                      deployer=Deployer(engine, settings.bundle, settings.max_upload_bytes))
 
 
 def draining_server(config):

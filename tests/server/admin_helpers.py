@@ -14,11 +14,10 @@ from transformers import AutoModelForCausalLM
 
 import mhr
 from mhr.files import safetensors_bytes
-from server.api import create_app
 from server.batch import Request, SamplingParams
 from server.config import ServerConfig
-from server.deploy import Deployer
 from server.engine import Engine
+from server.main import app_for
 
 ADMIN_KEY = "admin-key-0123456789"
 API_KEY = "inference-key-0123"
@@ -42,10 +41,10 @@ def engine_on(model_path, tokenizer, bundle: mhr.Bundle | Path, **overrides) -> 
     return Engine(model, bundle, ServerConfig(**settings), tokenizer)
 
 
-def admin_app(engine: Engine, bundle_dir: Path, max_upload_bytes: int = 64 << 20, **keys):
-    """The app with admin routes on `bundle_dir` (admin key ADMIN_KEY unless `keys` say otherwise)."""
-    keys = {"admin_key": ADMIN_KEY} | keys
-    return create_app(engine, deployer=Deployer(engine, bundle_dir, max_upload_bytes), **keys)
+def admin_app(engine: Engine, bundle_dir: Path, **settings):
+    """The app `mhr serve` builds, with admin routes on `bundle_dir` (admin key ADMIN_KEY unless `settings`
+    say otherwise)."""
+    return app_for(ServerConfig(**({"bundle": str(bundle_dir), "admin_key": ADMIN_KEY} | settings)), engine)
 
 
 def generate(engine: Engine, tokenizer, task: str, prompt: str = PROMPT, max_tokens: int = MAX_TOKENS):

@@ -194,7 +194,7 @@ def test_a_peft_directory_archive(kind, server, engine, bundle_path, tmp_path, t
 
 # ----- refusals -------------------------------------------------------------------------------------
 
-UPLOAD_LIMIT = 64 << 10
+UPLOAD_LIMIT = 64 << 10  # bytes (max_upload_mb = 1/16)
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +203,7 @@ def refusing(bundle_path, tmp_path_factory, tiny_llama_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_path)
     directory = copy_bundle(bundle_path, tmp_path_factory.mktemp("refusals") / "bundle")
     engine = engine_on(tiny_llama_path, tokenizer, directory)
-    with serve_app(admin_app(engine, directory, max_upload_bytes=UPLOAD_LIMIT)) as url:
+    with serve_app(admin_app(engine, directory, max_upload_mb=UPLOAD_LIMIT / 2**20)) as url:
         yield url, directory, engine
 
 

@@ -16,3 +16,10 @@ def test_every_error_is_listed():
     message = str(e.value)
     for field in ("n_slots", "max_running", "dtype", "device", "max_rank"):
         assert field in message
+
+
+def test_upload_limit_from_the_environment_and_checked(monkeypatch):
+    monkeypatch.setenv("MHR_MAX_UPLOAD_MB", "0.5")
+    assert ServerConfig.load().max_upload_bytes == 512 * 1024
+    with pytest.raises(ServerConfigError, match="max_upload_mb"):
+        ServerConfig(max_upload_mb=0)

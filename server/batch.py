@@ -196,8 +196,8 @@ class Batch:
     The plan is rebuilt only when the batch changes, not at every decode step.
     """
 
-    def __init__(self, device: torch.device | str, n_slots: int, dtype: torch.dtype) -> None:
-        self.device, self.n_slots, self.dtype = device, n_slots, dtype
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = device
         self.seqs: list[Sequence] = []
         self._plan: SlotPlan | None = None
 
@@ -217,7 +217,7 @@ class Batch:
 
     def plan(self) -> SlotPlan:
         if self._plan is None:
-            self._plan = SlotPlan.of([s.slot for s in self.seqs], self.device, self.n_slots, self.dtype)
+            self._plan = SlotPlan.of([s.slot for s in self.seqs], self.device)
         return self._plan
 
     def last_tokens(self) -> Tensor:

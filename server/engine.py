@@ -56,7 +56,7 @@ class Engine:
         bundle.check_backbone(model)
         self.model, self.config, self.tokenizer = model.eval(), config, tokenizer
         self.device = next(model.parameters()).device
-        dtype = next(model.parameters()).dtype
+        self.dtype = dtype = next(model.parameters()).dtype
         if self.device.type == "cpu":
             column_major_weights(model)
         self.context, self.slots = wrap_model(model, list(bundle.modules), config.n_slots,
@@ -69,7 +69,7 @@ class Engine:
         # Llama-family models run our own decoder forward (same weights, same math); others transformers'.
         # Set to None to force the transformers forward (the benchmark compares both).
         self.lean = lean_decoder_for(model, config.max_seq_len)
-        self.batch = Batch(self.device, config.n_slots, dtype)
+        self.batch = Batch(self.device)
         self.eos_ids = _eos_ids(model, tokenizer)
         self._handles: dict[str, RequestHandle] = {}
         self._lock = threading.RLock()
@@ -187,7 +187,7 @@ class Engine:
                            device=self.device)                                      # [m, L]
         mask, positions = self.kv.begin_prefill(self.kv.add_rows(len(seqs)), lengths)
         keep = sorted(set(n - 1 for n in lengths))                                 # last prompt positions
-        plan = SlotPlan.of([s.slot for s in seqs], self.device, self.config.n_slots, self.batch.dtype)
+        plan = SlotPlan.of([s.slot for s in seqs], self.device)
         logits = self._forward(ids, mask, positions, plan, torch.tensor(keep, device=self.device))  # [m, |keep|, V]
         rows = torch.arange(len(seqs), device=self.device)
         cols = torch.tensor([keep.index(n - 1) for n in lengths], device=self.device)
@@ -278,7 +278,7 @@ class Engine:
                              "start a new engine for it")
         if _max_rank(bundle) > self.slots.max_rank:
             raise ValueError(f"the new bundle needs rank {_max_rank(bundle)}, the slots hold {self.slots.max_rank}")
-        inventory = ServingInventory(bundle, [g.names for g in self.slots.groups], self.device, self.batch.dtype)
+        inventory = ServingInventory(bundle, [g.names for g in self.slots.groups], self.device, self.dtype)
         with self._lock:
             for key in self.tasks.replace_bundle(bundle, inventory):
                 self.cache.invalidate(key)

@@ -1,19 +1,20 @@
 """Multi-adapter LoRA for one linear layer: each row of a batch adds the adapter held in its own slot.
 
 Slot tensors (preallocated by the layer, written by the adapter cache):
-    A  [d_in, S, r]     B  [S, r, d_out]     (the adapter's alpha / r already folded into B)
-A is slot-interleaved so that all slots together are one [d_in, S*r] matrix, as B is one [S*r, d_out].
-Slot 0 is "no adapter": all zeros, so a row pointing at it gets exactly the base output.
+    A  [S, d_in, r]     B  [S, r, d_out]     (the adapter's alpha / r already folded into B)
+Each slot's A and B are contiguous blocks. Slot 0 is "no adapter": all zeros, never written.
 
 `lora_reference` is the plain loop every fast path is tested against; `add_lora` is what layers call,
-with a `SlotPlan` built once per batch (not once per layer) that picks the cheapest path:
-    - no row has an adapter          -> nothing to add
-    - every row has the same slot    -> two plain matmuls with that slot's A, B
-    - decode rows, many of them      -> all slots at once: x @ A_all, zero the columns of other
-                                        slots, @ B_all (reads each slot once, gathers nothing)
-    - otherwise (prefill, few rows)  -> gather each row's A, B (index_select), two batched matmuls
-Grouping rows by slot (a Python loop of index_select / index_add per distinct slot) was measured
-slower than both on CPU at every batch size tried (docs/engine.md), so it is not kept.
+with a `SlotPlan` built once per batch (not once per layer) that picks the path:
+    - no row has an adapter        -> nothing to add
+    - every row has the same slot  -> two plain matmuls with that slot's A, B
+    - otherwise                    -> rows grouped by slot: the rows of every used slot (padded to the
+                                      largest group) go through two batched matmuls over the span of used
+                                      slots, so each slot's A and B are read once, in place, and no row is
+                                      multiplied by another row's adapter; each row then takes its result.
+Multiplying every row by every slot of the span and masking reads the same bytes but does `span` times
+the work per row; gathering each row's A and B (index_select + bmm) copies them first. Neither measured
+faster on CPU (docs/engine.md).
 """
 
 from __future__ import annotations
@@ -26,94 +27,86 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class SlotPlan:
-    """Which slot each row of the current forward reads, and the shortcut that covers it.
+    """Which slot each row of the current forward reads, and how the rows are grouped by slot.
 
     rows: slot index per row [N] (int64, on the model's device).
     uniform: the one slot every row uses, or None when rows differ. 0 means no adapter at all.
-    row_mask: [N, 1, m, 1] one-hot of each row's slot among slots first..first+m-1 (the span of the
-        slots the rows use; slot-0 rows are all zeros), in the model's dtype, set when the all-slots
-        path pays off.
-    first: the first slot of row_mask's span.
+    For mixed batches (uniform None), over the span of slots first..first+span-1 with `per_slot` places each:
+    members: [span * per_slot] the row each (slot, place) multiplies; unused places repeat a member.
+    adapted: [n] the rows that have an adapter (slot != 0), ascending.
+    places: [n] where each adapted row's result lies among the span * per_slot results.
     """
 
     rows: Tensor
     uniform: int | None
-    row_mask: Tensor | None = None
     first: int = 0
+    span: int = 0
+    per_slot: int = 0
+    members: Tensor | None = None
+    adapted: Tensor | None = None
+    places: Tensor | None = None
 
     @classmethod
-    def of(cls, slots: list[int], device: torch.device | str, n_slots: int,
-           dtype: torch.dtype = torch.float32) -> SlotPlan:
-        """A plan from per-row slot indices held in Python (no device sync needed to pick the path).
-
-        The all-slots path reads the span of slots the rows use whatever the batch, the gather path N
-        rows' worth of weights: measured on CPU, all-slots wins once the rows are about half the span.
-        Decode is bound by memory traffic on CPU, so reading only the span (not all `n_slots`) pays.
-        """
+    def of(cls, slots: list[int], device: torch.device | str) -> SlotPlan:
+        """A plan from per-row slot indices held in Python (no device sync needed to build it)."""
         rows = torch.tensor(slots, dtype=torch.long, device=device)
         if not slots or all(s == slots[0] for s in slots):
             return cls(rows, slots[0] if slots else 0)
-        used = [s for s in slots if s]
-        first, last = min(used), max(used)
-        if 2 * len(slots) < last - first + 1:
-            return cls(rows, None)
-        one_hot = (rows[:, None] == torch.arange(first, last + 1, device=device)).to(dtype)  # [N, m]
-        return cls(rows, None, one_hot[:, None, :, None], first)
+        by_slot: dict[int, list[int]] = {}
+        for row, slot in enumerate(slots):
+            if slot:
+                by_slot.setdefault(slot, []).append(row)
+        first, span = min(by_slot), max(by_slot) - min(by_slot) + 1
+        per_slot = max(map(len, by_slot.values()))
+        filler = next(iter(by_slot.values()))[0]
+        members, places = [filler] * (span * per_slot), {}
+        for slot, group in by_slot.items():
+            for place, row in enumerate(group):
+                members[(slot - first) * per_slot + place] = row
+                places[row] = (slot - first) * per_slot + place
+        adapted = sorted(places)
+
+        def tensor(values: list[int]) -> Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        return cls(rows, None, first, span, per_slot, tensor(members), tensor(adapted),
+                   tensor([places[r] for r in adapted]))
 
 
 def lora_reference(x: Tensor, A: Tensor, B: Tensor, rows: Tensor) -> Tensor:
     """The adapter output, one row at a time.
 
-    x [N, ..., d_in], A [d_in, S, r], B [S, r, d_out], rows [N] slot indices -> [N, ..., d_out].
+    x [N, ..., d_in], A [S, d_in, r], B [S, r, d_out], rows [N] slot indices -> [N, ..., d_out].
     """
-    out = [x[i] @ A[:, s] @ B[s] for i, s in enumerate(rows.tolist())]
+    out = [x[i] @ A[s] @ B[s] for i, s in enumerate(rows.tolist())]
     return torch.stack(out)
 
 
-def lora_gather(x: Tensor, A: Tensor, B: Tensor, rows: Tensor) -> Tensor:
-    """The adapter output with each row's weights gathered: two batched matmuls.
+def lora_by_slot(x: Tensor, A: Tensor, B: Tensor, plan: SlotPlan) -> Tensor:
+    """The adapter outputs of the plan's adapted rows [n, ..., d_out], grouped by slot (mixed batches).
 
-    x [N, ..., d_in], A [d_in, S, r], B [S, r, d_out], rows [N] -> [N, ..., d_out].
+    x [N, ..., d_in], A [S, d_in, r], B [S, r, d_out]. Row i of the result belongs to row plan.adapted[i].
     """
-    flat = x.reshape(x.shape[0], -1, x.shape[-1])                                   # [N, L, d_in]
-    low = torch.bmm(flat, A.index_select(1, rows).transpose(0, 1))                  # [N, L, r]
-    out = torch.bmm(low, B.index_select(0, rows))                                   # [N, L, d_out]
-    return out.reshape(*x.shape[:-1], B.shape[-1])
-
-
-def lora_all_slots(x: Tensor, A: Tensor, B: Tensor, row_mask: Tensor, base_out: Tensor | None = None,
-                   first: int = 0) -> Tensor:
-    """The adapter output through slots first..first+m-1 at once, keeping each row's own slot only
-    (added into base_out in place, if given).
-
-    x [N, L, d_in], A [d_in, S, r], B [S, r, d_out], row_mask [N, 1, m, 1] -> [N, L, d_out].
-    Other slots' columns are multiplied by exact zeros, so they add exact zeros.
-    """
-    S, r = row_mask.shape[2], A.shape[2]
-    A, B = A[:, first:first + S], B[first:first + S]                                # a view: rows strided
-    low = (x @ A.flatten(1)).unflatten(-1, (S, r)).mul_(row_mask)                   # [N, L, S, r]
-    low = low.reshape(-1, S * r)                                                    # [N*L, S*r]
-    B_all = B.reshape(S * r, -1)                                                    # [S*r, d_out]
-    if base_out is None:
-        return (low @ B_all).reshape(*x.shape[:-1], B.shape[-1])
-    base_out.view(low.shape[0], -1).addmm_(low, B_all)
-    return base_out
+    m, R = plan.span, plan.per_slot
+    grouped = x.index_select(0, plan.members)                                      # [m*R, ..., d_in]
+    tokens = grouped.shape[1:-1].numel()
+    low = torch.bmm(grouped.reshape(m, R * tokens, -1), A[plan.first:plan.first + m])       # [m, R*T, r]
+    out = torch.bmm(low, B[plan.first:plan.first + m])                             # [m, R*T, d_out]
+    return out.reshape(m * R, *x.shape[1:-1], -1).index_select(0, plan.places)
 
 
 def add_lora(base_out: Tensor, x: Tensor, A: Tensor, B: Tensor, plan: SlotPlan) -> Tensor:
     """base_out + each row's adapter output, by the cheapest path the plan allows.
 
     base_out [N, ..., d_out] is the frozen layer's (contiguous, freshly computed) output for x [N, ..., d_in];
-    the adapter output is added into it in place, fused into the last matmul (addmm_): no extra op and no
-    copy of the output per layer and step.
+    the adapter output is added into it in place (fused into the last matmul where rows share a slot).
+    Rows without an adapter are left exactly as they are.
     """
     if plan.uniform == 0:
         return base_out
     if plan.uniform is not None:
         s = plan.uniform
         x2 = x.reshape(-1, x.shape[-1])                                             # [N*L, d_in]
-        base_out.view(x2.shape[0], -1).addmm_(x2 @ A[:, s], B[s])
+        base_out.view(x2.shape[0], -1).addmm_(x2 @ A[s], B[s])
         return base_out
-    if plan.row_mask is not None and x.dim() == 3 and x.shape[1] == 1:              # decode: one token per row
-        return lora_all_slots(x, A, B, plan.row_mask, base_out, plan.first)
-    return base_out.add_(lora_gather(x, A, B, plan.rows))
+    return base_out.index_add_(0, plan.adapted, lora_by_slot(x, A, B, plan))

@@ -39,7 +39,7 @@ class BatchedLoRALinear(nn.Module):
     """y = base(x) + x @ A[slot(row)] @ B[slot(row)] for the frozen nn.Linear `base`.
 
     Buffers (views into the shape group's storage, in the base layer's dtype and device):
-    lora_A [d_in, S, r_max] (slot-interleaved, see `server.lora_ops`), lora_B [S, r_max, d_out].
+    lora_A [S, d_in, r_max], lora_B [S, r_max, d_out] (see `server.lora_ops`).
     Slot 0 is zero and never written (the "no adapter" slot).
     """
 
@@ -54,7 +54,7 @@ class BatchedLoRALinear(nn.Module):
         return add_lora(self.base(x), x, self.lora_A, self.lora_B, self.context.current())
 
     def extra_repr(self) -> str:
-        _, S, r = self.lora_A.shape
+        S, _, r = self.lora_A.shape
         return f"slots={S}, max_rank={r}"
 
 
@@ -63,7 +63,7 @@ class SlotGroup:
     """The slot storage of all adapted linears of one shape, in `names` order."""
 
     names: list[str]
-    A: Tensor  # [G, d_in, S, r_max]
+    A: Tensor  # [G, S, d_in, r_max]
     B: Tensor  # [G, S, r_max, d_out]
 
 
@@ -72,7 +72,7 @@ class SlotWeights:
 
     def __init__(self, groups: list[SlotGroup], layers: dict[str, BatchedLoRALinear]) -> None:
         self.groups, self.layers = groups, layers
-        _, _, self.n_slots, self.max_rank = groups[0].A.shape
+        _, self.n_slots, _, self.max_rank = groups[0].A.shape
 
     def write(self, slot: int, adapter: GroupedLoRA) -> None:
         """Put an adapter into `slot` of every layer; ranks below r_max are zero-padded (exact zeros)."""
@@ -84,15 +84,15 @@ class SlotWeights:
         with torch.no_grad():
             for group, (A, B) in zip(self.groups, adapter, strict=True):
                 if rank < self.max_rank:
-                    group.A[:, :, slot, rank:].zero_()
+                    group.A[:, slot, :, rank:].zero_()
                     group.B[:, slot, rank:].zero_()
-                group.A[:, :, slot, :rank].copy_(A)
+                group.A[:, slot, :, :rank].copy_(A)
                 group.B[:, slot, :rank].copy_(B)
 
     def clear(self, slot: int) -> None:
         with torch.no_grad():
             for group in self.groups:
-                group.A[:, :, slot].zero_()
+                group.A[:, slot].zero_()
                 group.B[:, slot].zero_()
 
 
@@ -127,7 +127,7 @@ def wrap_model(model: nn.Module, module_names: list[str], n_slots: int,
     context, groups, layers = SlotContext(), [], {}
     for (d_in, d_out, dtype, device), names in by_shape.items():
         kwargs = dict(dtype=dtype, device=device)
-        group = SlotGroup(names, torch.zeros(len(names), d_in, n_slots, max_rank, **kwargs),
+        group = SlotGroup(names, torch.zeros(len(names), n_slots, d_in, max_rank, **kwargs),
                           torch.zeros(len(names), n_slots, max_rank, d_out, **kwargs))
         for i, name in enumerate(names):
             layers[name] = BatchedLoRALinear(model.get_submodule(name), group.A[i], group.B[i], context)

@@ -19,11 +19,10 @@ def step_logits(engine, slots: list[int]) -> list[torch.Tensor]:
     width = max(lengths)
     ids = torch.tensor([p + [0] * (width - len(p)) for p in PROMPTS])
     mask, positions = kv.begin_prefill(kv.add_rows(len(PROMPTS)), lengths)
-    logits = engine._forward(ids, mask, positions, SlotPlan.of(slots, "cpu", engine.config.n_slots),
-                             torch.arange(width))                                   # [n, width, V]
+    plan = SlotPlan.of(slots, "cpu")
+    assert plan.uniform is None  # prefill and decode through the grouped path
+    logits = engine._forward(ids, mask, positions, plan, torch.arange(width))         # [n, width, V]
     out = [logits[i, :n] for i, n in enumerate(lengths)]
-    plan = SlotPlan.of(slots, "cpu", engine.config.n_slots)
-    assert plan.row_mask is not None  # decode goes through the all-slots path, prefill through gather
     next_ids = torch.stack([o[-1].argmax() for o in out])[:, None]                  # [n, 1]
     for _ in range(2):
         mask, positions = kv.begin_decode()
@@ -89,7 +88,7 @@ def test_lean_forward_handles_grouped_query_attention(n_kv_heads):
     with torch.no_grad():
         want = model(input_ids=ids).logits
     context, _ = wrap_model(model, ["model.layers.0.self_attn.q_proj"], n_slots=2, max_rank=2)
-    context.plan = SlotPlan.of([0, 0], "cpu", 2)
+    context.plan = SlotPlan.of([0, 0], "cpu")
     kv = RowKVCache(2, 2, n_kv_heads, 16, 32, "cpu", torch.float32)
     mask, positions = kv.begin_prefill(kv.add_rows(2), [6, 6])
     with torch.no_grad():

@@ -3,16 +3,16 @@
 import pytest
 import torch
 
-from server.lora_ops import SlotPlan, add_lora, lora_all_slots, lora_gather, lora_reference
+from server.lora_ops import SlotPlan, add_lora, lora_by_slot, lora_reference
 
 S, D_IN, R, D_OUT = 6, 24, 3, 20
 
 
 def slot_tensors(dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    A = torch.randn(D_IN, S, R, generator=g).to(dtype)
+    A = torch.randn(S, D_IN, R, generator=g).to(dtype)
     B = torch.randn(S, R, D_OUT, generator=g).to(dtype)
-    A[:, 0], B[0] = 0, 0  # slot 0 is the empty adapter
+    A[0], B[0] = 0, 0  # slot 0 is the empty adapter
     return A, B
 
 
@@ -28,42 +28,41 @@ def assert_close(got, want, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(7, 1), (3, 5)])  # decode rows [N, 1, d] and prefill rows [N, L, d]
-def test_fast_paths_match_reference(dtype, shape):
+def test_grouped_path_matches_reference(dtype, shape):
     A, B = slot_tensors(dtype)
     x = inputs(*shape, D_IN).to(dtype)
     slots = [1, 0, 4, 1, 2, 5, 0][: shape[0]]
-    plan = SlotPlan.of(slots, "cpu", S, dtype)
+    plan = SlotPlan.of(slots, "cpu")
     want = lora_reference(x.double(), A.double(), B.double(), plan.rows)
-    assert_close(lora_gather(x, A, B, plan.rows), want, dtype)
-    assert_close(lora_all_slots(x, A, B, plan.row_mask, first=plan.first), want, dtype)
+    assert_close(lora_by_slot(x, A, B, plan), want[plan.adapted], dtype)
 
 
-@pytest.mark.parametrize("slots", [[2, 0, 2, 4, 1], [1, 5], [3, 3, 3, 3, 3], [0, 0, 0, 0, 0]])
+@pytest.mark.parametrize("slots", [[2, 0, 2, 4, 1], [1, 5], [3, 3, 3, 3, 3], [0, 0, 0, 0, 0], [5, 5, 5, 1, 0]])
 @pytest.mark.parametrize("tokens", [1, 4])
 def test_add_lora_every_path_matches_reference(slots, tokens):
     A, B = slot_tensors()
     n = len(slots)
     x, base = inputs(n, tokens, D_IN, seed=2), inputs(n, tokens, D_OUT, seed=3)
-    plan = SlotPlan.of(slots, "cpu", S)
+    plan = SlotPlan.of(slots, "cpu")
     want = base.double() + lora_reference(x.double(), A.double(), B.double(), plan.rows)
     assert_close(add_lora(base, x, A, B, plan), want, torch.float32)
 
 
 def test_slot_zero_rows_get_exactly_the_base_output():
     A, B = slot_tensors()
-    x, base = inputs(6, 1, D_IN, seed=4), inputs(6, 1, D_OUT, seed=5)
-    for n_slots in (S, 100):  # all-slots path, gather path
-        got = add_lora(base.clone(), x, A, B, SlotPlan.of([0, 3, 0, 1, 0, 2], "cpu", n_slots))  # adds in place
+    for tokens in (1, 3):
+        x, base = inputs(6, tokens, D_IN, seed=4), inputs(6, tokens, D_OUT, seed=5)
+        got = add_lora(base.clone(), x, A, B, SlotPlan.of([0, 3, 0, 1, 0, 3], "cpu"))  # adds in place
         assert torch.equal(got[[0, 2, 4]], base[[0, 2, 4]])
         assert not torch.allclose(got[[1, 3, 5]], base[[1, 3, 5]])
-    assert add_lora(base, x, A, B, SlotPlan.of([0] * 6, "cpu", S)) is base  # no adapter: no work at all
+    assert add_lora(base, x, A, B, SlotPlan.of([0] * 6, "cpu")) is base  # no adapter: no work at all
 
 
-def test_plan_picks_the_path():
-    assert SlotPlan.of([2, 2, 2], "cpu", S).uniform == 2
-    mixed = SlotPlan.of([2, 0, 2], "cpu", S)
-    assert mixed.uniform is None and mixed.row_mask.shape == (3, 1, 1, 1) and mixed.first == 2  # span: slot 2
-    spread = SlotPlan.of([4, 1, 3], "cpu", S)
-    assert spread.first == 1 and spread.row_mask[:, 0, :, 0].tolist() == [[0, 0, 0, 1], [1, 0, 0, 0], [0, 0, 1, 0]]
-    few_rows = SlotPlan.of([2, 9], "cpu", 16)  # 2 rows, a span of 8 slots: gathering reads less
-    assert few_rows.row_mask is None and few_rows.rows.tolist() == [2, 9]
+def test_plan_groups_rows_by_slot():
+    assert SlotPlan.of([2, 2, 2], "cpu").uniform == 2
+    plan = SlotPlan.of([4, 0, 2, 4, 4], "cpu")  # slots 2..4, up to 3 rows a slot
+    assert plan.uniform is None and (plan.first, plan.span, plan.per_slot) == (2, 3, 3)
+    assert plan.adapted.tolist() == [0, 2, 3, 4]                  # row 1 has no adapter: never touched
+    members = plan.members.view(3, 3)
+    assert members[0, 0] == 2 and members[2].tolist() == [0, 3, 4]  # slot 2: row 2; slot 4: rows 0, 3, 4
+    assert [members.flatten()[p].item() for p in plan.places.tolist()] == plan.adapted.tolist()

@@ -27,7 +27,7 @@ def test_written_slot_equals_base_plus_lora():
     A, B = torch.randn(8, 3), torch.randn(3, 12)  # rank 3 < 5; "mid" and "down" get zeros
     slots.write(2, [(A[None], B[None]), (torch.zeros(1, 12, 3), torch.zeros(1, 3, 12)),
                     (torch.zeros(1, 12, 3), torch.zeros(1, 3, 8))])
-    context.plan = SlotPlan.of([0, 2, 2], "cpu", 4)
+    context.plan = SlotPlan.of([0, 2, 2], "cpu")
     got = model(x)
     want_adapted = model.down.base(model.mid.base(model.up.base(x[1:]) + x[1:] @ A @ B))
     assert torch.equal(got[0], want_base[0])

@@ -127,6 +127,12 @@ def test_bfloat16_engine_serves_mixed_tasks(make_engine, tiny_tokenizer):
     results = engine.generate(mixed_requests(tiny_tokenizer)[:5])
     assert all(len(r.tokens) == GREEDY.max_new_tokens for r in results)
     assert engine.slots.layers[next(iter(engine.slots.layers))].lora_A.dtype == torch.bfloat16
+    assert engine.model.lm_head.weight.is_contiguous()  # half precision keeps the default weight layout
+
+
+def test_float32_engine_on_cpu_stores_weights_transposed(make_engine):
+    linears = [m for m in make_engine().model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.t().is_contiguous() for m in linears)
 
 
 def test_engine_from_config_paths(tiny_llama_path, bundle_path, tiny_tokenizer):

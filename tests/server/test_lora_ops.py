@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from server.lora_ops import SlotPlan, add_lora, lora_by_slot, lora_reference
 
@@ -66,3 +68,16 @@ def test_plan_groups_rows_by_slot():
     members = plan.members.view(3, 3)
     assert members[0, 0] == 2 and members[2].tolist() == [0, 3, 4]  # slot 2: row 2; slot 4: rows 0, 3, 4
     assert [members.flatten()[p].item() for p in plan.places.tolist()] == plan.adapted.tolist()
+
+
+@settings(max_examples=60, deadline=None)
+@given(slots=st.lists(st.integers(0, S - 1), min_size=1, max_size=9), tokens=st.integers(1, 3))
+def test_any_batch_matches_reference_and_leaves_bare_rows_alone(slots, tokens):
+    A, B = slot_tensors()
+    x, base = inputs(len(slots), tokens, D_IN, seed=6), inputs(len(slots), tokens, D_OUT, seed=7)
+    plan = SlotPlan.of(slots, "cpu")
+    got = add_lora(base.clone(), x, A, B, plan)
+    want = base.double() + lora_reference(x.double(), A.double(), B.double(), plan.rows)
+    assert_close(got, want, torch.float32)
+    bare = [i for i, s in enumerate(slots) if s == 0]
+    assert torch.equal(got[bare], base[bare])

@@ -2,7 +2,9 @@
 
 Owns the skills, the task list and its train / held-out split, and the seeded generator of instances.
 A task "a.b" applies skill a then skill b to a short made-up word; held-out tasks are unseen orders of
-seen skills, so a router that learned which skill does what can compose them. Needs no download.
+seen skills, so a router that learned which skill does what can compose them. Prompts either name the
+two skills ("named": the instruction alone says what to do, which zero-shot needs) or are the same for
+every task ("plain": only the adapter knows the task, so routing has to carry it). Needs no download.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ TRAIN_TASKS = tuple(t for t in ALL_TASKS if t not in HELD_OUT_TASKS)
 _CONSONANTS = "bdgklmnprst"
 _VOWEL_LIST = "aeiou"
 TEST_BUCKETS = 5  # one word in five (by a stable hash) is reserved for test files
+PROMPT_STYLES = ("named", "plain")
 
 
 def apply(task: str, word: str) -> str:
@@ -43,7 +46,11 @@ def apply(task: str, word: str) -> str:
     return SKILLS[second](SKILLS[first](word))
 
 
-def prompt(task: str, word: str) -> str:
+def prompt(task: str, word: str, style: str = "named") -> str:
+    if style == "plain":
+        return f"word: {word}"
+    if style != "named":
+        raise ValueError(f"unknown prompt style {style!r}: one of {PROMPT_STYLES}")
     first, second = task.split(".")
     return f"{first} then {second}: {word}"
 
@@ -53,7 +60,7 @@ def is_test_word(word: str) -> bool:
     return zlib.crc32(word.encode()) % TEST_BUCKETS == 0
 
 
-def generate(task: str, n: int, seed: int, test: bool = False) -> list[Example]:
+def generate(task: str, n: int, seed: int, test: bool = False, style: str = "named") -> list[Example]:
     """`n` instances of `task` from words of 2-3 consonant-vowel syllables (so never without consonants)."""
     if task not in ALL_TASKS:
         raise ValueError(f"unknown suite task {task!r}")
@@ -62,12 +69,12 @@ def generate(task: str, n: int, seed: int, test: bool = False) -> list[Example]:
     while len(examples) < n:
         word = "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWEL_LIST) for _ in range(rng.randint(2, 3)))
         if is_test_word(word) == test:
-            examples.append(Example(task, prompt(task, word), apply(task, word)))
+            examples.append(Example(task, prompt(task, word, style), apply(task, word)))
     return examples
 
 
 def write_suite(out_dir: str | Path, n_train: int = 64, n_test: int = 16, n_shots: int = 16,
-                seed: int = 0) -> dict[str, Path]:
+                seed: int = 0, style: str = "named") -> dict[str, Path]:
     """Write the suite's four JSONL files into `out_dir`; returns them by name.
 
     train.jsonl / test.jsonl: the training tasks (n_train / n_test per task); heldout-train.jsonl /
@@ -84,5 +91,5 @@ def write_suite(out_dir: str | Path, n_train: int = 64, n_test: int = 16, n_shot
     paths = {}
     for name, (tasks, n, test) in plan.items():
         paths[name] = out_dir / f"{name}.jsonl"
-        write_jsonl(paths[name], [ex for t in tasks for ex in generate(t, n, seed, test)])
+        write_jsonl(paths[name], [ex for t in tasks for ex in generate(t, n, seed, test, style)])
     return paths

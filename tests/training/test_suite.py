@@ -53,3 +53,13 @@ def test_write_suite_files(tmp_path):
     n_train, n_held = len(suite.TRAIN_TASKS), len(suite.HELD_OUT_TASKS)
     assert counts == {"train": 3 * n_train, "test": 2 * n_train, "heldout-train": n_held, "heldout-test": 2 * n_held}
     assert {ex.task for ex in read_jsonl(paths["heldout-test"])} == set(suite.HELD_OUT_TASKS)
+
+
+def test_plain_prompts_say_nothing_of_the_task():
+    named = suite.generate("sort.double", 5, seed=3)
+    plain = suite.generate("sort.double", 5, seed=3, style="plain")
+    assert [(e.target, e.input.split()[-1]) for e in plain] == [(e.target, e.input.split()[-1]) for e in named]
+    assert {e.input.replace(e.input.split()[-1], "") for e in plain} == {"word: "}
+    assert "sort" not in plain[0].input and "sort then double" in named[0].input
+    with pytest.raises(ValueError, match="prompt style"):
+        suite.prompt("sort.double", "kabadu", "terse")

@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=3, help="seeds per (task, method, k)")
     p.add_argument("--tasks", nargs="+", default=list(suite.HELD_OUT_TASKS), choices=suite.HELD_OUT_TASKS,
                    metavar="TASK", help="held-out tasks to adapt")
+    p.add_argument("--prompts", choices=suite.PROMPT_STYLES, default="named",
+                   help="suite prompts: naming the two skills, or the same for every task (routing must carry it)")
     p.add_argument("--n-train", type=int, default=64, help="instances per training task")
     p.add_argument("--n-test", type=int, default=16, help="test instances per task")
     p.add_argument("--lr", type=float, default=1e-2, help="adapter learning rate")
@@ -131,7 +133,7 @@ def run(args) -> dict:
     if backbone is None:
         from training.demo import build
         backbone = build(progress=False, log=lambda m: print(m, flush=True)).backbone
-    paths = suite.write_suite(work / "suite", args.n_train, args.n_test, max(args.shots), seed=0)
+    paths = suite.write_suite(work / "suite", args.n_train, args.n_test, max(args.shots), seed=0, style=args.prompts)
     train_data, test_data = read_jsonl(paths["train"]), read_jsonl(paths["test"])
     held_shots, held_test = read_jsonl(paths["heldout-train"]), read_jsonl(paths["heldout-test"])
     held_test = [ex for ex in held_test if ex.task in args.tasks]
@@ -215,7 +217,9 @@ def markdown(results: dict, command: str, seconds: float) -> str:
              f"- Backbone: `{results['backbone']}` (pre-trained on the suite's training tasks, "
              "see `training/demo.py`).",
              f"- Suite seed 0: {len(suite.TRAIN_TASKS)} training tasks x {s['n_train']} instances; held-out tasks "
-             f"{', '.join(s['tasks'])}; {s['n_test']} test instances per task on words never trained on.",
+             f"{', '.join(s['tasks'])}; {s['n_test']} test instances per task on words never trained on; prompts "
+             + ("name the two skills (\"reverse then upper: kabadu\")." if s.get("prompts", "named") == "named"
+                else "the same for every task (\"word: kabadu\"): only the adapter says which task."),
              f"- Inventories: K = {s['skills']} skills of rank {s['rank']} on all seven linear layers per block; "
              f"MHR h = {s['heads']}, Poly h = 1, shared LoRA rank {s['skills'] * s['rank']} (same adapter weights). "
              f"Pre-training {s['pretrain_steps']} steps of 16, lr {s['lr']} (adapters), 0.1 (logits).",

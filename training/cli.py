@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import Enum
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated
@@ -28,6 +29,7 @@ app = typer.Typer(help="Train, adapt and evaluate Multi-Head Adapter Routing (MH
 PLUGIN_GROUP = "mhr.commands"
 USER_ERRORS = (DataError, TrainConfigError, mhr.BundleError, mhr.ConfigError, mhr.InjectionError, OSError)
 DEFAULT = TrainConfig()
+PromptStyle = Enum("PromptStyle", {style: style for style in suite_module.PROMPT_STYLES}, type=str)
 
 
 def _opt(help: str, field: str | None = None):
@@ -81,11 +83,14 @@ def suite(out: Annotated[Path, typer.Option(help="directory for the JSONL files"
           n_train: Annotated[int, typer.Option(help="instances per training task")] = 64,
           n_test: Annotated[int, typer.Option(help="test instances per task")] = 16,
           n_shots: Annotated[int, typer.Option(help="few-shot instances per held-out task")] = 16,
-          seed: Annotated[int, typer.Option(help="generator seed")] = 0) -> None:
+          seed: Annotated[int, typer.Option(help="generator seed")] = 0,
+          prompts: Annotated[PromptStyle, typer.Option(help="named: prompts name the two skills; plain: the same "
+                                                            "prompt for every task, only the adapter knows it")
+                             ] = PromptStyle.named) -> None:
     """Write the compositional task suite: train/test files of the training tasks, heldout-train/heldout-test
     files of the held-out tasks (unseen compositions of the same skills)."""
     with user_errors():
-        paths = suite_module.write_suite(out, n_train, n_test, n_shots, seed)
+        paths = suite_module.write_suite(out, n_train, n_test, n_shots, seed, style=prompts.value)
     typer.echo(f"skills: {', '.join(suite_module.SKILLS)}")
     typer.echo(f"{len(suite_module.TRAIN_TASKS)} training tasks, held out: {', '.join(suite_module.HELD_OUT_TASKS)}")
     for name, path in paths.items():

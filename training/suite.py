@@ -50,7 +50,7 @@ def prompt(task: str, word: str, style: str = "named") -> str:
     if style == "plain":
         return f"word: {word}"
     if style != "named":
-        raise ValueError(f"unknown prompt style {style!r}: one of {PROMPT_STYLES}")
+        raise ValueError(f"unknown prompt style {style!r}: one of {', '.join(PROMPT_STYLES)}")
     first, second = task.split(".")
     return f"{first} then {second}: {word}"
 
@@ -80,6 +80,8 @@ def write_suite(out_dir: str | Path, n_train: int = 64, n_test: int = 16, n_shot
     train.jsonl / test.jsonl: the training tasks (n_train / n_test per task); heldout-train.jsonl /
     heldout-test.jsonl: the held-out tasks (n_shots few-shot instances / n_test per task).
     """
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style {style!r}: one of {', '.join(PROMPT_STYLES)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = {

@@ -114,3 +114,12 @@ def test_other_packages_add_commands(monkeypatch, capsys):
         cli.main()
     assert e.value.code == 0
     assert capsys.readouterr().out == "hello you\n"
+
+
+def test_suite_prompt_styles(tmp_path):
+    assert invoke("suite", "--out", tmp_path / "plain", "--n-train", 1, "--prompts", "plain").exit_code == 0
+    first = json.loads((tmp_path / "plain" / "train.jsonl").read_text().splitlines()[0])
+    assert first["input"].startswith("word: ")
+    result = invoke("suite", "--out", tmp_path / "bad", "--prompts", "terse")
+    assert result.exit_code == 2 and "terse" in result.output and "plain" in result.output
+    assert not (tmp_path / "bad").exists()  # refused before anything was written

@@ -48,9 +48,11 @@ demo: venv
 	@echo "admin key for /admin routes: $(DEMO_ADMIN_KEY)"
 	$(VENV)/bin/mhr serve --bundle $(DEMO_DIR)/serving --model $(DEMO_DIR)/backbone --admin-key $(DEMO_ADMIN_KEY)
 
-# The paper's comparison on the suite with the demo backbone (about an hour on 2 cores): docs/results.md
+# The paper's comparison on the suite with the demo backbone, with prompts that name the skills and with
+# prompts that do not (under an hour on 2 cores): docs/results.md, docs/plain-prompts/results.md
 results: venv
 	$(VENV)/bin/python -m training.experiments.compare --out docs
+	$(VENV)/bin/python -m training.experiments.compare --out docs/plain-prompts --prompts plain
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -33,7 +33,7 @@ class SlotPlan:
     uniform: the one slot every row uses, or None when rows differ. 0 means no adapter at all.
     For mixed batches (uniform None), over the span of slots first..first+span-1 with `per_slot` places each:
     members: [span * per_slot] the row each (slot, place) multiplies; unused places repeat a member.
-    adapted: [n] the rows that have an adapter (slot != 0), ascending.
+    adapted: [n] the rows that have an adapter (slot != 0), ascending; None when every row has one.
     places: [n] where each adapted row's result lies among the span * per_slot results.
     """
 
@@ -69,8 +69,8 @@ class SlotPlan:
         def tensor(values: list[int]) -> Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
 
-        return cls(rows, None, first, span, per_slot, tensor(members), tensor(adapted),
-                   tensor([places[r] for r in adapted]))
+        return cls(rows, None, first, span, per_slot, tensor(members),
+                   None if len(adapted) == len(slots) else tensor(adapted), tensor([places[r] for r in adapted]))
 
 
 def lora_reference(x: Tensor, A: Tensor, B: Tensor, rows: Tensor) -> Tensor:
@@ -85,7 +85,8 @@ def lora_reference(x: Tensor, A: Tensor, B: Tensor, rows: Tensor) -> Tensor:
 def lora_by_slot(x: Tensor, A: Tensor, B: Tensor, plan: SlotPlan) -> Tensor:
     """The adapter outputs of the plan's adapted rows [n, ..., d_out], grouped by slot (mixed batches).
 
-    x [N, ..., d_in], A [S, d_in, r], B [S, r, d_out]. Row i of the result belongs to row plan.adapted[i].
+    x [N, ..., d_in], A [S, d_in, r], B [S, r, d_out]. Row i of the result belongs to row plan.adapted[i]
+    (to row i when plan.adapted is None).
     """
     m, R = plan.span, plan.per_slot
     grouped = x.index_select(0, plan.members)                                      # [m*R, ..., d_in]
@@ -109,4 +110,6 @@ def add_lora(base_out: Tensor, x: Tensor, A: Tensor, B: Tensor, plan: SlotPlan) 
         x2 = x.reshape(-1, x.shape[-1])                                             # [N*L, d_in]
         base_out.view(x2.shape[0], -1).addmm_(x2 @ A[s], B[s])
         return base_out
+    if plan.adapted is None:  # every row has an adapter: a plain add, no scatter
+        return base_out.add_(lora_by_slot(x, A, B, plan))
     return base_out.index_add_(0, plan.adapted, lora_by_slot(x, A, B, plan))

@@ -36,7 +36,7 @@ def test_grouped_path_matches_reference(dtype, shape):
     slots = [1, 0, 4, 1, 2, 5, 0][: shape[0]]
     plan = SlotPlan.of(slots, "cpu")
     want = lora_reference(x.double(), A.double(), B.double(), plan.rows)
-    assert_close(lora_by_slot(x, A, B, plan), want[plan.adapted], dtype)
+    assert_close(lora_by_slot(x, A, B, plan), want if plan.adapted is None else want[plan.adapted], dtype)
 
 
 @pytest.mark.parametrize("slots", [[2, 0, 2, 4, 1], [1, 5], [3, 3, 3, 3, 3], [0, 0, 0, 0, 0], [5, 5, 5, 1, 0]])
@@ -65,6 +65,7 @@ def test_plan_groups_rows_by_slot():
     plan = SlotPlan.of([4, 0, 2, 4, 4], "cpu")  # slots 2..4, up to 3 rows a slot
     assert plan.uniform is None and (plan.first, plan.span, plan.per_slot) == (2, 3, 3)
     assert plan.adapted.tolist() == [0, 2, 3, 4]                  # row 1 has no adapter: never touched
+    assert SlotPlan.of([4, 2, 4], "cpu").adapted is None           # every row has one
     members = plan.members.view(3, 3)
     assert members[0, 0] == 2 and members[2].tolist() == [0, 3, 4]  # slot 2: row 2; slot 4: rows 0, 3, 4
     assert [members.flatten()[p].item() for p in plan.places.tolist()] == plan.adapted.tolist()

@@ -38,7 +38,7 @@ class Deployer:
         max_upload_bytes: bound of an upload's body, and of what an uploaded archive unpacks to (413).
     """
 
-    def __init__(self, engine, bundle_dir: str | Path, max_upload_bytes: int = 256 << 20) -> None:
+    def __init__(self, engine, bundle_dir: str | Path, max_upload_bytes: int) -> None:
         self.engine, self.bundle_dir, self.max_upload_bytes = engine, Path(bundle_dir), max_upload_bytes
         self._lock = asyncio.Lock()
 

@@ -105,7 +105,7 @@ def column_major_weights(model: nn.Module) -> None:
     """
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, nn.Linear) and module.weight.is_contiguous() and module.weight.dim() == 2:
+            if isinstance(module, nn.Linear) and module.weight.is_contiguous():
                 module.weight.data = module.weight.t().contiguous().t()
 
 

@@ -49,10 +49,14 @@ def apply(task: str, word: str) -> str:
 def prompt(task: str, word: str, style: str = "named") -> str:
     if style == "plain":
         return f"word: {word}"
-    if style != "named":
-        raise ValueError(f"unknown prompt style {style!r}: one of {', '.join(PROMPT_STYLES)}")
+    _check_style(style)
     first, second = task.split(".")
     return f"{first} then {second}: {word}"
+
+
+def _check_style(style: str) -> None:
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style {style!r}: one of {', '.join(PROMPT_STYLES)}")
 
 
 def is_test_word(word: str) -> bool:
@@ -80,8 +84,7 @@ def write_suite(out_dir: str | Path, n_train: int = 64, n_test: int = 16, n_shot
     train.jsonl / test.jsonl: the training tasks (n_train / n_test per task); heldout-train.jsonl /
     heldout-test.jsonl: the held-out tasks (n_shots few-shot instances / n_test per task).
     """
-    if style not in PROMPT_STYLES:
-        raise ValueError(f"unknown prompt style {style!r}: one of {', '.join(PROMPT_STYLES)}")
+    _check_style(style)  # before anything is written
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = {

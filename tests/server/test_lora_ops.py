@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from server.lora_ops import SlotPlan, add_lora, lora_by_slot, lora_reference
@@ -39,17 +39,6 @@ def test_grouped_path_matches_reference(dtype, shape):
     assert_close(lora_by_slot(x, A, B, plan), want if plan.adapted is None else want[plan.adapted], dtype)
 
 
-@pytest.mark.parametrize("slots", [[2, 0, 2, 4, 1], [1, 5], [3, 3, 3, 3, 3], [0, 0, 0, 0, 0], [5, 5, 5, 1, 0]])
-@pytest.mark.parametrize("tokens", [1, 4])
-def test_add_lora_every_path_matches_reference(slots, tokens):
-    A, B = slot_tensors()
-    n = len(slots)
-    x, base = inputs(n, tokens, D_IN, seed=2), inputs(n, tokens, D_OUT, seed=3)
-    plan = SlotPlan.of(slots, "cpu")
-    want = base.double() + lora_reference(x.double(), A.double(), B.double(), plan.rows)
-    assert_close(add_lora(base, x, A, B, plan), want, torch.float32)
-
-
 def test_slot_zero_rows_get_exactly_the_base_output():
     A, B = slot_tensors()
     for tokens in (1, 3):
@@ -72,7 +61,11 @@ def test_plan_groups_rows_by_slot():
 
 
 @settings(max_examples=60, deadline=None)
-@given(slots=st.lists(st.integers(0, S - 1), min_size=1, max_size=9), tokens=st.integers(1, 3))
+@given(slots=st.lists(st.integers(0, S - 1), min_size=1, max_size=9), tokens=st.integers(1, 4))
+@example(slots=[2, 0, 2, 4, 1], tokens=4)  # mixed, a bare row, a slot used twice
+@example(slots=[3, 3, 3, 3, 3], tokens=1)  # one slot for every row
+@example(slots=[0, 0, 0, 0, 0], tokens=1)  # no adapter at all
+@example(slots=[5, 5, 5, 1, 0], tokens=4)  # uneven groups
 def test_any_batch_matches_reference_and_leaves_bare_rows_alone(slots, tokens):
     A, B = slot_tensors()
     x, base = inputs(len(slots), tokens, D_IN, seed=6), inputs(len(slots), tokens, D_OUT, seed=7)

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mhr.adapter import LoRA
 from mhr.bundle import Bundle
+from server import cpu_kernel
 from server.batch import (
     Batch,
     InvalidRequest,
@@ -57,10 +58,13 @@ class Engine:
         self.model, self.config, self.tokenizer = model.eval(), config, tokenizer
         self.device = next(model.parameters()).device
         self.dtype = dtype = next(model.parameters()).dtype
-        if self.device.type == "cpu" and dtype == torch.float32:  # measured: bf16 no gain, fp16 ~12x slower
+        cpu_float32 = self.device.type == "cpu" and dtype == torch.float32
+        if cpu_float32:  # measured: bf16 no gain, fp16 ~12x slower
             column_major_weights(model)
         self.context, self.slots = wrap_model(model, list(bundle.modules), config.n_slots,
                                               config.max_rank or _max_rank(bundle))
+        if cpu_float32 and config.cpu_kernel:
+            self.context.row_kernel = cpu_kernel.lora_rows()
         inventory = ServingInventory(bundle, [g.names for g in self.slots.groups], self.device, dtype)
         self.tasks = TaskRegistry(bundle, inventory, config.allow_zero_shot)
         self.cache = AdapterCache(config.n_slots, self.slots.write)

@@ -8,6 +8,9 @@ Each slot's A and B are contiguous blocks. Slot 0 is "no adapter": all zeros, ne
 with a `SlotPlan` built once per batch (not once per layer) that picks the path:
     - no row has an adapter        -> nothing to add
     - every row has the same slot  -> two plain matmuls with that slot's A, B
+    - one token per row (decode),  -> the compiled CPU kernel when the engine has one (`server.cpu_kernel`):
+      rows differ                     one pass, each token reads its own slot's A and B in place, rows
+                                      without an adapter skipped
     - otherwise                    -> rows grouped by slot: the rows of every used slot (padded to the
                                       largest group) go through two batched matmuls over the span of used
                                       slots, so each slot's A and B are read once, in place, and no row is
@@ -19,6 +22,7 @@ faster on CPU (docs/engine.md).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -96,12 +100,14 @@ def lora_by_slot(x: Tensor, A: Tensor, B: Tensor, plan: SlotPlan) -> Tensor:
     return out.reshape(m * R, *x.shape[1:-1], -1).index_select(0, plan.places)
 
 
-def add_lora(base_out: Tensor, x: Tensor, A: Tensor, B: Tensor, plan: SlotPlan) -> Tensor:
+def add_lora(base_out: Tensor, x: Tensor, A: Tensor, B: Tensor, plan: SlotPlan,
+             row_kernel: Callable | None = None) -> Tensor:
     """base_out + each row's adapter output, by the cheapest path the plan allows.
 
     base_out [N, ..., d_out] is the frozen layer's (contiguous, freshly computed) output for x [N, ..., d_in];
     the adapter output is added into it in place (fused into the last matmul where rows share a slot).
-    Rows without an adapter are left exactly as they are.
+    Rows without an adapter are left exactly as they are. `row_kernel(y, x, A, B, slots)` (float32 CPU
+    tensors) serves mixed decode batches when given.
     """
     if plan.uniform == 0:
         return base_out
@@ -109,6 +115,10 @@ def add_lora(base_out: Tensor, x: Tensor, A: Tensor, B: Tensor, plan: SlotPlan) 
         s = plan.uniform
         x2 = x.reshape(-1, x.shape[-1])                                             # [N*L, d_in]
         base_out.view(x2.shape[0], -1).addmm_(x2 @ A[s], B[s])
+        return base_out
+    if row_kernel is not None and x.numel() == plan.rows.numel() * x.shape[-1]:  # decode: one token per row
+        row_kernel(base_out.view(plan.rows.numel(), -1), x.reshape(plan.rows.numel(), -1).contiguous(), A, B,
+                   plan.rows)
         return base_out
     if plan.adapted is None:  # every row has an adapter: a plain add, no scatter
         return base_out.add_(lora_by_slot(x, A, B, plan))

@@ -37,6 +37,9 @@ def serve(
     max_upload_mb: Annotated[float | None, Opt(help="largest admin upload, MiB (body and unpacked archive) "
                                                     "[default: 256]")] = None,
     engine: Annotated[str | None, Opt(help="torch | vllm (needs the vllm extra) [default: torch]")] = None,
+    cpu_kernel: Annotated[bool | None, Opt("--cpu-kernel/--no-cpu-kernel",
+                                           help="compiled LoRA kernel for mixed decode on CPU, float32 "
+                                                "(built on first use) [default: on]")] = None,
 ) -> None:
     """Serve a bundle's tasks over HTTP (OpenAI-compatible and per-task routes, metrics, hot deploys)."""
     from server.config import ServerConfig, ServerConfigError
@@ -45,7 +48,7 @@ def serve(
                "max_rank": max_rank, "max_running": max_running, "max_seq_len": max_seq_len,
                "max_waiting": max_waiting, "allow_zero_shot": zero_shot, "host": host, "port": port,
                "api_key": api_key, "admin_key": admin_key, "drain_seconds": drain_seconds,
-               "max_upload_mb": max_upload_mb, "engine": engine}
+               "max_upload_mb": max_upload_mb, "engine": engine, "cpu_kernel": cpu_kernel}
     try:
         settings = ServerConfig.load(config, **{k: v for k, v in options.items() if v is not None})
     except ServerConfigError as e:

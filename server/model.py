@@ -9,6 +9,7 @@ business, the adapters themselves `server.inventory`'s, the KV cache `server.kv_
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,10 +25,12 @@ class SlotContext:
     """The slot plan of the current forward, shared by every layer of one model.
 
     Layers see slot indices only, never task names: the engine translates requests to slots.
+    `row_kernel` is the compiled decode op the layers pass to `add_lora` (`server.cpu_kernel`), or None.
     """
 
     def __init__(self) -> None:
         self.plan: SlotPlan | None = None
+        self.row_kernel: Callable | None = None
 
     def current(self) -> SlotPlan:
         if self.plan is None:
@@ -51,7 +54,7 @@ class BatchedLoRALinear(nn.Module):
         self.context = context
 
     def forward(self, x: Tensor) -> Tensor:
-        return add_lora(self.base(x), x, self.lora_A, self.lora_B, self.context.current())
+        return add_lora(self.base(x), x, self.lora_A, self.lora_B, self.context.current(), self.context.row_kernel)
 
     def extra_repr(self) -> str:
         S, _, r = self.lora_A.shape

@@ -135,6 +135,16 @@ def test_float32_engine_on_cpu_stores_weights_transposed(make_engine):
     assert linears and all(m.weight.t().is_contiguous() for m in linears)
 
 
+def test_compiled_cpu_kernel_serves_mixed_decode_like_torch_ops(make_engine, tiny_tokenizer):
+    with_kernel = make_engine()
+    assert with_kernel.context.row_kernel is not None, "the CPU LoRA kernel did not build (needs g++)"
+    without = make_engine(cpu_kernel=False)
+    assert without.context.row_kernel is None
+    requests = mixed_requests(tiny_tokenizer)
+    for a, b in zip(with_kernel.generate(requests), without.generate(requests), strict=True):
+        assert a.tokens == b.tokens and a.adapter == b.adapter
+
+
 def test_engine_from_config_paths(tiny_llama_path, bundle_path, tiny_tokenizer):
     engine = Engine.from_config(ServerConfig(model=str(tiny_llama_path), bundle=str(bundle_path), n_slots=4))
     result = engine.generate([Request(prompt(tiny_tokenizer, 3), ROUTED[0], GREEDY)])[0]

@@ -1,10 +1,14 @@
-"""The multi-slot LoRA op: every fast path against the row-by-row reference, and slot 0 = the base output."""
+"""The multi-slot LoRA op: every fast path (the compiled CPU kernel included) against the row-by-row
+reference, and slot 0 = the base output."""
+
+import logging
 
 import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from server import cpu_kernel
 from server.lora_ops import SlotPlan, add_lora, lora_by_slot, lora_reference
 
 S, D_IN, R, D_OUT = 6, 24, 3, 20
@@ -60,17 +64,66 @@ def test_plan_groups_rows_by_slot():
     assert [members.flatten()[p].item() for p in plan.places.tolist()] == plan.adapted.tolist()
 
 
+@pytest.fixture(scope="module")
+def row_kernel():
+    op = cpu_kernel.lora_rows()
+    assert op is not None, "the CPU LoRA kernel did not build: is a C++ compiler (g++) installed?"
+    return op
+
+
+@pytest.mark.parametrize("rank", [4, 8, 16, 64, 5])  # the compiled ranks and one for the generic loop
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_cpu_kernel_matches_reference(row_kernel, rank, tokens):
+    g = torch.Generator().manual_seed(rank)
+    d_in, d_out = 23, 37  # not multiples of the kernel's unrolling
+    # slots as the model holds them: one layer's view of a shape group's storage [G, S, d_in, r]
+    A = torch.randn(3, S, d_in, rank, generator=g)[1]
+    B = torch.randn(3, S, rank, d_out, generator=g)[1]
+    A[0], B[0] = 0, 0
+    slots = [3, 0, 5, 3, 1]
+    x, y = inputs(len(slots) * tokens, d_in, seed=rank), inputs(len(slots) * tokens, d_out, seed=rank + 1)
+    got = y.clone()
+    row_kernel(got, x, A, B, torch.tensor(slots))
+    reference = lora_reference(x.view(len(slots), tokens, d_in).double(), A.double(), B.double(), torch.tensor(slots))
+    assert_close(got.view(len(slots), tokens, d_out), y.view(len(slots), tokens, d_out).double() + reference,
+                 torch.float32)
+    assert torch.equal(got.view(len(slots), tokens, d_out)[1], y.view(len(slots), tokens, d_out)[1])  # slot 0
+
+
+def test_cpu_kernel_rejects_what_it_cannot_compute(row_kernel):
+    A, B = slot_tensors()
+    x, y = inputs(4, D_IN), inputs(4, D_OUT)
+    with pytest.raises(RuntimeError, match="float32"):
+        row_kernel(y.double(), x.double(), A.double(), B.double(), torch.tensor([1, 2, 3, 4]))
+    with pytest.raises(RuntimeError, match="out of range"):
+        row_kernel(y, x, A, B, torch.tensor([1, 2, 3, S]))
+    with pytest.raises(RuntimeError, match="cannot be split"):
+        row_kernel(y, x, A, B, torch.tensor([1, 2, 3]))
+    with pytest.raises(RuntimeError, match="contiguous matrix"):
+        row_kernel(y, x, A.transpose(1, 2).contiguous().transpose(1, 2), B, torch.tensor([1, 2, 3, 4]))
+
+
+def test_cpu_kernel_falls_back_when_it_cannot_be_built(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("MHR_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with caplog.at_level(logging.WARNING, logger="server.cpu_kernel"):
+        assert cpu_kernel._build() is None
+    assert "CPU LoRA kernel unavailable" in caplog.text and "cpu_kernel=false" in caplog.text
+
+
 @settings(max_examples=60, deadline=None)
-@given(slots=st.lists(st.integers(0, S - 1), min_size=1, max_size=9), tokens=st.integers(1, 4))
-@example(slots=[2, 0, 2, 4, 1], tokens=4)  # mixed, a bare row, a slot used twice
-@example(slots=[3, 3, 3, 3, 3], tokens=1)  # one slot for every row
-@example(slots=[0, 0, 0, 0, 0], tokens=1)  # no adapter at all
-@example(slots=[5, 5, 5, 1, 0], tokens=4)  # uneven groups
-def test_any_batch_matches_reference_and_leaves_bare_rows_alone(slots, tokens):
+@given(slots=st.lists(st.integers(0, S - 1), min_size=1, max_size=9), tokens=st.integers(1, 4),
+       with_kernel=st.booleans())
+@example(slots=[2, 0, 2, 4, 1], tokens=4, with_kernel=False)  # mixed, a bare row, a slot used twice
+@example(slots=[3, 3, 3, 3, 3], tokens=1, with_kernel=True)  # one slot for every row
+@example(slots=[0, 0, 0, 0, 0], tokens=1, with_kernel=True)  # no adapter at all
+@example(slots=[5, 5, 5, 1, 0], tokens=4, with_kernel=False)  # uneven groups
+@example(slots=[5, 0, 2, 2, 1], tokens=1, with_kernel=True)  # mixed decode: the kernel's case
+def test_any_batch_matches_reference_and_leaves_bare_rows_alone(row_kernel, slots, tokens, with_kernel):
     A, B = slot_tensors()
     x, base = inputs(len(slots), tokens, D_IN, seed=6), inputs(len(slots), tokens, D_OUT, seed=7)
     plan = SlotPlan.of(slots, "cpu")
-    got = add_lora(base.clone(), x, A, B, plan)
+    got = add_lora(base.clone(), x, A, B, plan, row_kernel if with_kernel else None)
     want = base.double() + lora_reference(x.double(), A.double(), B.double(), plan.rows)
     assert_close(got, want, torch.float32)
     bare = [i for i, s in enumerate(slots) if s == 0]

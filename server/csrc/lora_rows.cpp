@@ -1,0 +1,114 @@
+// Multi-adapter LoRA for decode batches on CPU: y[i] += x[i] @ A[slot(i)] @ B[slot(i)], one token per
+// row or a few, each row's adapter read once, straight from its slot. Float32 only.
+//
+// Why a kernel: a decode step multiplies one token per row by that row's own small adapter. Expressed
+// as torch ops this is a gather, two batched matmuls and a scatter per layer, each a separate pass and
+// call; here it is one pass that streams each adapter's bytes at memory speed (server/lora_ops.py
+// decides when it is used; docs/engine.md has the measurements).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+namespace {
+
+constexpr int64_t kPrefetchFloats = 512;  // how far ahead (2 KiB) each stream is prefetched
+
+inline void prefetch(const float* p) {
+#if defined(__GNUC__)
+  __builtin_prefetch(p);
+#endif
+}
+
+// y += (x @ A) @ B for one token; A [d_in, R], B [R, d_out] contiguous, R known at compile time.
+template <int R>
+void token_lora(const float* x, const float* A, const float* B, float* y, int64_t d_in, int64_t d_out) {
+  float acc[4][R] = {};  // four independent sums over d keep the FMA units busy
+  int64_t d = 0;
+  for (; d + 4 <= d_in; d += 4) {
+    const float* a = A + d * R;
+    for (int line = 0; line < 4 * R; line += 16) prefetch(a + kPrefetchFloats + line);
+    for (int u = 0; u < 4; ++u) {
+      const float xv = x[d + u];
+      for (int j = 0; j < R; ++j) acc[u][j] += xv * a[u * R + j];
+    }
+  }
+  for (; d < d_in; ++d) {
+    for (int j = 0; j < R; ++j) acc[0][j] += x[d] * A[d * R + j];
+  }
+  for (int j = 0; j < R; ++j) {
+    const float z = (acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]);
+    const float* b = B + j * d_out;
+    for (int64_t c = 0; c < d_out; c += 16) {
+      prefetch(b + c + kPrefetchFloats);
+      const int64_t end = c + 16 < d_out ? c + 16 : d_out;
+      for (int64_t k = c; k < end; ++k) y[k] += z * b[k];
+    }
+  }
+}
+
+// The same for any rank.
+void token_lora_any(const float* x, const float* A, const float* B, float* y, int64_t d_in, int64_t d_out,
+                    int64_t r) {
+  std::vector<float> z(r, 0.f);
+  for (int64_t d = 0; d < d_in; ++d) {
+    for (int64_t j = 0; j < r; ++j) z[j] += x[d] * A[d * r + j];
+  }
+  for (int64_t j = 0; j < r; ++j) {
+    for (int64_t c = 0; c < d_out; ++c) y[c] += z[j] * B[j * d_out + c];
+  }
+}
+
+// y [M, d_out] += x [M, d_in] @ A[slot] @ B[slot] where the M tokens are N rows of M / N tokens and
+// row n reads slot slots[n]; slot 0 rows are skipped (left exactly as they are).
+void add_lora_rows(at::Tensor y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                   const at::Tensor& slots) {
+  TORCH_CHECK(y.dim() == 2 && x.dim() == 2 && A.dim() == 3 && B.dim() == 3 && slots.dim() == 1,
+              "add_lora_rows: expected y [M, d_out], x [M, d_in], A [S, d_in, r], B [S, r, d_out], slots [N]");
+  TORCH_CHECK(y.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && A.scalar_type() == at::kFloat &&
+                  B.scalar_type() == at::kFloat && slots.scalar_type() == at::kLong,
+              "add_lora_rows: float32 y, x, A, B and int64 slots only");
+  TORCH_CHECK(y.is_contiguous() && x.is_contiguous(), "add_lora_rows: y and x must be contiguous");
+  const int64_t m = x.size(0), d_in = x.size(1), d_out = y.size(1), r = A.size(2), n = slots.size(0);
+  TORCH_CHECK(y.size(0) == m && A.size(1) == d_in && B.size(1) == r && B.size(2) == d_out && A.size(0) == B.size(0),
+              "add_lora_rows: shapes do not match");
+  TORCH_CHECK(n > 0 && m % n == 0, "add_lora_rows: ", m, " tokens cannot be split into ", n, " rows");
+  TORCH_CHECK(A.stride(2) == 1 && A.stride(1) == r && B.stride(2) == 1 && B.stride(1) == d_out,
+              "add_lora_rows: each slot's A and B must be a contiguous matrix");
+  const at::Tensor slots_c = slots.contiguous();
+  const int64_t* slot = slots_c.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(slot[i] >= 0 && slot[i] < A.size(0), "add_lora_rows: slot ", slot[i], " out of range");
+  }
+  const float* xp = x.data_ptr<float>();
+  const float* Ap = A.data_ptr<float>();
+  const float* Bp = B.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t per_row = m / n, stride_A = A.stride(0), stride_B = B.stride(0);
+  at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t s = slot[t / per_row];
+      if (s == 0) continue;
+      const float *xt = xp + t * d_in, *a = Ap + s * stride_A, *b = Bp + s * stride_B;
+      float* yt = yp + t * d_out;
+      switch (r) {
+        case 4: token_lora<4>(xt, a, b, yt, d_in, d_out); break;
+        case 8: token_lora<8>(xt, a, b, yt, d_in, d_out); break;
+        case 16: token_lora<16>(xt, a, b, yt, d_in, d_out); break;
+        case 32: token_lora<32>(xt, a, b, yt, d_in, d_out); break;
+        case 64: token_lora<64>(xt, a, b, yt, d_in, d_out); break;
+        default: token_lora_any(xt, a, b, yt, d_in, d_out, r);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mhr_serve, m) {
+  m.def("add_lora_rows(Tensor(a!) y, Tensor x, Tensor A, Tensor B, Tensor slots) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(mhr_serve, CPU, m) { m.impl("add_lora_rows", &add_lora_rows); }

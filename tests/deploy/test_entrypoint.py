@@ -30,7 +30,7 @@ GROUP = "mhr.commands"
 SETTINGS = {
     "MHR_BUNDLE": "--bundle", "MHR_MODEL": "--model", "MHR_DEVICE": "--device", "MHR_DTYPE": "--dtype",
     "MHR_HOST": "--host", "MHR_PORT": "--port", "MHR_API_KEY": "--api-key", "MHR_ADMIN_KEY": "--admin-key",
-    "MHR_DRAIN_SECONDS": "--drain-seconds",
+    "MHR_DRAIN_SECONDS": "--drain-seconds", "MHR_CPU_KERNEL": "--cpu-kernel",
 }
 DEPLOY_FILES = [*DOCKERFILES, ROOT / "deploy" / "docker" / "compose.yaml",
                 *sorted((ROOT / "deploy" / "k8s").rglob("*.yaml"))]

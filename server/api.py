@@ -69,7 +69,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, admin_key: str | N
         if not state["ready"] or state["stopping"]:
             raise APIError(503, "not ready: the engine is starting or shutting down", type="server_error",
                            code="not_ready")
-        return JSONResponse({"status": "ready", "tasks": len(engine.tasks.task_names)})
+        return JSONResponse({"status": "ready", "tasks": len(engine.tasks)})
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -92,7 +92,7 @@ class Deployer:
             raise APIError(400, f"LoRA rank {upload.lora.rank} exceeds the server's slot rank {max_rank}: "
                                 "restart with a larger --max-rank", param="body")
         async with self._lock:
-            exists = task in self.engine.tasks.task_names
+            exists = task in self.engine.tasks
 
             def change(bundle: mhr.Bundle) -> bool:
                 if not replace and (exists or task in bundle.task_names):
@@ -109,7 +109,7 @@ class Deployer:
         """Remove a task from the bundle on disk and stop serving it (404 if the engine does not serve it)."""
         _check_name(task)
         async with self._lock:
-            if task not in self.engine.tasks.task_names:
+            if task not in self.engine.tasks:
                 raise APIError(404, f"task {task!r} is not in the bundle", param="task", code="task_not_found")
 
             def change(bundle: mhr.Bundle) -> bool:

@@ -294,7 +294,7 @@ class Engine:
         """A snapshot of load and counters (cheap; for metrics scrapes)."""
         with self._lock:
             return EngineStats(len(self.batch), self.scheduler.n_waiting, self.slots.n_slots,
-                               len(self.cache.resident()), len(self.tasks.task_names), self._steps,
+                               len(self.cache.resident()), len(self.tasks), self._steps,
                                self._batch_rows, dataclasses.replace(self.cache.stats))
 
     # ----- asyncio ----------------------------------------------------------------------------------

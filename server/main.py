@@ -74,7 +74,7 @@ def run(settings) -> None:
     except (mhr.BundleError, mhr.ConfigError, OSError, ValueError) as e:
         _fail(str(e))
     app = app_for(settings, engine)
-    typer.echo(f"serving {len(engine.tasks.task_names)} tasks of {settings.bundle} on "
+    typer.echo(f"serving {len(engine.tasks)} tasks of {settings.bundle} on "
                f"http://{settings.host}:{settings.port}", err=True)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                             timeout_graceful_shutdown=settings.drain_seconds)

@@ -122,7 +122,7 @@ class Serving:
         total = sum(mix.mix.values())
         mixed = {m: torch.zeros(h, K) for m in bundle.modules}
         for task, share in mix.mix.items():
-            if task not in self.engine.tasks.task_names:
+            if task not in self.engine.tasks:
                 raise APIError(400, f"mhr.mix: task {task!r} is not in the bundle", param="mhr.mix")
             if bundle.task(task).kind is not TaskKind.ROUTED:
                 raise APIError(400, f"mhr.mix: task {task!r} has its own LoRA, not routing: only routed tasks "

@@ -93,6 +93,12 @@ class TaskRegistry:
     def task_names(self) -> list[str]:
         return list(self._keys)
 
+    def __contains__(self, name: str) -> bool:
+        return name in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
     def resolve(self, task: str | None, mixture: Mixture | None = None) -> AdapterKey | None:
         """The key serving `task` (or `mixture`, which takes precedence) now; None for no adapter (task None).
         Raises UnknownTask."""

@@ -192,7 +192,7 @@ class VLLMEngine:
         with self._lock:
             running = len(self._running)
             return EngineStats(running, len(self._handles) - running, self.adapters.capacity,
-                               len(self.adapters.resident()), len(self.tasks.task_names), self._counts.steps,
+                               len(self.adapters.resident()), len(self.tasks), self._counts.steps,
                                self._counts.rows, dataclasses.replace(self.adapters.stats))
 
     def loaded_lora_ids(self) -> set[int]:

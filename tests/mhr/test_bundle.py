@@ -641,6 +641,29 @@ def test_remove_unknown_task(bundle):
         bundle.remove_task("nope")
 
 
+def test_lookups_follow_every_change_of_the_task_list(bundle, built):
+    logits = built.logits
+    assert_same_tensors(bundle.routing_logits("gamma"), logits["gamma"])  # the lookups are built here
+    bundle.remove_task("alpha")                                           # rows shift up
+    assert_same_tensors(bundle.routing_logits("gamma"), logits["gamma"])
+    bundle.rename_task("gamma", "gimel")
+    assert_same_tensors(bundle.routing_logits("gimel"), logits["gamma"])
+    bundle.add_routed_task("alpha", logits["alpha"])
+    assert_routing_rows(bundle, {"beta": logits["beta"], "gimel": logits["gamma"], "alpha": logits["alpha"]})
+    for gone in ("gamma", "nope"):
+        with pytest.raises(KeyError, match=f"task '{gone}' is not in this bundle"):
+            bundle.task(gone)
+
+
+def test_unknown_task_error_lists_a_few_names_of_many(bundle, built):
+    for i in range(30):
+        bundle.add_routed_task(f"extra-{i}", built.logits["alpha"])
+    with pytest.raises(KeyError) as error:
+        bundle.task("nope")
+    shown = str(error.value)  # the 5 tasks of the fixture, then the first 15 extra ones
+    assert "extra-14" in shown and "extra-15" not in shown and shown.endswith("... (35 in all))\"")
+
+
 def test_rename_routed_task_keeps_its_row(bundle, built, saved):
     bundle.rename_task("beta", "bravo")
     assert bundle.task_names[:3] == ["alpha", "bravo", "gamma"]

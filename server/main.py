@@ -62,12 +62,18 @@ def run(settings) -> None:
     On SIGTERM: /ready answers 503 at once, the listening socket closes, running requests get up to
     `drain_seconds` to finish, then the process exits with status 0.
     """
+    import logging
     import signal
 
     import uvicorn
 
     import mhr
 
+    # the engine's own notes while it starts (e.g. compiling the CPU decode op once per machine) reach stderr
+    notes = logging.StreamHandler()
+    notes.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    logging.getLogger("server").addHandler(notes)
+    logging.getLogger("server").setLevel(logging.INFO)
     engine_class = choose_engine(settings.engine)
     try:
         engine = engine_class.from_config(settings)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -202,15 +203,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_sigterm_drains_a_running_stream_refuses_new_work_and_exits_0(tiny_llama_path, bundle_dir, tmp_path):
+@contextmanager
+def server_process(tiny_llama_path, bundle_dir, tmp_path, env=None):
+    """`python -m server` on a free port, ready to serve: yields (process, base URL, its log file)."""
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "server.log", "w+")
-    env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
     process = subprocess.Popen(
         [sys.executable, "-m", "server", "--bundle", str(bundle_dir), "--model", str(tiny_llama_path),
          "--port", str(port), "--max-seq-len", "512", "--drain-seconds", "20"],
-        stdout=log, stderr=subprocess.STDOUT, env=env)
+        stdout=log, stderr=subprocess.STDOUT,
+        env=os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"} | (env or {}))
     try:
         def ready() -> bool:
             assert process.poll() is None, log.seek(0) or log.read()
@@ -220,6 +223,16 @@ def test_sigterm_drains_a_running_stream_refuses_new_work_and_exits_0(tiny_llama
                 return False
 
         wait_until(ready, timeout=120, what="the server to start")
+        yield process, base, log
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def test_sigterm_drains_a_running_stream_refuses_new_work_and_exits_0(tiny_llama_path, bundle_dir, tmp_path):
+    with server_process(tiny_llama_path, bundle_dir, tmp_path) as (process, base, log):
         body = {"model": LONG, "prompt": PROMPT, "max_tokens": 120, "stream": True, "temperature": 0}
         with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:
             assert r.status_code == 200
@@ -247,8 +260,14 @@ def test_sigterm_drains_a_running_stream_refuses_new_work_and_exits_0(tiny_llama
         text = "".join(c["choices"][0]["text"] for c in chunks)
         assert chunks[-1]["choices"][0]["finish_reason"] == "length", (len(chunks), text)
         assert process.wait(timeout=30) == 0, log.seek(0) or log.read()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        log.close()
+
+
+def test_a_machine_without_a_compiler_still_serves_and_says_why_it_is_slower(tiny_llama_path, bundle_dir, tmp_path):
+    no_compiler = {"CXX": str(tmp_path / "no-such-c++"), "MHR_KERNEL_DIR": str(tmp_path / "kernels")}
+    with server_process(tiny_llama_path, bundle_dir, tmp_path, env=no_compiler) as (_, base, log):
+        for task in ROUTED[:2]:  # served on torch ops
+            r = httpx.post(f"{base}/v1/completions", json={"model": task, "prompt": PROMPT, "max_tokens": 3},
+                           timeout=60)
+            assert r.status_code == 200 and r.json()["choices"][0]["text"]
+        log.seek(0)
+        assert "WARNING: CPU LoRA kernel unavailable" in log.read()

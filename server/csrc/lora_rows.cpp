@@ -10,11 +10,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 namespace {
 
-constexpr int64_t kPrefetchFloats = 512;  // how far ahead (2 KiB) each stream is prefetched
+constexpr int64_t kPrefetchFloats = 512;       // how far ahead (2 KiB) each stream is prefetched
+constexpr int64_t kMinFloatsPerThread = 32768;  // adapter floats a thread should read to be worth waking
 
 inline void prefetch(const float* p) {
 #if defined(__GNUC__)
@@ -87,7 +89,10 @@ void add_lora_rows(at::Tensor y, const at::Tensor& x, const at::Tensor& A, const
   const float* Bp = B.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t per_row = m / n, stride_A = A.stride(0), stride_B = B.stride(0);
-  at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
+  // Tokens per thread: at least ~128 KiB of adapter reads each, so small layers stay on one thread
+  // (waking a second one costs more than it saves there).
+  const int64_t grain = std::max<int64_t>(1, kMinFloatsPerThread / (d_in * r + r * d_out));
+  at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t s = slot[t / per_row];
       if (s == 0) continue;

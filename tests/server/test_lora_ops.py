@@ -85,6 +85,24 @@ def test_cpu_kernel_matches_reference(row_kernel, rank, tokens):
     assert torch.equal(got.view(len(slots), tokens, d_out)[1], y.view(len(slots), tokens, d_out)[1])  # slot 0
 
 
+def test_cpu_kernel_splits_large_layers_over_threads_with_the_same_results(row_kernel):
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(S, 512, 8, generator=g), torch.randn(S, 8, 700, generator=g)  # ~10k floats a token
+    A[0], B[0] = 0, 0
+    slots = torch.tensor([1, 2, 3, 4, 5, 0, 1, 2] * 4)
+    x, y = inputs(len(slots), 512), inputs(len(slots), 700, seed=2)
+    got = y.clone()
+    row_kernel(got, x, A, B, slots)
+    assert_close(got, y.double() + lora_reference(x.double(), A.double(), B.double(), slots), torch.float32)
+    threads, alone = torch.get_num_threads(), y.clone()
+    torch.set_num_threads(1)  # on one thread: the same values to the bit (each token is summed alike)
+    try:
+        row_kernel(alone, x, A, B, slots)
+    finally:
+        torch.set_num_threads(threads)
+    assert threads > 1 and torch.equal(got, alone)
+
+
 def test_cpu_kernel_rejects_what_it_cannot_compute(row_kernel):
     A, B = slot_tensors()
     x, y = inputs(4, D_IN), inputs(4, D_OUT)

@@ -1,15 +1,17 @@
 """The compiled CPU kernel for decode-time multi-adapter LoRA (`csrc/lora_rows.cpp`), built on first use.
 
 `lora_rows()` returns the op `add_lora_rows(y, x, A, B, slots)` (y += each row's x @ A[slot] @ B[slot],
-float32, in place) or None when it is switched off (`cpu_kernel` setting) or cannot be built here. It is
-compiled by torch's C++ extension loader for this machine's CPU (-O3 -march=native, OpenMP threads from
-torch's pool) once per source, CPU model and torch version, under ~/.cache/mhr-serve/kernels
-($MHR_KERNEL_DIR overrides); later processes load the built library in milliseconds. Without a C++
-compiler the engine falls back to torch ops: same results up to float rounding, slower mixed decode.
+float32, in place), or None when it cannot be built here (the engine does not ask when its `cpu_kernel`
+setting is off). It is compiled by torch's C++ extension loader for this machine's CPU (-O3 -march=native,
+OpenMP threads from torch's pool) once per source, CPU model and torch version, one process at a time,
+under ~/.cache/mhr-serve/kernels ($MHR_KERNEL_DIR overrides); later processes load the built library in
+milliseconds. Without a C++ compiler the engine falls back to torch ops: same results up to float
+rounding, slower mixed decode.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -60,10 +62,15 @@ def _build():
         from torch.utils import cpp_extension
 
         directory.mkdir(parents=True, exist_ok=True)
-        if not (directory / f"{name}.so").exists():
-            log.info("compiling the CPU LoRA kernel into %s (once per machine, ~20 s)", directory)
-        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-                           build_directory=str(directory), is_python_module=False, verbose=False)
+        with open(directory / "build.flock", "w") as held:
+            # One build at a time across processes; the OS drops this lock if its holder dies, whereas
+            # torch's own lock file, left behind by a killed build, would make every later start wait forever.
+            fcntl.flock(held, fcntl.LOCK_EX)
+            (directory / "lock").unlink(missing_ok=True)
+            if not (directory / f"{name}.so").exists():
+                log.info("compiling the CPU LoRA kernel into %s (once per machine, ~20 s)", directory)
+            cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                               build_directory=str(directory), is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, unsupported flags, unwritable cache: fall back to torch ops
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         log.warning("CPU LoRA kernel unavailable (%s): mixed decode batches use torch ops (slower). Install a C++ "

@@ -2,6 +2,11 @@
 reference, and slot 0 = the base output."""
 
 import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,6 +127,21 @@ def test_cpu_kernel_falls_back_when_it_cannot_be_built(tmp_path, monkeypatch, ca
     with caplog.at_level(logging.WARNING, logger="server.cpu_kernel"):
         assert cpu_kernel._build() is None
     assert "CPU LoRA kernel unavailable" in caplog.text and "cpu_kernel=false" in caplog.text
+
+
+def test_cpu_kernel_build_survives_a_build_that_was_killed(tmp_path):
+    # torch's loader guards a build with a lock file; a build killed midway leaves it behind, and the next
+    # process would wait for it forever. Here a build directory (a copy of the real one) with that file in it.
+    name = cpu_kernel.build_name()
+    built = Path(os.environ.get("MHR_KERNEL_DIR", Path.home() / ".cache" / "mhr-serve" / "kernels")) / name
+    assert cpu_kernel.lora_rows() is not None and built.is_dir()
+    shutil.copytree(built, tmp_path / name)
+    (tmp_path / name / "lock").touch()
+    load = "from server import cpu_kernel; assert cpu_kernel.lora_rows() is not None"
+    done = subprocess.run([sys.executable, "-c", load], env=os.environ | {"MHR_KERNEL_DIR": str(tmp_path)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / name / "lock").exists()
 
 
 @settings(max_examples=60, deadline=None)

@@ -70,10 +70,12 @@ def run(settings) -> None:
     import mhr
 
     # the engine's own notes while it starts (e.g. compiling the CPU decode op once per machine) reach stderr
-    notes = logging.StreamHandler()
-    notes.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    logging.getLogger("server").addHandler(notes)
-    logging.getLogger("server").setLevel(logging.INFO)
+    notes = logging.getLogger("server")
+    if not notes.handlers:  # once per process, however often run() is called
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        notes.addHandler(handler)
+        notes.setLevel(logging.INFO)
     engine_class = choose_engine(settings.engine)
     try:
         engine = engine_class.from_config(settings)

@@ -20,7 +20,7 @@ def step_logits(engine, slots: list[int]) -> list[torch.Tensor]:
     ids = torch.tensor([p + [0] * (width - len(p)) for p in PROMPTS])
     mask, positions = kv.begin_prefill(kv.add_rows(len(PROMPTS)), lengths)
     plan = SlotPlan.of(slots, "cpu")
-    assert plan.uniform is None  # prefill and decode through the grouped path
+    assert plan.uniform is None  # rows of different slots: the mixed-batch paths (gathered, compiled op)
     logits = engine._forward(ids, mask, positions, plan, torch.arange(width))         # [n, width, V]
     out = [logits[i, :n] for i, n in enumerate(lengths)]
     next_ids = torch.stack([o[-1].argmax() for o in out])[:, None]                  # [n, 1]

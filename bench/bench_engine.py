@@ -115,13 +115,13 @@ def median_seconds(runs: dict[str, Callable[[], None]], repeats: int) -> tuple[d
 
 
 def cold_task_ms(engine: Engine, w: Workload, evict: bool = False) -> tuple[float, float, float]:
-    """Median ms to materialize a task (all layers) and to write it into a free slot, and the median
-    process CPU ms of both together (the steadier number on a shared machine).
+    """Median ms to load a task (its routing weights, all layers) and to write it into a free slot (mixing
+    the skills there), and the median process CPU ms of both together (steadier on a shared machine).
 
     `evict`: first overwrite a buffer larger than any CPU cache, as a serving step does between cold
     tasks (it streams all base weights), so that the skill inventory is read from memory.
     """
-    materialize, write, cpu = [], [], []
+    weights, write, cpu = [], [], []
     flush = torch.empty(EVICT_BYTES // 4) if evict else None
     for task in w.tasks:
         key = engine.tasks.resolve(task)
@@ -136,10 +136,10 @@ def cold_task_ms(engine: Engine, w: Workload, evict: bool = False) -> tuple[floa
         engine.slots.write(2, adapter)
         synchronize()
         end, end_cpu = time.perf_counter(), time.process_time()
-        materialize.append((mid - start) * 1e3)
+        weights.append((mid - start) * 1e3)
         write.append((end - mid) * 1e3)
         cpu.append((end_cpu - start_cpu) * 1e3)
-    return statistics.median(materialize), statistics.median(write), statistics.median(cpu)
+    return statistics.median(weights), statistics.median(write), statistics.median(cpu)
 
 
 def memory_table(w: Workload) -> list[tuple[int, float, float]]:
@@ -193,9 +193,9 @@ def report(wall: dict[str, float], cpu: dict[str, float], tokens: int, cold: dic
               f"{mixed / VLLM_REFERENCE_TOK_S:.2f}; scaled by this run's bare transformers ({bare:.1f} tok/s), "
               f"i.e. (engine / bare) x (507 / 414) = {mixed / bare * 507 / VLLM_REFERENCE_TOK_S:.2f} (target >= 1.2)")
     print()
-    for when, (materialize, write, cpu_ms) in cold.items():
-        print(f"cold task, all layers, {when}: materialize {materialize:.3f} ms + write into a slot {write:.3f} ms "
-              f"= {materialize + write:.3f} ms wall, {cpu_ms:.3f} ms CPU (target <= 1 ms)")
+    for when, (weights, write, cpu_ms) in cold.items():
+        print(f"cold task, all layers, {when}: routing weights {weights:.3f} ms + mixing into a slot {write:.3f} ms "
+              f"= {weights + write:.3f} ms wall, {cpu_ms:.3f} ms CPU (target <= 1 ms)")
     print(f"\n{'T tasks':>10}{'bundle MiB':>14}{'T LoRAs MiB':>14}{'ratio':>8}  (target <= 0.05 at T = 1000)")
     for T, bundle_mib, lora_mib in memory:
         print(f"{T:>10}{bundle_mib:>14.2f}{lora_mib:>14.2f}{bundle_mib / lora_mib:>8.4f}")

@@ -1,12 +1,14 @@
-"""The compiled CPU kernel for decode-time multi-adapter LoRA (`csrc/lora_rows.cpp`), built on first use.
+"""The compiled CPU kernels (`csrc/`), built on first use into one library.
 
 `lora_rows()` returns the op `add_lora_rows(y, x, A, B, slots)` (y += each row's x @ A[slot] @ B[slot],
-float32, in place), or None when it cannot be built here (the engine does not ask when its `cpu_kernel`
-setting is off). It is compiled by torch's C++ extension loader for this machine's CPU (-O3 -march=native,
+float32, in place; decode-time multi-adapter LoRA), `mix_skills()` the op `mix_skills(out, src, w)`
+(out = the w-weighted sum of src's skills, written into strided slot storage; a routed task's
+materialization). Both are None when the library cannot be built here (the engine does not ask when its
+`cpu_kernel` setting is off). It is compiled by torch's C++ extension loader for this machine's CPU (-O3 -march=native,
 OpenMP threads from torch's pool) once per source, CPU model and torch version, one process at a time,
 under ~/.cache/mhr-serve/kernels ($MHR_KERNEL_DIR overrides); later processes load the built library in
 milliseconds. Without a C++ compiler the engine falls back to torch ops: same results up to float
-rounding, slower mixed decode.
+rounding, slower mixed decode and cold tasks.
 """
 
 from __future__ import annotations
@@ -23,26 +25,36 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "lora_rows.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("lora_rows.cpp", "mix_skills.cpp")]
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 _lock = threading.Lock()
-_built: dict[str, object] = {}
+_built: dict[str, bool] = {}
 
 
 def lora_rows():
-    """The kernel op, building it on the first call of the process; None (logged once) if it cannot be built."""
+    """The decode op, building the library on the first call of the process; None (logged once) if it cannot."""
+    return torch.ops.mhr_serve.add_lora_rows if _library() else None
+
+
+def mix_skills():
+    """The mixing op, building the library on the first call of the process; None (logged once) if it cannot."""
+    return torch.ops.mhr_serve.mix_skills if _library() else None
+
+
+def _library() -> bool:
     with _lock:
-        if "op" not in _built:
-            _built["op"] = _build()
-        return _built["op"]
+        if "ok" not in _built:
+            _built["ok"] = _build()
+        return _built["ok"]
 
 
 def build_name() -> str:
     """A name unique to the source, flags, CPU model and torch build: one library per kind of machine."""
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), _cpu_model().encode(), torch.__version__.encode()):
+    parts = [source.read_bytes() for source in SOURCES]
+    for part in (*parts, " ".join(FLAGS).encode(), _cpu_model().encode(), torch.__version__.encode()):
         key.update(part)
-    return f"mhr_lora_rows_{key.hexdigest()[:12]}"
+    return f"mhr_cpu_ops_{key.hexdigest()[:12]}"
 
 
 def _cpu_model() -> str:
@@ -55,7 +67,7 @@ def _cpu_model() -> str:
     return "\n".join(sorted({line for line in lines if line.startswith(wanted)}))
 
 
-def _build():
+def _build() -> bool:
     name = build_name()
     directory = Path(os.environ.get("MHR_KERNEL_DIR", Path.home() / ".cache" / "mhr-serve" / "kernels")) / name
     try:
@@ -68,12 +80,14 @@ def _build():
             fcntl.flock(held, fcntl.LOCK_EX)
             (directory / "lock").unlink(missing_ok=True)
             if not (directory / f"{name}.so").exists():
-                log.info("compiling the CPU LoRA kernel into %s (once per machine, ~20 s)", directory)
-            cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-                               build_directory=str(directory), is_python_module=False, verbose=False)
+                log.info("compiling the CPU LoRA kernels into %s (once per machine, ~20 s)", directory)
+            cpp_extension.load(name=name, sources=[str(source) for source in SOURCES], extra_cflags=FLAGS,
+                               extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False,
+                               verbose=False)
     except Exception as e:  # no compiler, no ninja, unsupported flags, unwritable cache: fall back to torch ops
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        log.warning("CPU LoRA kernel unavailable (%s): mixed decode batches use torch ops (slower). Install a C++ "
-                    "compiler (g++) and ninja to enable it, or set cpu_kernel=false to skip this build.", reason)
-        return None
-    return torch.ops.mhr_serve.add_lora_rows
+        log.warning("CPU LoRA kernel unavailable (%s): mixed decode batches and cold tasks use torch ops (slower). "
+                    "Install a C++ compiler (g++) and ninja to enable it, or set cpu_kernel=false to skip this build.",
+                    reason)
+        return False
+    return True

@@ -63,10 +63,10 @@ class Engine:
             column_major_weights(model)
         self.context, self.slots = wrap_model(model, list(bundle.modules), config.n_slots,
                                               config.max_rank or _max_rank(bundle))
+        self._mix_op = None
         if cpu_float32 and config.cpu_kernel:
-            self.context.row_kernel = cpu_kernel.lora_rows()
-        inventory = ServingInventory(bundle, [g.names for g in self.slots.groups], self.device, dtype)
-        self.tasks = TaskRegistry(bundle, inventory, config.allow_zero_shot)
+            self.context.row_kernel, self._mix_op = cpu_kernel.lora_rows(), cpu_kernel.mix_skills()
+        self.tasks = TaskRegistry(bundle, self._inventory(bundle), config.allow_zero_shot)
         self.cache = AdapterCache(config.n_slots, self.slots.write)
         self.scheduler = Scheduler(config.max_waiting, config.max_running, config.max_prefill_tokens)
         self.kv = _kv_cache_for(model, config, self.device, dtype)
@@ -87,6 +87,10 @@ class Engine:
             return None
         key = self.tasks.zero_shot_key
         return self.cache.acquire(key, lambda: self.tasks.load(key))
+
+    def _inventory(self, bundle: Bundle) -> ServingInventory:
+        """`bundle`'s skills laid out for this model's slot groups."""
+        return ServingInventory(bundle, [g.names for g in self.slots.groups], self.device, self.dtype, self._mix_op)
 
     @property
     def max_rank(self) -> int:
@@ -282,7 +286,7 @@ class Engine:
                              "start a new engine for it")
         if _max_rank(bundle) > self.slots.max_rank:
             raise ValueError(f"the new bundle needs rank {_max_rank(bundle)}, the slots hold {self.slots.max_rank}")
-        inventory = ServingInventory(bundle, [g.names for g in self.slots.groups], self.device, self.dtype)
+        inventory = self._inventory(bundle)
         with self._lock:
             for key in self.tasks.replace_bundle(bundle, inventory):
                 self.cache.invalidate(key)

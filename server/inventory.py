@@ -1,15 +1,17 @@
 """Adapters in slot layout: routed tasks mixed straight from the skill inventory, dense LoRAs regrouped.
 
 Owns the serving copy of a bundle's skill inventory, resident on the device and laid out per shape group
-(the groups of `server.model.SlotWeights`) with skills next to last, so that mixing a task is one batched
-matmul per group and per side: [G*h, 1, K] @ [G*h, K, d/h * r]. Nothing is permuted or copied at
-materialization time except the result. The math is DESIGN.md section 1 (as `mhr.functional`), with the
-LoRA scaling folded into B's mixing weights.
+(the groups of `server.model.SlotWeights`) as [G, h, K, block] (block: one head's d/h x r slice), so that
+mixing a task is one pass over K contiguous streams per head: the compiled `mix_skills` op writes the sum
+straight into the slot (CPU float32), else one batched matmul per group and side, [G*h, 1, K] @
+[G*h, K, block], then a copy. A routed task is a `MixedLoRA` (its mixing weights) until it is written into
+a slot. The math is DESIGN.md section 1 (as `mhr.functional`), with the LoRA scaling folded into B's
+mixing weights.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -27,41 +29,39 @@ class ServingInventory:
         bundle: the bundle whose inventory (lora_A [K, h, d_in/h, r], lora_B [K, h, r, d_out/h]) to hold.
         groups: module names per shape group, in slot-storage order.
         device, dtype: where the skills live and tasks materialize.
+        mix_op: the compiled `mix_skills` op (`server.cpu_kernel`, CPU float32) or None for torch ops.
     """
 
     def __init__(self, bundle: Bundle, groups: list[list[str]], device: torch.device | str,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, mix_op: Callable | None = None) -> None:
         c = bundle.config
         self.groups, self.n_skills, self.n_heads, self.scaling = groups, c.n_skills, c.n_heads, c.scaling
-        self._A, self._B = [], []
+        self.A_skills, self.B_skills = [], []
         for names in groups:
             A = torch.stack([bundle.lora_A[n] for n in names]).transpose(1, 2)    # [G, h, K, d_in/h, r]
             B = torch.stack([bundle.lora_B[n] for n in names]).transpose(1, 2)    # [G, h, K, r, d_out/h]
             G, h, K = A.shape[:3]
-            self._A.append(A.reshape(G * h, K, -1).to(device, dtype).contiguous())  # [G*h, K, d_in/h * r]
-            self._B.append(B.reshape(G * h, K, -1).to(device, dtype).contiguous())  # [G*h, K, r * d_out/h]
+            self.A_skills.append(A.reshape(G * h, K, -1).to(device, dtype).contiguous())  # [G*h, K, d_in/h * r]
+            self.B_skills.append(B.reshape(G * h, K, -1).to(device, dtype).contiguous())  # [G*h, K, r * d_out/h]
         self.dims = [bundle.modules[names[0]] for names in groups]                 # (d_in, d_out) per group
-        self.rank, self.device, self.dtype = c.rank, device, dtype
+        self.rank, self.device, self.dtype, self.mix_op = c.rank, device, dtype, mix_op
 
-    def routed(self, logits: Mapping[str, Tensor]) -> GroupedLoRA:
+    def routed(self, logits: Mapping[str, Tensor]) -> MixedLoRA:
         """A routed task's adapter from its logits [h, K] per module (evaluation weights).
 
-        The weights of all modules are computed at once on their stacked logits [M, h, K], then split
-        per shape group: a few small ops per task, not per module or per group.
+        The weights of all modules are computed at once on their stacked logits [M, h, K]: a few small ops
+        per task, not per module or per group.
         """
-        stacked = torch.stack([logits[n] for names in self.groups for n in names]).to(self.device)
-        weights = routing_weights(stacked).split([len(names) for names in self.groups])
-        return [self._mix(w, i) for i, w in enumerate(weights)]
+        return MixedLoRA(self, routing_weights(self._stacked(logits)))
 
-    def weighted(self, weights: Mapping[str, Tensor]) -> GroupedLoRA:
+    def weighted(self, weights: Mapping[str, Tensor]) -> MixedLoRA:
         """The adapter of mixing weights [h, K] per module (already normalised per head)."""
-        return [self._mix(torch.stack([weights[n] for n in names]).to(self.device), i)
-                for i, names in enumerate(self.groups)]
+        return MixedLoRA(self, self._stacked(weights))
 
-    def average(self) -> GroupedLoRA:
+    def average(self) -> MixedLoRA:
         """The MHR-mu adapter: every head averages every skill."""
-        uniform = torch.full((self.n_heads, self.n_skills), 1.0 / self.n_skills, device=self.device)
-        return [self._mix(uniform.expand(len(names), -1, -1), i) for i, names in enumerate(self.groups)]
+        modules = sum(len(names) for names in self.groups)
+        return MixedLoRA(self, torch.full((modules, self.n_heads, self.n_skills), 1.0 / self.n_skills))
 
     def dense(self, lora: LoRA) -> GroupedLoRA:
         """An ordinary LoRA regrouped, its scaling folded into B; modules it leaves out get zeros."""
@@ -72,11 +72,48 @@ class ServingInventory:
             out.append((A.to(self.device, self.dtype), (B * lora.scaling).to(self.device, self.dtype)))
         return out
 
-    def _mix(self, weights: Tensor, group: int) -> tuple[Tensor, Tensor]:
-        """Mixing weights [G, h, K] -> (A [G, d_in, r], B [G, r, d_out] scaled)."""
-        G, h, K = weights.shape
-        w = weights.to(self.dtype).reshape(G * h, 1, K)
-        A = torch.bmm(w, self._A[group]).reshape(G, -1, self.rank)                 # heads stacked along d_in
-        B = torch.bmm(w * self.scaling, self._B[group]).reshape(G, h, self.rank, -1)  # [G, h, r, d_out/h]
-        return A, B.transpose(1, 2).reshape(G, self.rank, -1)                      # heads along d_out
+    def _stacked(self, per_module: Mapping[str, Tensor]) -> Tensor:
+        """[h, K] per module -> [M, h, K] in slot-group order."""
+        return torch.stack([per_module[n] for names in self.groups for n in names])
 
+
+class MixedLoRA:
+    """A task's adapter as mixing weights over a `ServingInventory`'s skills, [M, h, K] in slot-group order.
+
+    Written into a slot by `SlotWeights.write` (which calls `write_into`); `tensors()` materializes it.
+    """
+
+    def __init__(self, inventory: ServingInventory, weights: Tensor) -> None:
+        self.inventory, self.rank = inventory, inventory.rank
+        w = weights.to(inventory.device, inventory.dtype).contiguous()
+        sizes = [len(names) for names in inventory.groups]
+        self.weights_A, self.weights_B = w.split(sizes), (w * inventory.scaling).split(sizes)  # [G, h, K] each
+
+    def tensors(self) -> GroupedLoRA:
+        """Per group A [G, d_in, r] (heads stacked along d_in) and B [G, r, d_out] scaled (heads along d_out)."""
+        inv, r, out = self.inventory, self.rank, []
+        for A_skills, B_skills, w_A, w_B in zip(inv.A_skills, inv.B_skills, self.weights_A, self.weights_B,
+                                                strict=True):
+            G, h, K = w_A.shape
+            A = torch.bmm(w_A.reshape(G * h, 1, K), A_skills).reshape(G, -1, r)
+            B = torch.bmm(w_B.reshape(G * h, 1, K), B_skills).reshape(G, h, r, -1)  # [G, h, r, d_out/h]
+            out.append((A, B.transpose(1, 2).reshape(G, r, -1)))
+        return out
+
+    def write_into(self, views: GroupedLoRA) -> None:
+        """Store the adapter in one slot's views, per group A [G, d_in, r] and B [G, r, d_out] (any strides)."""
+        inv = self.inventory
+        if inv.mix_op is None:
+            for (A_view, B_view), (A, B) in zip(views, self.tensors(), strict=True):
+                A_view.copy_(A)
+                B_view.copy_(B)
+            return
+        for (A_view, B_view), A_skills, B_skills, w_A, w_B in zip(views, inv.A_skills, inv.B_skills,
+                                                                    self.weights_A, self.weights_B, strict=True):
+            G, h, K = w_A.shape
+            A_out = A_view.unflatten(1, (h, -1))                    # [G, h, d_in/h, r]: head h's rows of A
+            if A_out.stride(2) == A_out.shape[3]:                   # rank = the slots' rank: each head is one row
+                A_out = A_out.flatten(2).unsqueeze(2)
+            B_out = B_view.unflatten(2, (h, -1)).transpose(1, 2)    # [G, h, r, d_out/h]: head h's columns of B
+            inv.mix_op(A_out, A_skills.view(G, h, K, *A_out.shape[2:]), w_A)
+            inv.mix_op(B_out, B_skills.view(G, h, K, *B_out.shape[2:]), w_B)

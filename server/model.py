@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +20,15 @@ from server.lora_ops import SlotPlan, add_lora
 
 # One adapter in slot layout: per shape group, A [G, d_in, r] and B [G, r, d_out] with the scaling in B.
 GroupedLoRA = list[tuple[Tensor, Tensor]]
+
+
+class SlotWriter(Protocol):
+    """An adapter that stores itself into a slot, e.g. mixed from the skills straight into slot storage."""
+
+    rank: int
+
+    def write_into(self, views: GroupedLoRA) -> None:
+        """`views`: per shape group the slot's A [G, d_in, rank] and B [G, rank, d_out] (strided views)."""
 
 
 class SlotContext:
@@ -77,20 +87,25 @@ class SlotWeights:
         self.groups, self.layers = groups, layers
         _, self.n_slots, _, self.max_rank = groups[0].A.shape
 
-    def write(self, slot: int, adapter: GroupedLoRA) -> None:
+    def write(self, slot: int, adapter: GroupedLoRA | SlotWriter) -> None:
         """Put an adapter into `slot` of every layer; ranks below r_max are zero-padded (exact zeros)."""
         if not 0 < slot < self.n_slots:
             raise ValueError(f"slot {slot} is not a writable slot (1..{self.n_slots - 1})")
-        rank = adapter[0][0].shape[-1]
+        rank = adapter[0][0].shape[-1] if isinstance(adapter, list) else adapter.rank
         if rank > self.max_rank:
             raise ValueError(f"adapter rank {rank} exceeds the slots' max rank {self.max_rank}")
+        views = [(group.A[:, slot, :, :rank], group.B[:, slot, :rank]) for group in self.groups]
         with torch.no_grad():
-            for group, (A, B) in zip(self.groups, adapter, strict=True):
+            for group in self.groups:
                 if rank < self.max_rank:
                     group.A[:, slot, :, rank:].zero_()
                     group.B[:, slot, rank:].zero_()
-                group.A[:, slot, :, :rank].copy_(A)
-                group.B[:, slot, :rank].copy_(B)
+            if isinstance(adapter, list):
+                for (A_view, B_view), (A, B) in zip(views, adapter, strict=True):
+                    A_view.copy_(A)
+                    B_view.copy_(B)
+            else:
+                adapter.write_into(views)
 
     def clear(self, slot: int) -> None:
         with torch.no_grad():

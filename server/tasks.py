@@ -19,7 +19,7 @@ from torch import Tensor
 
 from mhr.adapter import LoRA
 from mhr.bundle import Bundle, TaskKind
-from server.inventory import ServingInventory
+from server.inventory import MixedLoRA, ServingInventory
 from server.model import GroupedLoRA
 
 MIXTURE_PREFIX = "mix-"     # results of per-request mixtures name their adapter "mix-<digest>"
@@ -118,7 +118,7 @@ class TaskRegistry:
         raise UnknownTask(f"task {task!r} is not in the bundle and zero-shot serving is off "
                           f"(tasks: {', '.join(sorted(self._keys)) or 'none'})")
 
-    def load(self, key: AdapterKey) -> GroupedLoRA:
+    def load(self, key: AdapterKey) -> GroupedLoRA | MixedLoRA:
         """The adapter of a current key, in slot layout."""
         if key.version == MIXTURE_VERSION:
             return self.inventory.weighted(self._mixtures[key.name].weights)

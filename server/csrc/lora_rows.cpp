@@ -112,7 +112,7 @@ void add_lora_rows(at::Tensor y, const at::Tensor& x, const at::Tensor& A, const
 
 }  // namespace
 
-TORCH_LIBRARY(mhr_serve, m) {
+TORCH_LIBRARY_FRAGMENT(mhr_serve, m) {
   m.def("add_lora_rows(Tensor(a!) y, Tensor x, Tensor A, Tensor B, Tensor slots) -> ()");
 }
 

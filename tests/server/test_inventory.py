@@ -1,10 +1,13 @@
-"""Adapters in slot layout equal mhr's materialization (routed, MHR-mu average, dense), scaling folded in B."""
+"""Adapters in slot layout equal mhr's materialization (routed, MHR-mu average, dense), scaling folded in B,
+whether materialized by torch ops or mixed by the compiled op straight into (rank-padded) slot storage."""
 
 import pytest
 import torch
 
 import mhr
+from server import cpu_kernel
 from server.inventory import ServingInventory
+from server.model import SlotGroup, SlotWeights
 from tests.server.conftest import DENSE, ROUTED
 
 
@@ -29,17 +32,57 @@ def assert_matches(adapter, groups, lora):
             assert torch.allclose(A[i], want_A, atol=1e-6) and torch.allclose(B[i], want_B, atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def mix_op():
+    op = cpu_kernel.mix_skills()
+    assert op is not None, "the CPU kernels did not build (needs g++)"
+    return op
+
+
 def test_routed_average_and_dense_match_mhr(bundle):
     groups = grouped(bundle)
     inventory = ServingInventory(bundle, groups, "cpu", torch.float32)
     reference = bundle.inventory()
     for task in ROUTED[:3]:
-        assert_matches(inventory.routed(bundle.routing_logits(task)), groups, bundle.task_lora(task, reference))
-    assert_matches(inventory.average(), groups, reference.average())
+        assert_matches(inventory.routed(bundle.routing_logits(task)).tensors(), groups,
+                       bundle.task_lora(task, reference))
+    assert_matches(inventory.average().tensors(), groups, reference.average())
     assert_matches(inventory.dense(bundle.adapters[DENSE]), groups, bundle.adapters[DENSE])
+
+
+@pytest.mark.parametrize("max_rank", [4, 6])  # the inventory's rank, and slots wider than it (zero-padded)
+@pytest.mark.parametrize("compiled", [False, True])
+def test_adapters_written_into_slots_match_mhr(bundle, mix_op, max_rank, compiled):
+    groups = grouped(bundle)
+    inventory = ServingInventory(bundle, groups, "cpu", torch.float32, mix_op if compiled else None)
+    storage = [SlotGroup(names, torch.full((len(names), 3, bundle.modules[names[0]][0], max_rank), float("nan")),
+                         torch.full((len(names), 3, max_rank, bundle.modules[names[0]][1]), float("nan")))
+               for names in groups]
+    slots = SlotWeights(storage, {})
+    reference = bundle.inventory()
+    cases = [(inventory.routed(bundle.routing_logits(task)), bundle.task_lora(task, reference)) for task in ROUTED[:3]]
+    cases.append((inventory.average(), reference.average()))
+    for adapter, want in cases:
+        slots.write(2, adapter)
+        r = want.rank
+        assert_matches([(g.A[:, 2, :, :r], g.B[:, 2, :r]) for g in storage], groups, want)
+        assert all((g.A[:, 2, :, r:] == 0).all() and (g.B[:, 2, r:] == 0).all() for g in storage)
+        assert all(g.A[:, 1].isnan().all() and g.B[:, 1].isnan().all() for g in storage), "another slot was written"
+
+
+def test_compiled_mix_refuses_what_it_cannot_compute(mix_op):
+    out, src, w = torch.zeros(2, 3, 4, 5), torch.ones(2, 3, 6, 4, 5), torch.ones(2, 3, 6)
+    mix_op(out, src, w)
+    assert torch.equal(out, torch.full_like(out, 6.0))
+    with pytest.raises(RuntimeError, match="float32"):
+        mix_op(out.double(), src.double(), w.double())
+    with pytest.raises(RuntimeError, match="shapes"):
+        mix_op(out, src, torch.ones(2, 3, 5))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        mix_op(out.transpose(2, 3).contiguous().transpose(2, 3), src, w)
 
 
 def test_bfloat16_layout(bundle):
     inventory = ServingInventory(bundle, grouped(bundle), "cpu", torch.bfloat16)
-    A, B = inventory.routed(bundle.routing_logits(ROUTED[0]))[0]
+    A, B = inventory.routed(bundle.routing_logits(ROUTED[0])).tensors()[0]
     assert A.dtype == B.dtype == torch.bfloat16 and A.shape[-1] == B.shape[-2] == bundle.config.rank

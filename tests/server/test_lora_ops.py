@@ -125,7 +125,7 @@ def test_cpu_kernel_falls_back_when_it_cannot_be_built(tmp_path, monkeypatch, ca
     monkeypatch.setenv("MHR_KERNEL_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     with caplog.at_level(logging.WARNING, logger="server.cpu_kernel"):
-        assert cpu_kernel._build() is None
+        assert cpu_kernel._build() is False
     assert "CPU LoRA kernel unavailable" in caplog.text and "cpu_kernel=false" in caplog.text
 
 

@@ -108,6 +108,7 @@ class MixedLoRA:
                 A_view.copy_(A)
                 B_view.copy_(B)
             return
+        outs, skills, weights = [], [], []
         for (A_view, B_view), A_skills, B_skills, w_A, w_B in zip(views, inv.A_skills, inv.B_skills,
                                                                     self.weights_A, self.weights_B, strict=True):
             G, h, K = w_A.shape
@@ -115,5 +116,7 @@ class MixedLoRA:
             if A_out.stride(2) == A_out.shape[3]:                   # rank = the slots' rank: each head is one row
                 A_out = A_out.flatten(2).unsqueeze(2)
             B_out = B_view.unflatten(2, (h, -1)).transpose(1, 2)    # [G, h, r, d_out/h]: head h's columns of B
-            inv.mix_op(A_out, A_skills.view(G, h, K, *A_out.shape[2:]), w_A)
-            inv.mix_op(B_out, B_skills.view(G, h, K, *B_out.shape[2:]), w_B)
+            outs += [A_out, B_out]
+            skills += [A_skills.view(G, h, K, *A_out.shape[2:]), B_skills.view(G, h, K, *B_out.shape[2:])]
+            weights += [w_A, w_B]
+        inv.mix_op(outs, skills, weights)

@@ -70,16 +70,20 @@ def test_adapters_written_into_slots_match_mhr(bundle, mix_op, max_rank, compile
         assert all(g.A[:, 1].isnan().all() and g.B[:, 1].isnan().all() for g in storage), "another slot was written"
 
 
-def test_compiled_mix_refuses_what_it_cannot_compute(mix_op):
+def test_compiled_mix_sums_every_triple_and_refuses_what_it_cannot_compute(mix_op):
     out, src, w = torch.zeros(2, 3, 4, 5), torch.ones(2, 3, 6, 4, 5), torch.ones(2, 3, 6)
-    mix_op(out, src, w)
+    wide = torch.zeros(1, 2, 1, 100_000)  # enough work for both threads, split mid-way through a tensor
+    mix_op([out, wide], [src, torch.arange(4 * 100_000.0).view(1, 2, 2, 1, 100_000)], [w, torch.ones(1, 2, 2)])
     assert torch.equal(out, torch.full_like(out, 6.0))
+    assert torch.equal(wide.flatten(), torch.arange(4 * 100_000.0).view(2, 2, -1).sum(1).flatten())
     with pytest.raises(RuntimeError, match="float32"):
-        mix_op(out.double(), src.double(), w.double())
+        mix_op([out.double()], [src.double()], [w.double()])
     with pytest.raises(RuntimeError, match="shapes"):
-        mix_op(out, src, torch.ones(2, 3, 5))
+        mix_op([out], [src], [torch.ones(2, 3, 5)])
     with pytest.raises(RuntimeError, match="contiguous"):
-        mix_op(out.transpose(2, 3).contiguous().transpose(2, 3), src, w)
+        mix_op([out.transpose(2, 3).contiguous().transpose(2, 3)], [src], [w])
+    with pytest.raises(RuntimeError, match="length"):
+        mix_op([out, out], [src], [w])
 
 
 def test_bfloat16_layout(bundle):

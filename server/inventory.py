@@ -113,8 +113,6 @@ class MixedLoRA:
                                                                     self.weights_A, self.weights_B, strict=True):
             G, h, K = w_A.shape
             A_out = A_view.unflatten(1, (h, -1))                    # [G, h, d_in/h, r]: head h's rows of A
-            if A_out.stride(2) == A_out.shape[3]:                   # rank = the slots' rank: each head is one row
-                A_out = A_out.flatten(2).unsqueeze(2)
             B_out = B_view.unflatten(2, (h, -1)).transpose(1, 2)    # [G, h, r, d_out/h]: head h's columns of B
             outs += [A_out, B_out]
             skills += [A_skills.view(G, h, K, *A_out.shape[2:]), B_skills.view(G, h, K, *B_out.shape[2:])]

@@ -19,14 +19,17 @@ constexpr int64_t kChunk = 64;                  // floats summed in registers at
 constexpr int64_t kPrefetchFloats = 512;        // how far ahead (2 KiB) each skill stream is prefetched
 constexpr int64_t kMinFloatsPerThread = 32768;  // inventory floats a thread should read to be worth waking
 
-// out[c] = sum_k w[k] * src[k * stride + c] for c < n, summed in k order.
-inline void mix_row(float* out, const float* src, int64_t stride, const float* w, int64_t K, int64_t n) {
-  for (int64_t c = 0; c < n; c += kChunk) {
-    const int64_t len = std::min(kChunk, n - c);
+// One head's block: out's R rows of C floats (row stride stride_r) = sum_k w[k] * src[k], where src[k] is
+// R * C contiguous floats, summed in k order. The block is summed 64 floats at a time in registers, across
+// row boundaries, so short rows (C = a rank, when slots are wider than the task) cost no more than long ones.
+void mix_block(float* out, int64_t stride_r, int64_t C, const float* src, const float* w, int64_t K, int64_t L) {
+  int64_t row = 0, col = 0;  // where the next chunk lands in out
+  for (int64_t c = 0; c < L; c += kChunk) {
+    const int64_t len = std::min(kChunk, L - c);
     float acc[kChunk];
     for (int64_t k = 0; k < K; ++k) {
       const float wk = w[k];
-      const float* s = src + k * stride + c;
+      const float* s = src + k * L + c;
       for (int64_t line = 0; line < kChunk; line += 16) __builtin_prefetch(s + kPrefetchFloats + line);
       if (k == 0) {
         for (int64_t i = 0; i < len; ++i) acc[i] = wk * s[i];
@@ -34,7 +37,12 @@ inline void mix_row(float* out, const float* src, int64_t stride, const float* w
         for (int64_t i = 0; i < len; ++i) acc[i] += wk * s[i];
       }
     }
-    std::copy(acc, acc + len, out + c);
+    for (int64_t i = 0; i < len;) {  // the chunk's pieces of out's rows
+      const int64_t n = std::min(C - col, len - i);
+      std::copy(acc + i, acc + i + n, out + row * stride_r + col);
+      i += n, col += n;
+      if (col == C) row += 1, col = 0;
+    }
   }
 }
 
@@ -45,7 +53,7 @@ struct Mix {
   const float* src;
   const float* w;
   int64_t H, R, C, K, stride_g, stride_h, stride_r;
-  int64_t rows, first;  // G * H * R rows; where its first row starts in the work of the whole call
+  int64_t blocks, first;  // G * H head blocks; where the first one starts in the work of the whole call
 
   Mix(at::Tensor& o, const at::Tensor& s, const at::Tensor& wt, int64_t begin) {
     TORCH_CHECK(o.dim() == 4 && s.dim() == 5 && wt.dim() == 3,
@@ -61,18 +69,19 @@ struct Mix {
                 "mix_skills: src and w must be contiguous, out's rows contiguous");
     out = o.data_ptr<float>(), src = s.data_ptr<float>(), w = wt.data_ptr<float>();
     stride_g = o.stride(0), stride_h = o.stride(1), stride_r = o.stride(2);
-    rows = G * H * R, first = begin;
+    blocks = G * H, first = begin;
+    if (stride_r == C) C *= R, R = 1;  // a block's rows are contiguous in out: copy them as one
   }
-  int64_t work() const { return rows * K * C; }  // inventory floats read
+  int64_t work() const { return blocks * K * R * C; }  // inventory floats read
 
-  // The rows whose work starts in [begin, end) of the call's work.
+  // The head blocks whose work starts in [begin, end) of the call's work.
   void run(int64_t begin, int64_t end) const {
-    const int64_t per_row = K * C;
-    const int64_t lo = std::clamp<int64_t>((begin - first + per_row - 1) / per_row, 0, rows);
-    const int64_t hi = std::clamp<int64_t>((end - first + per_row - 1) / per_row, 0, rows);
-    for (int64_t row = lo; row < hi; ++row) {
-      const int64_t r = row % R, gh = row / R, h = gh % H, g = gh / H;
-      mix_row(out + g * stride_g + h * stride_h + r * stride_r, src + (gh * K * R + r) * C, R * C, w + gh * K, K, C);
+    const int64_t per_block = K * R * C;
+    const int64_t lo = std::clamp<int64_t>((begin - first + per_block - 1) / per_block, 0, blocks);
+    const int64_t hi = std::clamp<int64_t>((end - first + per_block - 1) / per_block, 0, blocks);
+    for (int64_t gh = lo; gh < hi; ++gh) {
+      const int64_t h = gh % H, g = gh / H;
+      mix_block(out + g * stride_g + h * stride_h, stride_r, C, src + gh * per_block, w + gh * K, K, R * C);
     }
   }
 };

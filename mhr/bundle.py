@@ -105,7 +105,7 @@ class Bundle:
     lora_A: dict[str, Tensor]                      # [K, h, d_in/h, r]
     lora_B: dict[str, Tensor]                      # [K, h, r, d_out/h]
     tasks: list[Task] = field(default_factory=list)
-    routing: dict[str, Tensor] = field(default_factory=dict)   # [T_routed, h, K] logits
+    routing: dict[str, Tensor] = field(default_factory=dict)   # [T_routed, h, K] logits (views of one table)
     adapters: dict[str, LoRA] = field(default_factory=dict)    # dense tasks by name
     zero_shot: LoRA | None = None
     training: dict[str, Any] = field(default_factory=dict)
@@ -113,6 +113,17 @@ class Bundle:
     # name -> task, name -> routing row; built on first lookup, dropped whenever the task list changes
     _lookup: tuple[dict[str, Task], dict[str, int]] | None = field(default=None, init=False, repr=False,
                                                                    compare=False)
+    # every routed task's logits [T_routed, M, h, K], modules in `modules` order; `routing` holds its views
+    _routing_table: Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.routing:
+            self._set_routing(torch.stack([self.routing[m] for m in self.modules], dim=1))
+
+    def _set_routing(self, table: Tensor | None) -> None:
+        """Hold `table` [T_routed, M, h, K] (None: no routed task) and expose it per module as `routing`."""
+        self._routing_table = table
+        self.routing = {m: table[:, i] for i, m in enumerate(self.modules)} if table is not None else {}
 
     # ----- building -------------------------------------------------------------------------------
 
@@ -176,11 +187,11 @@ class Bundle:
             raise BundleError(f"routing logits of task {name!r} name modules not in the bundle: {extra}")
         if name in self._tasks_by_name():
             self.remove_task(name)
-        # copy=True: the first row would otherwise alias the caller's tensor (a router still training)
-        row = {m: logits[m].detach().to("cpu", torch.float32, copy=True).reshape(1, *logits[m].shape[-2:])
-               for m in self.modules}
-        self.routing = {m: torch.cat([self.routing[m], row[m]]) if self.routing else row[m]
-                        for m in self.modules}
+        # a fresh tensor: stacking copies, so no row aliases the caller's tensor (a router still training)
+        row = torch.stack([logits[m].detach().to("cpu", torch.float32).reshape(logits[m].shape[-2:])
+                           for m in self.modules])[None]                      # [1, M, h, K]
+        table = self._routing_table
+        self._set_routing(row if table is None else torch.cat([table, row]))
         self.tasks.append(Task(name, TaskKind.ROUTED, metadata=dict(metadata or {})))
         self._lookup = None
 
@@ -206,7 +217,7 @@ class Bundle:
         task = self.task(name)
         if task.kind is TaskKind.ROUTED:
             keep = [i for i, t in enumerate(self.routed_tasks()) if t != name]
-            self.routing = {m: t[keep] for m, t in self.routing.items()} if keep else {}
+            self._set_routing(self._routing_table[keep] if keep else None)
         else:
             del self.adapters[name]
         self.tasks.remove(task)
@@ -229,10 +240,13 @@ class Bundle:
 
     def routing_logits(self, name: str) -> dict[str, Tensor]:
         """A routed task's logits [h, K] per module."""
+        return dict(zip(self.modules, self.routing_row(name), strict=True))
+
+    def routing_row(self, name: str) -> Tensor:
+        """A routed task's logits of every module at once, [M, h, K] in `modules` order (a view: one lookup)."""
         if self.task(name).kind is not TaskKind.ROUTED:
             raise BundleError(f"task {name!r} is a dense task: it has no routing logits")
-        row = self._lookups()[1][name]
-        return {m: t[row] for m, t in self.routing.items()}
+        return self._routing_table[self._lookups()[1][name]]
 
     def task_lora(self, name: str, inventory: SkillInventory | None = None) -> LoRA:
         """The ordinary LoRA serving `name`: materialized from routing (eval weights) or the dense one."""

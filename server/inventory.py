@@ -44,15 +44,14 @@ class ServingInventory:
             self.A_skills.append(A.reshape(G * h, K, -1).to(device, dtype).contiguous())  # [G*h, K, d_in/h * r]
             self.B_skills.append(B.reshape(G * h, K, -1).to(device, dtype).contiguous())  # [G*h, K, r * d_out/h]
         self.dims = [bundle.modules[names[0]] for names in groups]                 # (d_in, d_out) per group
+        position = {name: i for i, name in enumerate(bundle.modules)}
+        self._order = torch.tensor([position[n] for names in groups for n in names])  # module order -> groups
         self.rank, self.device, self.dtype, self.mix_op = c.rank, device, dtype, mix_op
 
-    def routed(self, logits: Mapping[str, Tensor]) -> MixedLoRA:
-        """A routed task's adapter from its logits [h, K] per module (evaluation weights).
-
-        The weights of all modules are computed at once on their stacked logits [M, h, K]: a few small ops
-        per task, not per module or per group.
-        """
-        return MixedLoRA(self, routing_weights(self._stacked(logits)))
+    def routed(self, logits: Tensor) -> MixedLoRA:
+        """A routed task's adapter from its logits [M, h, K] in the bundle's module order (`Bundle.routing_row`),
+        with evaluation weights: a few small ops per task, not per module or per group."""
+        return MixedLoRA(self, routing_weights(logits.index_select(0, self._order)))
 
     def weighted(self, weights: Mapping[str, Tensor]) -> MixedLoRA:
         """The adapter of mixing weights [h, K] per module (already normalised per head)."""

@@ -129,7 +129,7 @@ class TaskRegistry:
             raise KeyError(f"{key} is no longer served (the task was replaced or removed)")
         if self.bundle.task(key.name).kind is TaskKind.DENSE:
             return self.inventory.dense(self.bundle.adapters[key.name])
-        return self.inventory.routed(self.bundle.routing_logits(key.name))
+        return self.inventory.routed(self.bundle.routing_row(key.name))
 
     def put_routed(self, name: str, logits: Mapping[str, Tensor]) -> AdapterKey | None:
         """Add or replace a routed task (logits [h, K] per module); returns the replaced key, if any."""

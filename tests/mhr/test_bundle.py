@@ -526,10 +526,14 @@ def test_file_that_is_not_safetensors(saved, tmp_path, rel, kind):
 # ----- the task API --------------------------------------------------------------------------------
 
 def assert_routing_rows(bundle: Bundle, expected: dict[str, dict[str, Tensor]]) -> None:
-    """Every routed task of `bundle` has exactly the logits given for it, and no other task is routed."""
+    """Every routed task of `bundle` has exactly the logits given for it, and no other task is routed:
+    per module, as one row of all modules, and in its row of the per-module routing tables."""
     assert sorted(bundle.routed_tasks()) == sorted(expected)
     for task, logits in expected.items():
         assert_same_tensors(bundle.routing_logits(task), logits)
+        assert torch.equal(bundle.routing_row(task), torch.stack([logits[m] for m in bundle.modules]))
+        row = bundle.routed_tasks().index(task)
+        assert all(torch.equal(bundle.routing[m][row], logits[m]) for m in bundle.modules)
 
 
 def test_add_routed_task(bundle, built):
@@ -695,6 +699,8 @@ def test_rename_onto_an_existing_task_is_refused(bundle, built):
 def test_routing_logits_of_a_dense_task(bundle):
     with pytest.raises(BundleError, match="'dense-1' is a dense task"):
         bundle.routing_logits("dense-1")
+    with pytest.raises(BundleError, match="'dense-1' is a dense task"):
+        bundle.routing_row("dense-1")
 
 
 @pytest.mark.parametrize("change, words", [

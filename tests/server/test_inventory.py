@@ -44,7 +44,7 @@ def test_routed_average_and_dense_match_mhr(bundle):
     inventory = ServingInventory(bundle, groups, "cpu", torch.float32)
     reference = bundle.inventory()
     for task in ROUTED[:3]:
-        assert_matches(inventory.routed(bundle.routing_logits(task)).tensors(), groups,
+        assert_matches(inventory.routed(bundle.routing_row(task)).tensors(), groups,
                        bundle.task_lora(task, reference))
     assert_matches(inventory.average().tensors(), groups, reference.average())
     assert_matches(inventory.dense(bundle.adapters[DENSE]), groups, bundle.adapters[DENSE])
@@ -60,7 +60,7 @@ def test_adapters_written_into_slots_match_mhr(bundle, mix_op, max_rank, compile
                for names in groups]
     slots = SlotWeights(storage, {})
     reference = bundle.inventory()
-    cases = [(inventory.routed(bundle.routing_logits(task)), bundle.task_lora(task, reference)) for task in ROUTED[:3]]
+    cases = [(inventory.routed(bundle.routing_row(task)), bundle.task_lora(task, reference)) for task in ROUTED[:3]]
     cases.append((inventory.average(), reference.average()))
     for adapter, want in cases:
         slots.write(2, adapter)
@@ -88,5 +88,5 @@ def test_compiled_mix_sums_every_triple_and_refuses_what_it_cannot_compute(mix_o
 
 def test_bfloat16_layout(bundle):
     inventory = ServingInventory(bundle, grouped(bundle), "cpu", torch.bfloat16)
-    A, B = inventory.routed(bundle.routing_logits(ROUTED[0])).tensors()[0]
+    A, B = inventory.routed(bundle.routing_row(ROUTED[0])).tensors()[0]
     assert A.dtype == B.dtype == torch.bfloat16 and A.shape[-1] == B.shape[-2] == bundle.config.rank

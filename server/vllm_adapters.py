@@ -35,9 +35,11 @@ class PeftInventory:
 
     def __init__(self, bundle: mhr.Bundle) -> None:
         self.skills = bundle.inventory(device="cpu", dtype=torch.float32)
+        self.modules = list(bundle.modules)
 
-    def routed(self, logits: Mapping[str, Tensor]) -> LoRA:
-        return self.skills.materialize_logits(logits)
+    def routed(self, logits: Tensor) -> LoRA:
+        """A routed task from its logits [M, h, K] in the bundle's module order (`Bundle.routing_row`)."""
+        return self.skills.materialize_logits(dict(zip(self.modules, logits, strict=True)))
 
     def weighted(self, weights: Mapping[str, Tensor]) -> LoRA:
         return self.skills.materialize(weights)

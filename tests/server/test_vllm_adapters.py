@@ -5,13 +5,24 @@ from __future__ import annotations
 import torch
 
 import mhr
-from server.tasks import AdapterKey
+from server.tasks import AdapterKey, TaskRegistry
 from server.vllm_adapters import AdapterDirs, PeftInventory, zero_lora
-from tests.server.conftest import ROUTED
+from tests.server.conftest import DENSE, ROUTED
 
 
 def lora_of(bundle, task):
-    return lambda: PeftInventory(bundle).routed(bundle.routing_logits(task))
+    return lambda: PeftInventory(bundle).routed(bundle.routing_row(task))
+
+
+def test_task_registry_on_peft_inventory_loads_the_tasks_mhr_materializes(bundle_path):
+    """What the vLLM engine writes for a task: routed and dense tasks, and the zero-shot average."""
+    bundle = mhr.Bundle.load(bundle_path)
+    tasks = TaskRegistry(bundle, PeftInventory(bundle), allow_zero_shot=True)
+    cases = [(tasks.resolve(name), bundle.task_lora(name)) for name in [*ROUTED[:2], DENSE]]
+    cases.append((tasks.resolve("never-seen"), bundle.zero_shot_lora()))
+    for key, want in cases:
+        got = tasks.load(key)
+        assert all(torch.allclose(got.delta_weight(m), want.delta_weight(m), atol=1e-6) for m in want.modules)
 
 
 def test_idle_adapters_are_evicted_lru_and_used_ones_never(tmp_path, bundle_path):

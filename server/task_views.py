@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from mhr.bundle import TaskKind
 from mhr.functional import routing_weights
 from server.engine import Engine
@@ -32,7 +30,7 @@ def task_info(engine: Engine, name: str) -> TaskInfo:
     except KeyError:
         raise APIError(404, f"task {name!r} is not in the bundle", param="task", code="task_not_found") from None
     if task.kind is TaskKind.ROUTED:
-        weights = torch.stack([routing_weights(t.float()) for t in bundle.routing_logits(name).values()])
+        weights = routing_weights(bundle.routing_row(name).float())  # [M, h, K]
         routing = weights.mean(dim=0).round(decimals=4).tolist()  # [h, K], averaged over modules
         return TaskInfo(name=name, kind="routed", rank=bundle.config.rank, metadata=task.metadata, routing=routing)
     return TaskInfo(name=name, kind="dense", rank=bundle.adapters[name].rank, metadata=task.metadata)

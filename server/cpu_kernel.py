@@ -1,14 +1,14 @@
 """The compiled CPU kernels (`csrc/`), built on first use into one library.
 
 `lora_rows()` returns the op `add_lora_rows(y, x, A, B, slots)` (y += each row's x @ A[slot] @ B[slot],
-float32, in place; decode-time multi-adapter LoRA), `mix_skills()` the op `mix_skills(out, src, w)`
-(out = the w-weighted sum of src's skills, written into strided slot storage; a routed task's
+float32, in place; decode-time multi-adapter LoRA), `mix_skills()` the op `mix_skills(outs, srcs, ws)`
+(each out = the w-weighted sum of its src's skills, written into strided slot storage; a routed task's
 materialization). Both are None when the library cannot be built here (the engine does not ask when its
-`cpu_kernel` setting is off). It is compiled by torch's C++ extension loader for this machine's CPU (-O3 -march=native,
-OpenMP threads from torch's pool) once per source, CPU model and torch version, one process at a time,
-under ~/.cache/mhr-serve/kernels ($MHR_KERNEL_DIR overrides); later processes load the built library in
-milliseconds. Without a C++ compiler the engine falls back to torch ops: same results up to float
-rounding, slower mixed decode and cold tasks.
+`cpu_kernel` setting is off). It is compiled by torch's C++ extension loader for this machine's CPU
+(-O3 -march=native, OpenMP threads from torch's pool) once per source, CPU model and torch version, one
+process at a time, under ~/.cache/mhr-serve/kernels ($MHR_KERNEL_DIR overrides); later processes load the
+built library in milliseconds. Without a C++ compiler the engine falls back to torch ops: same results up
+to float rounding, slower mixed decode and cold tasks.
 """
 
 from __future__ import annotations

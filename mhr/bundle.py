@@ -118,6 +118,9 @@ class Bundle:
 
     def __post_init__(self) -> None:
         if self.routing:
+            if set(self.routing) != set(self.modules):
+                raise BundleError(f"routing logits name modules {sorted(self.routing)}, the bundle has "
+                                  f"{sorted(self.modules)}: give one [T_routed, h, K] tensor per module")
             self._set_routing(torch.stack([self.routing[m] for m in self.modules], dim=1))
 
     def _set_routing(self, table: Tensor | None) -> None:

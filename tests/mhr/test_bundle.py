@@ -939,3 +939,16 @@ def test_load_when_the_lock_file_cannot_be_created(built, saved, monkeypatch):
     assert not (saved / ".lock").exists()
     with pytest.raises(PermissionError):  # a writer never goes without the lock
         loaded.save(saved)
+
+
+def test_a_bundle_built_from_per_module_routing_tables_rows_them_by_task(bundle, built):
+    def rebuilt(routing):
+        return Bundle(config=bundle.config, backbone=bundle.backbone, fingerprint=bundle.fingerprint,
+                      modules=bundle.modules, lora_A=bundle.lora_A, lora_B=bundle.lora_B, tasks=list(bundle.tasks),
+                      routing=routing, adapters=bundle.adapters)
+
+    copy = rebuilt({m: t.clone() for m, t in bundle.routing.items()})
+    assert_routing_rows(copy, {t: built.logits[t] for t in TASKS})
+    missing = next(iter(bundle.modules))
+    with pytest.raises(BundleError, match=f"routing logits name modules .*{missing}"):
+        rebuilt({m: t for m, t in bundle.routing.items() if m != missing})

@@ -164,7 +164,7 @@ class Bundle:
     def task(self, name: str) -> Task:
         task = self._tasks_by_name().get(name)
         if task is None:
-            raise KeyError(f"task {name!r} is not in this bundle (tasks: {_listed(self.task_names)})")
+            raise KeyError(f"task {name!r} is not in this bundle (tasks: {listed(self.task_names)})")
         return task
 
     def _tasks_by_name(self) -> dict[str, Task]:
@@ -353,7 +353,7 @@ class Bundle:
         return bundle
 
 
-def _listed(names: list[str], limit: int = 20) -> str:
+def listed(names: list[str], limit: int = 20) -> str:
     """Names for an error message: all of a few, the first `limit` of many."""
     if not names:
         return "none"

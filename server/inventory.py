@@ -19,7 +19,7 @@ from torch import Tensor
 from mhr.adapter import LoRA
 from mhr.bundle import Bundle
 from mhr.functional import routing_weights
-from server.model import GroupedLoRA
+from server.model import GroupedLoRA, copy_into
 
 
 class ServingInventory:
@@ -103,9 +103,7 @@ class MixedLoRA:
         """Store the adapter in one slot's views, per group A [G, d_in, r] and B [G, r, d_out] (any strides)."""
         inv = self.inventory
         if inv.mix_op is None:
-            for (A_view, B_view), (A, B) in zip(views, self.tensors(), strict=True):
-                A_view.copy_(A)
-                B_view.copy_(B)
+            copy_into(views, self.tensors())
             return
         outs, skills, weights = [], [], []
         for (A_view, B_view), A_skills, B_skills, w_A, w_B in zip(views, inv.A_skills, inv.B_skills,

@@ -31,6 +31,13 @@ class SlotWriter(Protocol):
         """`views`: per shape group the slot's A [G, d_in, rank] and B [G, rank, d_out] (strided views)."""
 
 
+def copy_into(views: GroupedLoRA, adapter: GroupedLoRA) -> None:
+    """Copy `adapter`'s tensors into a slot's `views` (as `SlotWriter.write_into` receives them)."""
+    for (A_view, B_view), (A, B) in zip(views, adapter, strict=True):
+        A_view.copy_(A)
+        B_view.copy_(B)
+
+
 class SlotContext:
     """The slot plan of the current forward, shared by every layer of one model.
 
@@ -101,9 +108,7 @@ class SlotWeights:
                     group.A[:, slot, :, rank:].zero_()
                     group.B[:, slot, rank:].zero_()
             if isinstance(adapter, list):
-                for (A_view, B_view), (A, B) in zip(views, adapter, strict=True):
-                    A_view.copy_(A)
-                    B_view.copy_(B)
+                copy_into(views, adapter)
             else:
                 adapter.write_into(views)
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from mhr.adapter import LoRA
-from mhr.bundle import Bundle, TaskKind
+from mhr.bundle import Bundle, TaskKind, listed
 from server.inventory import MixedLoRA, ServingInventory
 from server.model import GroupedLoRA
 
@@ -116,7 +116,7 @@ class TaskRegistry:
         if self.allow_zero_shot:
             return self.zero_shot_key
         raise UnknownTask(f"task {task!r} is not in the bundle and zero-shot serving is off "
-                          f"(tasks: {', '.join(sorted(self._keys)) or 'none'})")
+                          f"(tasks: {listed(list(self._keys))})")
 
     def load(self, key: AdapterKey) -> GroupedLoRA | MixedLoRA:
         """The adapter of a current key, in slot layout."""

@@ -98,6 +98,18 @@ def test_zero_shot_policy(make_engine, tiny_tokenizer):
     assert strict.cache.resident() == {}              # nothing pinned without the policy
 
 
+def test_unknown_task_error_names_a_few_of_many_tasks(make_engine):
+    engine = make_engine(allow_zero_shot=False)
+    logits = engine.tasks.bundle.routing_logits(ROUTED[0])
+    for i in range(40):
+        engine.tasks.put_routed(f"extra-{i:02d}", logits)
+    with pytest.raises(UnknownTask) as error:
+        engine.tasks.resolve("nope")
+    shown = str(error.value)  # the fixture's tasks first, 20 names in all, then the count
+    assert ROUTED[0] in shown and "extra-39" not in shown
+    assert shown.endswith(f"... ({len(engine.tasks)} in all))") and shown.count(", ") == 20
+
+
 def test_replace_task_while_running(make_engine, tiny_tokenizer):
     engine = make_engine()
     old_request = Request(prompt(tiny_tokenizer, 5), ROUTED[2], LONG)

@@ -70,6 +70,17 @@ def test_adapters_written_into_slots_match_mhr(bundle, mix_op, max_rank, compile
         assert all(g.A[:, 1].isnan().all() and g.B[:, 1].isnan().all() for g in storage), "another slot was written"
 
 
+@pytest.mark.parametrize("rows, cols", [(4, 5), (3, 64), (8, 25), (8, 344), (344, 8)])
+def test_compiled_mix_equals_einsum_into_strided_rows(mix_op, rows, cols):
+    """Blocks of whole and partial 64-float chunks, rows crossing chunk ends, written into wider rows."""
+    g = torch.Generator().manual_seed(rows * cols)
+    src, w = torch.randn(2, 3, 5, rows, cols, generator=g), torch.rand(2, 3, 5, generator=g)
+    storage = torch.full((2, 3, rows, cols + 7), float("nan"))
+    mix_op([storage[..., :cols]], [src], [w])
+    torch.testing.assert_close(storage[..., :cols], torch.einsum("ghk,ghkrc->ghrc", w, src))
+    assert storage[..., cols:].isnan().all(), "the op wrote past its rows"
+
+
 def test_compiled_mix_sums_every_triple_and_refuses_what_it_cannot_compute(mix_op):
     out, src, w = torch.zeros(2, 3, 4, 5), torch.ones(2, 3, 6, 4, 5), torch.ones(2, 3, 6)
     wide = torch.zeros(1, 2, 1, 100_000)  # enough work for both threads, split mid-way through a tensor

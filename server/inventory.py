@@ -5,8 +5,8 @@ Owns the serving copy of a bundle's skill inventory, resident on the device and 
 mixing a task is one pass over K contiguous streams per head: the compiled `mix_skills` op writes the sum
 straight into the slot (CPU float32), else one batched matmul per group and side, [G*h, 1, K] @
 [G*h, K, block], then a copy. A routed task is a `MixedLoRA` (its mixing weights) until it is written into
-a slot. The math is DESIGN.md section 1 (as `mhr.functional`), with the LoRA scaling folded into B's
-mixing weights.
+a slot. The math is DESIGN.md section 1 (as `mhr.functional`), with the LoRA scaling folded into the B
+skills once, so that both sides mix with the same weights.
 """
 
 from __future__ import annotations
@@ -35,18 +35,17 @@ class ServingInventory:
     def __init__(self, bundle: Bundle, groups: list[list[str]], device: torch.device | str,
                  dtype: torch.dtype, mix_op: Callable | None = None) -> None:
         c = bundle.config
-        self.groups, self.n_skills, self.n_heads, self.scaling = groups, c.n_skills, c.n_heads, c.scaling
+        self.groups, self.n_skills, self.n_heads, self.rank = groups, c.n_skills, c.n_heads, c.rank
         self.A_skills, self.B_skills = [], []
         for names in groups:
             A = torch.stack([bundle.lora_A[n] for n in names]).transpose(1, 2)    # [G, h, K, d_in/h, r]
             B = torch.stack([bundle.lora_B[n] for n in names]).transpose(1, 2)    # [G, h, K, r, d_out/h]
-            G, h, K = A.shape[:3]
-            self.A_skills.append(A.reshape(G * h, K, -1).to(device, dtype).contiguous())  # [G*h, K, d_in/h * r]
-            self.B_skills.append(B.reshape(G * h, K, -1).to(device, dtype).contiguous())  # [G*h, K, r * d_out/h]
+            self.A_skills.append(A.to(device, dtype).contiguous())
+            self.B_skills.append((B * c.scaling).to(device, dtype).contiguous())  # mixes to a scaled B
         self.dims = [bundle.modules[names[0]] for names in groups]                 # (d_in, d_out) per group
         position = {name: i for i, name in enumerate(bundle.modules)}
         self._order = torch.tensor([position[n] for names in groups for n in names])  # module order -> groups
-        self.rank, self.device, self.dtype, self.mix_op = c.rank, device, dtype, mix_op
+        self.device, self.dtype, self.mix_op = device, dtype, mix_op
 
     def routed(self, logits: Tensor) -> MixedLoRA:
         """A routed task's adapter from its logits [M, h, K] in the bundle's module order (`Bundle.routing_row`),
@@ -79,24 +78,24 @@ class ServingInventory:
 class MixedLoRA:
     """A task's adapter as mixing weights over a `ServingInventory`'s skills, [M, h, K] in slot-group order.
 
+    Both sides of a head mix with the same weights (the inventory's B skills carry the LoRA scaling).
     Written into a slot by `SlotWeights.write` (which calls `write_into`); `tensors()` materializes it.
     """
 
     def __init__(self, inventory: ServingInventory, weights: Tensor) -> None:
         self.inventory, self.rank = inventory, inventory.rank
         w = weights.to(inventory.device, inventory.dtype).contiguous()
-        sizes = [len(names) for names in inventory.groups]
-        self.weights_A, self.weights_B = w.split(sizes), (w * inventory.scaling).split(sizes)  # [G, h, K] each
+        self.weights = w.split([len(names) for names in inventory.groups])  # [G, h, K] per group
 
     def tensors(self) -> GroupedLoRA:
         """Per group A [G, d_in, r] (heads stacked along d_in) and B [G, r, d_out] scaled (heads along d_out)."""
-        inv, r, out = self.inventory, self.rank, []
-        for A_skills, B_skills, w_A, w_B in zip(inv.A_skills, inv.B_skills, self.weights_A, self.weights_B,
-                                                strict=True):
-            G, h, K = w_A.shape
-            A = torch.bmm(w_A.reshape(G * h, 1, K), A_skills).reshape(G, -1, r)
-            B = torch.bmm(w_B.reshape(G * h, 1, K), B_skills).reshape(G, h, r, -1)  # [G, h, r, d_out/h]
-            out.append((A, B.transpose(1, 2).reshape(G, r, -1)))
+        out = []
+        for A_skills, B_skills, w in zip(self.inventory.A_skills, self.inventory.B_skills, self.weights, strict=True):
+            G, h, K = w.shape
+            w = w.reshape(G * h, 1, K)
+            A = torch.bmm(w, A_skills.view(G * h, K, -1)).view(G, -1, self.rank)
+            B = torch.bmm(w, B_skills.view(G * h, K, -1)).view(G, h, self.rank, -1)   # [G, h, r, d_out/h]
+            out.append((A, B.transpose(1, 2).reshape(G, self.rank, -1)))
         return out
 
     def write_into(self, views: GroupedLoRA) -> None:
@@ -106,12 +105,10 @@ class MixedLoRA:
             copy_into(views, self.tensors())
             return
         outs, skills, weights = [], [], []
-        for (A_view, B_view), A_skills, B_skills, w_A, w_B in zip(views, inv.A_skills, inv.B_skills,
-                                                                    self.weights_A, self.weights_B, strict=True):
-            G, h, K = w_A.shape
-            A_out = A_view.unflatten(1, (h, -1))                    # [G, h, d_in/h, r]: head h's rows of A
-            B_out = B_view.unflatten(2, (h, -1)).transpose(1, 2)    # [G, h, r, d_out/h]: head h's columns of B
-            outs += [A_out, B_out]
-            skills += [A_skills.view(G, h, K, *A_out.shape[2:]), B_skills.view(G, h, K, *B_out.shape[2:])]
-            weights += [w_A, w_B]
+        for (A_view, B_view), A_skills, B_skills, w in zip(views, inv.A_skills, inv.B_skills, self.weights,
+                                                           strict=True):
+            G, h, K, _, r = A_skills.shape
+            outs += [A_view.view(G, h, -1, r), B_view.view(G, r, h, -1).transpose(1, 2)]  # per head: rows, columns
+            skills += [A_skills, B_skills]
+            weights += [w, w]
         inv.mix_op(outs, skills, weights)

@@ -93,6 +93,7 @@ class SlotWeights:
     def __init__(self, groups: list[SlotGroup], layers: dict[str, BatchedLoRALinear]) -> None:
         self.groups, self.layers = groups, layers
         _, self.n_slots, _, self.max_rank = groups[0].A.shape
+        self._views: dict[tuple[int, int], GroupedLoRA] = {}  # (slot, rank) -> its views, made once
 
     def write(self, slot: int, adapter: GroupedLoRA | SlotWriter) -> None:
         """Put an adapter into `slot` of every layer; ranks below r_max are zero-padded (exact zeros)."""
@@ -101,7 +102,9 @@ class SlotWeights:
         rank = adapter[0][0].shape[-1] if isinstance(adapter, list) else adapter.rank
         if rank > self.max_rank:
             raise ValueError(f"adapter rank {rank} exceeds the slots' max rank {self.max_rank}")
-        views = [(group.A[:, slot, :, :rank], group.B[:, slot, :rank]) for group in self.groups]
+        views = self._views.get((slot, rank))
+        if views is None:
+            views = self._views[slot, rank] = [(g.A[:, slot, :, :rank], g.B[:, slot, :rank]) for g in self.groups]
         with torch.no_grad():
             for group in self.groups:
                 if rank < self.max_rank:

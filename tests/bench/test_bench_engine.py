@@ -1,11 +1,11 @@
-"""The engine benchmark's ratios, from made-up timings whose ratios are known by hand, and what its cold-task
-timing leaves in the slot it writes."""
+"""The engine benchmark's ratios, from made-up timings whose ratios are known by hand, what its cold-task
+timing leaves in the slot it writes, and that its in-serving cold-task timing times every task cold."""
 
 import pytest
 import torch
 
 import mhr
-from bench.bench_engine import cold_task_ms, engine_for, ratios
+from bench.bench_engine import cold_task_ms, cold_task_serving_ms, engine_for, ratios
 from bench.workload import build
 
 SECONDS = {"engine, 16 tasks": 3.0, "engine, 1 task": 2.5, "engine, no adapter": 2.0, "HF generate, bare": 6.0,
@@ -41,3 +41,13 @@ def test_cold_task_measures_the_whole_materialization_into_a_slot(tmp_path, cpu_
             assert torch.allclose(group.A[i, 2, :, :8], want.A[name], atol=1e-6)
             assert torch.allclose(group.B[i, 2, :8], want.B[name] * want.scaling, atol=1e-6)
             assert not group.A[i, 2, :, 8:].any() and not group.B[i, 2, 8:].any()
+
+
+def test_cold_tasks_while_serving_are_each_one_miss_admitted_between_steps(tmp_path):
+    w = build(tmp_path, shape="small", n_prompts=3, new_tokens=4)
+    engine = engine_for(w, 3)  # two usable slots for three tasks: misses, evictions and waits on the way
+    for _ in range(2):  # the second time round every task is resident again before it is evicted
+        before = engine.cache.stats.misses
+        times = cold_task_serving_ms(engine, w)
+        assert len(times) == 3 == engine.cache.stats.misses - before and all(ms > 0 for ms in times)
+        assert not engine.has_work and not engine.batch

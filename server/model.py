@@ -94,6 +94,7 @@ class SlotWeights:
         self.groups, self.layers = groups, layers
         _, self.n_slots, _, self.max_rank = groups[0].A.shape
         self._views: dict[tuple[int, int], GroupedLoRA] = {}  # (slot, rank) -> its views, made once
+        self._zero_from = [self.max_rank] * self.n_slots       # per slot: its ranks from here on are zeros
 
     def write(self, slot: int, adapter: GroupedLoRA | SlotWriter) -> None:
         """Put an adapter into `slot` of every layer; ranks below r_max are zero-padded (exact zeros)."""
@@ -106,10 +107,12 @@ class SlotWeights:
         if views is None:
             views = self._views[slot, rank] = [(g.A[:, slot, :, :rank], g.B[:, slot, :rank]) for g in self.groups]
         with torch.no_grad():
-            for group in self.groups:
-                if rank < self.max_rank:
-                    group.A[:, slot, :, rank:].zero_()
-                    group.B[:, slot, rank:].zero_()
+            end = self._zero_from[slot]
+            if rank < end:  # ranks of what the slot held before, above this adapter's: zero them
+                for group in self.groups:
+                    group.A[:, slot, :, rank:end].zero_()
+                    group.B[:, slot, rank:end].zero_()
+            self._zero_from[slot] = rank
             if isinstance(adapter, list):
                 copy_into(views, adapter)
             else:
@@ -120,6 +123,7 @@ class SlotWeights:
             for group in self.groups:
                 group.A[:, slot].zero_()
                 group.B[:, slot].zero_()
+        self._zero_from[slot] = 0
 
 
 def column_major_weights(model: nn.Module) -> None:

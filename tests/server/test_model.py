@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from server.lora_ops import SlotPlan
-from server.model import BatchedLoRALinear, column_major_weights, wrap_model
+from server.model import BatchedLoRALinear, SlotGroup, SlotWeights, column_major_weights, wrap_model
 
 
 class ThreeLinears(nn.Module):
@@ -35,6 +35,21 @@ def test_written_slot_equals_base_plus_lora():
     assert model.up.lora_A.data_ptr() == slots.groups[0].A.data_ptr()  # a view, not a copy
     slots.clear(2)
     assert torch.allclose(model(x), want_base, atol=1e-6)
+
+
+def test_a_slot_rewritten_at_any_rank_holds_exactly_the_new_adapter():
+    """Ranks above the adapter's are zeros whatever the slot held before (NaN storage, higher ranks)."""
+    storage = [SlotGroup(["mid"], torch.full((1, 3, 12, 6), float("nan")), torch.full((1, 3, 6, 12), float("nan")))]
+    slots = SlotWeights(storage, {})
+    for rank in (2, 6, 1, 4, 4, 6):
+        A, B = torch.randn(1, 12, rank), torch.randn(1, rank, 12)
+        slots.write(1, [(A, B)])
+        assert torch.equal(storage[0].A[0, 1], torch.cat([A[0], torch.zeros(12, 6 - rank)], 1))
+        assert torch.equal(storage[0].B[0, 1], torch.cat([B[0], torch.zeros(6 - rank, 12)], 0))
+        assert storage[0].A[0, 2].isnan().all() and storage[0].B[0, 2].isnan().all()
+    slots.clear(1)
+    slots.write(1, [(torch.ones(1, 12, 3), torch.ones(1, 3, 12))])
+    assert storage[0].A[0, 1].sum() == 36 and storage[0].B[0, 1].sum() == 36
 
 
 def test_slot_writes_are_checked():

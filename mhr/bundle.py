@@ -113,20 +113,27 @@ class Bundle:
     # name -> task, name -> routing row; built on first lookup, dropped whenever the task list changes
     _lookup: tuple[dict[str, Task], dict[str, int]] | None = field(default=None, init=False, repr=False,
                                                                    compare=False)
-    # every routed task's logits [T_routed, M, h, K], modules in `modules` order; `routing` holds its views
+    # every routed task's logits [T_routed, M, h, K], modules in `modules` order; `routing` holds its views.
+    # It is the first rows of `_routing_rows`, which has room for more: adding a task writes the row past
+    # the table (the table is copied only when the room runs out, into a quarter more), so adding costs the
+    # same at 100 000 tasks as at 10, and rows once handed out never change; removing a task copies the
+    # others into new storage.
     _routing_table: Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    _routing_rows: Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.routing:
             if set(self.routing) != set(self.modules):
                 raise BundleError(f"routing logits name modules {sorted(self.routing)}, the bundle has "
                                   f"{sorted(self.modules)}: give one [T_routed, h, K] tensor per module")
-            self._set_routing(torch.stack([self.routing[m] for m in self.modules], dim=1))
+            table = torch.stack([self.routing[m] for m in self.modules], dim=1)
+            self._set_routing(table, len(table))
 
-    def _set_routing(self, table: Tensor | None) -> None:
-        """Hold `table` [T_routed, M, h, K] (None: no routed task) and expose it per module as `routing`."""
-        self._routing_table = table
-        self.routing = {m: table[:, i] for i, m in enumerate(self.modules)} if table is not None else {}
+    def _set_routing(self, rows: Tensor | None, n: int) -> None:
+        """Hold the first `n` of `rows` [capacity, M, h, K] as the routing table (n = 0: no routed task) and
+        expose it per module as `routing`."""
+        self._routing_rows, self._routing_table = (rows, rows[:n]) if n else (None, None)
+        self.routing = {m: rows[:n, i] for i, m in enumerate(self.modules)} if n else {}
 
     # ----- building -------------------------------------------------------------------------------
 
@@ -170,10 +177,21 @@ class Bundle:
     def _tasks_by_name(self) -> dict[str, Task]:
         return self._lookups()[0]
 
+    def _rows_by_name(self) -> dict[str, int]:
+        return self._lookups()[1]
+
     def _lookups(self) -> tuple[dict[str, Task], dict[str, int]]:
         if self._lookup is None:
             self._lookup = ({t.name: t for t in self.tasks}, {n: i for i, n in enumerate(self.routed_tasks())})
         return self._lookup
+
+    def _add_lookup(self, task: Task, row: int | None) -> None:
+        """Record an appended task in the lookups, if built (kept up to date: rebuilding them is O(T))."""
+        if self._lookup is not None:
+            by_name, rows = self._lookup
+            by_name[task.name] = task
+            if row is not None:
+                rows[task.name] = row
 
     def routed_tasks(self) -> list[str]:
         """Names of routed tasks, in routing-table row order."""
@@ -190,13 +208,19 @@ class Bundle:
             raise BundleError(f"routing logits of task {name!r} name modules not in the bundle: {extra}")
         if name in self._tasks_by_name():
             self.remove_task(name)
-        # a fresh tensor: stacking copies, so no row aliases the caller's tensor (a router still training)
-        row = torch.stack([logits[m].detach().to("cpu", torch.float32).reshape(logits[m].shape[-2:])
-                           for m in self.modules])[None]                      # [1, M, h, K]
-        table = self._routing_table
-        self._set_routing(row if table is None else torch.cat([table, row]))
-        self.tasks.append(Task(name, TaskKind.ROUTED, metadata=dict(metadata or {})))
-        self._lookup = None
+        n, rows = (0 if self._routing_table is None else len(self._routing_table)), self._routing_rows
+        if rows is None or n == len(rows):  # full: new storage with a quarter more room
+            grown = torch.empty(n + n // 4 + 8, len(self.modules), self.config.n_heads, self.config.n_skills,
+                                dtype=torch.float32)
+            if n:
+                grown[:n] = self._routing_table
+            rows = grown
+        # a copy: no row aliases the caller's tensor (a router still training)
+        rows[n] = torch.stack([logits[m].detach().reshape(logits[m].shape[-2:]).cpu() for m in self.modules])
+        self._set_routing(rows, n + 1)
+        task = Task(name, TaskKind.ROUTED, metadata=dict(metadata or {}))
+        self.tasks.append(task)
+        self._add_lookup(task, n)
 
     def add_dense_task(self, name: str, lora: LoRA, *, replace: bool = False,
                        metadata: dict[str, Any] | None = None) -> None:
@@ -206,8 +230,9 @@ class Bundle:
         if name in self._tasks_by_name():
             self.remove_task(name)
         self.adapters[name] = _stored_copy(lora, self.modules)
-        self.tasks.append(Task(name, TaskKind.DENSE, alpha=float(lora.alpha), metadata=dict(metadata or {})))
-        self._lookup = None
+        task = Task(name, TaskKind.DENSE, alpha=float(lora.alpha), metadata=dict(metadata or {}))
+        self.tasks.append(task)
+        self._add_lookup(task, None)
 
     def set_zero_shot(self, lora: LoRA | None) -> None:
         """Store the trained MHR-mu adapter (None: fall back to the plain average of the skills)."""
@@ -219,8 +244,10 @@ class Bundle:
     def remove_task(self, name: str) -> None:
         task = self.task(name)
         if task.kind is TaskKind.ROUTED:
-            keep = [i for i, t in enumerate(self.routed_tasks()) if t != name]
-            self._set_routing(self._routing_table[keep] if keep else None)
+            i, table = self._rows_by_name()[name], self._routing_table
+            rows = torch.empty_like(self._routing_rows)
+            rows[:i], rows[i:len(table) - 1] = table[:i], table[i + 1:]
+            self._set_routing(rows, len(table) - 1)
         else:
             del self.adapters[name]
         self.tasks.remove(task)
@@ -249,7 +276,7 @@ class Bundle:
         """A routed task's logits of every module at once, [M, h, K] in `modules` order (a view: one lookup)."""
         if self.task(name).kind is not TaskKind.ROUTED:
             raise BundleError(f"task {name!r} is a dense task: it has no routing logits")
-        return self._routing_table[self._lookups()[1][name]]
+        return self._routing_table[self._rows_by_name()[name]]
 
     def task_lora(self, name: str, inventory: SkillInventory | None = None) -> LoRA:
         """The ordinary LoRA serving `name`: materialized from routing (eval weights) or the dense one."""

@@ -606,6 +606,30 @@ def test_replace_dense_task(bundle, saved):
     assert_same_lora(Bundle.load(saved).task_lora("dense-1"), lora)
 
 
+def test_many_changes_keep_every_row_and_never_change_a_row_handed_out(bundle, built, saved):
+    """Adds past the table's spare room, removals and replacements, interleaved; the routing rows and
+    per-module views taken along the way keep their values; the result saves and loads as it is."""
+    expected, handed_out = dict(built.logits), []
+    for step in range(40):
+        name = f"t{step}"
+        expected[name] = random_logits(100 + step)
+        bundle.add_routed_task(name, expected[name])
+        if step % 7 == 3:
+            gone = f"t{step - 2}"
+            bundle.remove_task(gone)
+            del expected[gone]
+        if step % 5 == 4:
+            expected["alpha"] = random_logits(500 + step)
+            bundle.add_routed_task("alpha", expected["alpha"], replace=True)
+        handed_out += [(bundle.routing_row(name), bundle.routing_row(name).clone()),
+                       (bundle.routing[Q0], bundle.routing[Q0].clone())]
+        assert_routing_rows(bundle, expected)
+    assert all(torch.equal(view, values) for view, values in handed_out)
+    assert bundle.routed_tasks()[-2:] == ["t39", "alpha"]  # a replaced task moves to the end
+    bundle.save(saved)
+    assert_routing_rows(Bundle.load(saved), expected)
+
+
 @pytest.mark.parametrize("removed", TASKS)
 def test_remove_routed_task_keeps_the_other_rows_attached(bundle, built, saved, removed):
     bundle.remove_task(removed)

@@ -211,7 +211,7 @@ class Bundle:
         n, rows = (0 if self._routing_table is None else len(self._routing_table)), self._routing_rows
         if rows is None or n == len(rows):  # full: new storage with a quarter more room
             grown = torch.empty(n + n // 4 + 8, len(self.modules), self.config.n_heads, self.config.n_skills,
-                                dtype=torch.float32)
+                                dtype=torch.float32 if rows is None else rows.dtype)
             if n:
                 grown[:n] = self._routing_table
             rows = grown

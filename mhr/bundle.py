@@ -110,7 +110,7 @@ class Bundle:
     zero_shot: LoRA | None = None
     training: dict[str, Any] = field(default_factory=dict)
     revision: int = 0                              # bumped by every save; guards concurrent writers
-    # name -> task, name -> routing row; built on first lookup, dropped whenever the task list changes
+    # name -> task, name -> routing row; built on first lookup, extended by an add, dropped by other changes
     _lookup: tuple[dict[str, Task], dict[str, int]] | None = field(default=None, init=False, repr=False,
                                                                    compare=False)
     # every routed task's logits [T_routed, M, h, K], modules in `modules` order; `routing` holds its views.

@@ -46,7 +46,7 @@ def test_cold_task_measures_the_whole_materialization_into_a_slot(tmp_path, cpu_
 def test_cold_tasks_while_serving_are_each_one_miss_admitted_between_steps(tmp_path):
     w = build(tmp_path, shape="small", n_prompts=3, new_tokens=4)
     engine = engine_for(w, 3)  # two usable slots for three tasks: misses, evictions and waits on the way
-    for _ in range(2):  # the second time round every task is resident again before it is evicted
+    for _ in range(2):  # the second time round, the tasks the first left in slots are evicted before asked for
         before = engine.cache.stats.misses
         times = cold_task_serving_ms(engine, w)
         assert len(times) == 3 == engine.cache.stats.misses - before and all(ms > 0 for ms in times)

@@ -3,12 +3,14 @@
 `lora_rows()` returns the op `add_lora_rows(y, x, A, B, slots)` (y += each row's x @ A[slot] @ B[slot],
 float32, in place; decode-time multi-adapter LoRA), `mix_skills()` the op `mix_skills(outs, srcs, ws)`
 (each out = the w-weighted sum of its src's skills, written into strided slot storage; a routed task's
-materialization). Both are None when the library cannot be built here (the engine does not ask when its
-`cpu_kernel` setting is off). It is compiled by torch's C++ extension loader for this machine's CPU
-(-O3 -march=native, OpenMP threads from torch's pool) once per source, CPU model and torch version, one
-process at a time, under ~/.cache/mhr-serve/kernels ($MHR_KERNEL_DIR overrides); later processes load the
-built library in milliseconds. Without a C++ compiler the engine falls back to torch ops: same results up
-to float rounding, slower mixed decode and cold tasks.
+materialization), `panel_linear()` the op `panel_linear(y, x, panels, bias)` (y = x @ W^T + b with W
+packed once as column panels; the backbone's linears). All are None when the library cannot be built
+here (the engine does not ask when its `cpu_kernel` setting is off). It is compiled by torch's C++
+extension loader for this machine's CPU (-O3 -march=native, OpenMP threads from torch's pool) once per
+source, CPU model and torch version, one process at a time, under ~/.cache/mhr-serve/kernels
+($MHR_KERNEL_DIR overrides); later processes load the built library in milliseconds. Without a C++
+compiler the engine falls back to torch ops: same results up to float rounding, slower decode and cold
+tasks.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("lora_rows.cpp", "mix_skills.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("lora_rows.cpp", "mix_skills.cpp", "panel_linear.cpp")]
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 _lock = threading.Lock()
 _built: dict[str, bool] = {}
@@ -39,6 +41,11 @@ def lora_rows():
 def mix_skills():
     """The mixing op, building the library on the first call of the process; None (logged once) if it cannot."""
     return torch.ops.mhr_serve.mix_skills if _library() else None
+
+
+def panel_linear():
+    """The backbone linears' op, building the library on the first call of the process; None (logged once) if not."""
+    return torch.ops.mhr_serve.panel_linear if _library() else None
 
 
 def _library() -> bool:
@@ -80,14 +87,14 @@ def _build() -> bool:
             fcntl.flock(held, fcntl.LOCK_EX)
             (directory / "lock").unlink(missing_ok=True)
             if not (directory / f"{name}.so").exists():
-                log.info("compiling the CPU LoRA kernels into %s (once per machine, ~20 s)", directory)
+                log.info("compiling the CPU kernels into %s (once per machine, ~20 s)", directory)
             cpp_extension.load(name=name, sources=[str(source) for source in SOURCES], extra_cflags=FLAGS,
                                extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False,
                                verbose=False)
     except Exception as e:  # no compiler, no ninja, unsupported flags, unwritable cache: fall back to torch ops
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        log.warning("CPU LoRA kernel unavailable (%s): mixed decode batches and cold tasks use torch ops (slower). "
-                    "Install a C++ compiler (g++) and ninja to enable it, or set cpu_kernel=false to skip this build.",
-                    reason)
+        log.warning("CPU kernels unavailable (%s): the backbone's linears, decode batches and cold tasks use torch "
+                    "ops (slower). Install a C++ compiler (g++) and ninja to enable them, or set cpu_kernel=false "
+                    "to skip this build.", reason)
         return False
     return True

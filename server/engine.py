@@ -36,7 +36,7 @@ from server.inventory import ServingInventory
 from server.kv_cache import RowKVCache
 from server.lean import lean_decoder_for
 from server.lora_ops import SlotPlan
-from server.model import column_major_weights, wrap_model
+from server.model import column_major_weights, panel_linears, wrap_model
 from server.outputs import EngineStats, RequestHandle, Result, TokenEvent
 from server.scheduler import Scheduler, Start
 from server.slots import AdapterCache
@@ -59,13 +59,16 @@ class Engine:
         self.device = next(model.parameters()).device
         self.dtype = dtype = next(model.parameters()).dtype
         cpu_float32 = self.device.type == "cpu" and dtype == torch.float32
-        if cpu_float32:  # measured: bf16 no gain, fp16 ~12x slower
-            column_major_weights(model)
         self.context, self.slots = wrap_model(model, list(bundle.modules), config.n_slots,
                                               config.max_rank or _max_rank(bundle))
-        self._mix_op = None
+        self._mix_op = linear_op = None
         if cpu_float32 and config.cpu_kernel:
             self.context.row_kernel, self._mix_op = cpu_kernel.lora_rows(), cpu_kernel.mix_skills()
+            linear_op = cpu_kernel.panel_linear()
+        if linear_op is not None:
+            panel_linears(model, linear_op)
+        elif cpu_float32:  # measured: bf16 no gain, fp16 ~12x slower
+            column_major_weights(model)
         self.tasks = TaskRegistry(bundle, self._inventory(bundle), config.allow_zero_shot)
         self.cache = AdapterCache(config.n_slots, self.slots.write)
         self.scheduler = Scheduler(config.max_waiting, config.max_running, config.max_prefill_tokens)

@@ -1,7 +1,8 @@
 """The serving backbone: a causal LM whose target linears read their adapter from per-row slots.
 
 Owns wrapping the target nn.Linear modules (`BatchedLoRALinear`), the slot weight storage they hold
-(`SlotWeights`) and the `SlotContext` the engine sets before every forward. Linears of one shape share
+(`SlotWeights`) and the `SlotContext` the engine sets before every forward, and the layout of the frozen
+weights on CPU (`PanelLinear` for the compiled op, else `column_major_weights`). Linears of one shape share
 one stacked buffer (each layer holds a view of its part), so writing an adapter into a slot is a few
 copies per shape group, not several per layer. Which adapter goes into which slot is `server.slots`'s
 business, the adapters themselves `server.inventory`'s, the KV cache `server.kv_cache`'s.
@@ -137,6 +138,55 @@ def column_major_weights(model: nn.Module) -> None:
         for module in model.modules():
             if isinstance(module, nn.Linear) and module.weight.is_contiguous():
                 module.weight.data = module.weight.t().contiguous().t()
+
+
+PANEL = 32  # output columns per panel: the layout the compiled `panel_linear` op reads
+
+
+class PanelLinear(nn.Module):
+    """A frozen nn.Linear (CPU, float32) computed by the compiled `panel_linear` op (`server.cpu_kernel`).
+
+    The weight is stored once as column panels, `panels` [ceil(N / 32), K, 32]: panel p holds output
+    columns 32p..32p+31 of every input dimension, contiguous (zeros past N), so that the op reads each
+    panel as one stream; the bias, if any, is padded to the panels' width. Same values, other layout.
+    """
+
+    def __init__(self, linear: nn.Linear, op: Callable) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.op = linear.in_features, linear.out_features, op
+        n_panels = -(-self.out_features // PANEL)
+        with torch.no_grad():
+            weight = linear.weight.new_zeros(n_panels * PANEL, self.in_features)
+            weight[:self.out_features] = linear.weight
+            bias = linear.weight.new_zeros(n_panels * PANEL if linear.bias is not None else 0)
+            if linear.bias is not None:
+                bias[:self.out_features] = linear.bias
+        self.register_buffer("panels", weight.view(n_panels, PANEL, -1).transpose(1, 2).contiguous())
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, self.in_features).contiguous()
+        out = rows.new_empty(rows.shape[0], self.out_features)
+        self.op(out, rows, self.panels, self.bias)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias.numel() > 0}"
+
+
+def panel_linears(model: nn.Module, op: Callable) -> int:
+    """Replace, in place, every float32 CPU nn.Linear of `model` (adapted layers' bases included) by a
+    `PanelLinear`; returns how many. A weight the model shares with another module (tied embeddings) is
+    left as it is, since the other module reads it in the usual layout."""
+    names_of: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        names_of[id(p)] = names_of.get(id(p), 0) + 1
+    linears = [(name, m) for name, m in model.named_modules()
+               if type(m) is nn.Linear and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
+               and names_of[id(m.weight)] == 1]
+    for name, linear in linears:
+        model.set_submodule(name, PanelLinear(linear, op))
+    return len(linears)
 
 
 def wrap_model(model: nn.Module, module_names: list[str], n_slots: int,

@@ -15,6 +15,7 @@ import mhr
 from server.batch import Request, SamplingParams
 from server.config import ServerConfig
 from server.engine import Engine
+from server.model import PanelLinear
 from tests.server.conftest import DENSE, ROUTED
 
 GREEDY = SamplingParams(max_new_tokens=10, ignore_eos=True)
@@ -130,8 +131,12 @@ def test_bfloat16_engine_serves_mixed_tasks(make_engine, tiny_tokenizer):
     assert engine.model.lm_head.weight.is_contiguous()  # half precision keeps the default weight layout
 
 
-def test_float32_engine_on_cpu_stores_weights_transposed(make_engine):
-    linears = [m for m in make_engine().model.modules() if isinstance(m, torch.nn.Linear)]
+def test_float32_engine_on_cpu_packs_its_linears_for_the_kernel_else_stores_them_transposed(make_engine):
+    packed = make_engine().model
+    assert [m for m in packed.modules() if isinstance(m, PanelLinear)]
+    shared = {id(packed.get_input_embeddings().weight)}  # a tied lm_head keeps the embedding's layout
+    assert all(id(m.weight) in shared for m in packed.modules() if isinstance(m, torch.nn.Linear))
+    linears = [m for m in make_engine(cpu_kernel=False).model.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(m.weight.t().is_contiguous() for m in linears)
 
 

@@ -1,11 +1,21 @@
-"""Wrapped linears: slot storage grouped by shape, writing pads ranks exactly, slot 0 is the bare layer."""
+"""Wrapped linears: slot storage grouped by shape, writing pads ranks exactly, slot 0 is the bare layer; the
+frozen weights' layouts (panels for the compiled op, transposed otherwise)."""
 
 import pytest
 import torch
 from torch import nn
 
+from server import cpu_kernel
 from server.lora_ops import SlotPlan
-from server.model import BatchedLoRALinear, SlotGroup, SlotWeights, column_major_weights, wrap_model
+from server.model import (
+    BatchedLoRALinear,
+    PanelLinear,
+    SlotGroup,
+    SlotWeights,
+    column_major_weights,
+    panel_linears,
+    wrap_model,
+)
 
 
 class ThreeLinears(nn.Module):
@@ -85,3 +95,64 @@ def test_column_major_weights_keep_values_and_outputs(tiny_llama_path):
     weight = tied.lm_head.weight.detach().clone()
     column_major_weights(tied)  # one tensor for both modules: moved once, not transposed back
     assert torch.equal(tied.model.embed_tokens.weight, weight) and tied.lm_head.weight.t().is_contiguous()
+
+
+@pytest.fixture(scope="module")
+def panel_op():
+    op = cpu_kernel.panel_linear()
+    assert op is not None, "the CPU kernels did not build: is a C++ compiler (g++) installed?"
+    return op
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(("d_in", "d_out"), [(37, 1), (64, 31), (64, 33), (23, 96), (300, 70)])
+def test_panel_linear_computes_the_linear(panel_op, d_in, d_out, bias):
+    torch.manual_seed(d_in * d_out)
+    linear = nn.Linear(d_in, d_out, bias=bias)
+    packed = PanelLinear(linear, panel_op)
+    for rows in (1, 2, 7, 8, 9, 17, 70):  # within, at and across the kernel's 8- (or 3-) row passes
+        x = torch.randn(rows, d_in)
+        want = x.double() @ linear.weight.double().T + (linear.bias.double() if bias else 0)
+        got = packed(x)
+        assert got.dtype == torch.float32 and got.shape == (rows, d_out)
+        assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
+        # each row is summed alike whatever its neighbours: alone it gets the same bits
+        assert torch.equal(torch.cat([packed(x[i:i + 1]) for i in range(rows)]), got)
+    x = torch.randn(2, 5, d_in)
+    assert torch.allclose(packed(x), linear(x), atol=1e-5)
+
+
+def test_panel_linears_pack_every_float32_linear_but_shared_weights(tiny_llama_path, panel_op):
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_path, dtype=torch.float32).eval()
+    ids = torch.randint(3, 300, (4, 6))
+    with torch.no_grad():
+        want = model(ids).logits
+    wrap_model(model, ["model.layers.0.self_attn.q_proj"], n_slots=2, max_rank=2)  # bases of adapted layers too
+    n_linears = sum(isinstance(m, nn.Linear) for m in model.modules())
+    assert panel_linears(model, panel_op) == n_linears
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert isinstance(model.model.layers[0].self_attn.q_proj.base, PanelLinear)
+    context = model.model.layers[0].self_attn.q_proj.context
+    context.plan = SlotPlan.of([0] * 4, "cpu")
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, want, atol=1e-4)
+
+    tied = LlamaForCausalLM(model.config.__class__(**{**model.config.to_dict(), "tie_word_embeddings": True}))
+    linears = sum(isinstance(m, nn.Linear) for m in tied.modules())
+    assert panel_linears(tied, panel_op) == linears - 1
+    assert type(tied.lm_head) is nn.Linear and tied.lm_head.weight is tied.model.embed_tokens.weight
+
+
+def test_panel_linear_op_rejects_what_it_cannot_compute(panel_op):
+    packed = PanelLinear(nn.Linear(16, 40), panel_op)
+    x, y = torch.randn(3, 16), torch.empty(3, 40)
+    with pytest.raises(RuntimeError, match="float32"):
+        panel_op(y.double(), x.double(), packed.panels.double(), packed.bias.double())
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        panel_op(torch.empty(3, 70), x, packed.panels, packed.bias)
+    with pytest.raises(RuntimeError, match="bias"):
+        panel_op(y, x, packed.panels, packed.bias[:40])
+    with pytest.raises(RuntimeError, match="contiguous"):
+        panel_op(y, torch.randn(16, 3).T, packed.panels, packed.bias)

@@ -1,11 +1,11 @@
-"""The backbone's linears on CPU: the compiled panel op against torch's `F.linear`, side by side.
+"""The backbone's linears on CPU: the compiled panel op against torch's `nn.Linear`, side by side.
 
     python -m bench.bench_linear [--rows 1 4 16 64 256 1024] [--repeats 15] [--threads 2]
 
 Builds the REFERENCE.md backbone's frozen linears (8 layers of q, k, v, o, gate, up, down and the
 lm_head: ~118 MB float32, more than the last-level cache, so every pass reads them from memory) three
-ways: `F.linear` on the weights as loaded, `F.linear` on the weights stored transposed (what the engine
-does without the compiled kernels, `server.model.column_major_weights`), and `server.model.PanelLinear`
+ways: `nn.Linear` with the weights as loaded, with the weights stored transposed (what the engine does
+without the compiled kernels, `server.model.column_major_weights`), and `server.model.PanelLinear`
 (the compiled op on weights packed once as column panels, what the engine runs on CPU). Times one pass
 over all of them for each number of rows, the three taking turns, and prints medians, the weights read
 per second and the ratios. Decode multiplies one row per running sequence; prefill many. Never asserts.
@@ -14,17 +14,18 @@ per second and the ratios. Decode multiplies one row per running sequence; prefi
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.workload import REFERENCE_SHAPE
 from server import cpu_kernel
-from server.model import PanelLinear
+from server.model import PanelLinear, column_major_weights
 
 
 def reference_linears() -> list[nn.Linear]:
@@ -36,14 +37,17 @@ def reference_linears() -> list[nn.Linear]:
 
 
 def systems(loaded: list[nn.Linear], op: Callable) -> dict[str, Callable[[dict[int, Tensor]], list[Tensor]]]:
-    """One pass over `loaded` three ways; each takes inputs by input width and returns the outputs in order."""
-    transposed = [linear.weight.detach().t().contiguous().t() for linear in loaded]
-    panels = [PanelLinear(linear, op) for linear in loaded]
-    return {
-        "F.linear, weights as loaded": lambda xs: [F.linear(xs[m.in_features], m.weight) for m in loaded],
-        "F.linear, weights transposed": lambda xs: [F.linear(xs[w.shape[1]], w) for w in transposed],
-        "PanelLinear (compiled op)": lambda xs: [p(xs[p.in_features]) for p in panels],
-    }
+    """One pass over `loaded` three ways, each a list of modules called as the model calls them; each takes
+    inputs by input width and returns the outputs in order."""
+    transposed = nn.ModuleList(copy.deepcopy(loaded))
+    column_major_weights(transposed)
+    ways = {"nn.Linear, weights as loaded": loaded, "nn.Linear, weights transposed": list(transposed),
+            "PanelLinear (compiled op)": [PanelLinear(linear, op) for linear in loaded]}
+    return {name: partial(run_all, modules) for name, modules in ways.items()}
+
+
+def run_all(modules: list[nn.Module], xs: dict[int, Tensor]) -> list[Tensor]:
+    return [m(xs[m.in_features]) for m in modules]
 
 
 def main() -> None:
@@ -73,8 +77,8 @@ def main() -> None:
                     times[name].append(time.perf_counter() - start)
             ms = {name: statistics.median(t[1:]) * 1e3 for name, t in times.items()}  # the first is warm-up
             cells = "".join(f"{f'{v:.2f} ms, {megabytes / v:.1f} GB/s':>32}" for v in ms.values())
-            panel, plain, moved = ms["PanelLinear (compiled op)"], ms["F.linear, weights as loaded"], \
-                ms["F.linear, weights transposed"]
+            panel, plain, moved = ms["PanelLinear (compiled op)"], ms["nn.Linear, weights as loaded"], \
+                ms["nn.Linear, weights transposed"]
             print(f"{rows:>6}{cells}{panel / plain:>18.2f}{panel / moved:>22.2f}")
     print(f"\nREFERENCE backbone's linears ({megabytes:.0f} MB float32), CPU, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, medians of {args.repeats}")

@@ -13,7 +13,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
+#include <utility>
 
 namespace {
 
@@ -28,6 +30,7 @@ constexpr int kRows = 3;    // 3 x 4 accumulators: sixteen 256-bit registers
 constexpr int kVecs = kPanel / kLanes;
 constexpr int64_t kPrefetchFloats = 2048;       // how far ahead (8 KiB) a panel's first pass prefetches
 constexpr int64_t kMinFloatsPerThread = 32768;  // weight floats a thread should read to be worth waking
+constexpr int64_t kPanelBlock = 4;              // panels multiplied together by every row tile
 
 typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
 
@@ -39,18 +42,15 @@ inline vec load(const float* p) {
 
 inline void store(float* p, const vec& v) { std::memcpy(p, &v, sizeof(v)); }
 
-// y[t, :cols] = x[t] @ panel (+ bias) for nt <= kRows rows; panel [K, kPanel]. The first pass over a
+// y[t, :cols] = x[t] @ panel (+ bias) for NT <= kRows rows; panel [K, kPanel]. The first pass over a
 // panel reads it from memory (prefetching ahead); later passes find it in cache.
-template <bool kFirstPass>
-void panel_rows(const float* x, int64_t K, const float* panel, const float* bias, float* y, int64_t ldy, int nt,
-                int cols) {
-  vec acc[kRows][kVecs];
+template <bool kFirstPass, int NT>
+void panel_rows(const float* x, int64_t K, const float* panel, const float* bias, float* y, int64_t ldy, int cols) {
+  vec acc[NT][kVecs];
   for (int c = 0; c < kVecs; ++c) {
     const vec b = bias ? load(bias + c * kLanes) : vec{};
-    for (int t = 0; t < kRows; ++t) acc[t][c] = b;
+    for (int t = 0; t < NT; ++t) acc[t][c] = b;
   }
-  const float* rows[kRows];
-  for (int t = 0; t < kRows; ++t) rows[t] = x + std::min(t, nt - 1) * K;  // spare lanes repeat a real row
   for (int64_t k = 0; k < K; ++k) {
     const float* w = panel + k * kPanel;
     vec wv[kVecs];
@@ -58,12 +58,12 @@ void panel_rows(const float* x, int64_t K, const float* panel, const float* bias
       if (kFirstPass) __builtin_prefetch(w + kPrefetchFloats + c * kLanes);
       wv[c] = load(w + c * kLanes);
     }
-    for (int t = 0; t < kRows; ++t) {
-      const float xs = rows[t][k];  // a scalar operand: one broadcast load fused into each FMA
+    for (int t = 0; t < NT; ++t) {
+      const float xs = x[t * K + k];  // a scalar operand: one broadcast load fused into each FMA
       for (int c = 0; c < kVecs; ++c) acc[t][c] += xs * wv[c];
     }
   }
-  for (int t = 0; t < nt; ++t) {
+  for (int t = 0; t < NT; ++t) {
     if (cols == kPanel) {
       for (int c = 0; c < kVecs; ++c) store(y + t * ldy + c * kLanes, acc[t][c]);
     } else {
@@ -73,6 +73,17 @@ void panel_rows(const float* x, int64_t K, const float* panel, const float* bias
     }
   }
 }
+
+using RowsFn = void (*)(const float*, int64_t, const float*, const float*, float*, int64_t, int);
+
+// panel_rows for 1..kRows rows, indexed by rows - 1: a short last pass (or a batch of one) computes only
+// its own rows.
+template <bool kFirstPass, int... I>
+constexpr std::array<RowsFn, kRows> rows_table(std::integer_sequence<int, I...>) {
+  return {&panel_rows<kFirstPass, I + 1>...};
+}
+constexpr auto kFirstRows = rows_table<true>(std::make_integer_sequence<int, kRows>{});
+constexpr auto kLaterRows = rows_table<false>(std::make_integer_sequence<int, kRows>{});
 
 // y [M, N] = x [M, K] @ panels (+ bias); panels [P, K, 32] with P = ceil(N / 32) (columns past N are
 // zeros), bias empty or [P * 32].
@@ -95,17 +106,17 @@ void panel_linear(at::Tensor y, const at::Tensor& x, const at::Tensor& panels, c
   float* yp = y.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, kMinFloatsPerThread / (K * kPanel));
   at::parallel_for(0, P, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const float* panel = wp + p * K * kPanel;
-      const float* b = bp ? bp + p * kPanel : nullptr;
-      const int cols = static_cast<int>(std::min<int64_t>(kPanel, N - p * kPanel));
+    // A few panels at a time (they stay in L2) against every row tile (each stays in L1 across them), so
+    // that many rows (prefill) do not re-read their inputs once per panel.
+    for (int64_t first = begin; first < end; first += kPanelBlock) {
+      const int64_t last = std::min(end, first + kPanelBlock);
       for (int64_t t0 = 0; t0 < M; t0 += kRows) {
         const int nt = static_cast<int>(std::min<int64_t>(kRows, M - t0));
-        float* out = yp + t0 * N + p * kPanel;
-        if (t0 == 0) {
-          panel_rows<true>(xp + t0 * K, K, panel, b, out, N, nt, cols);
-        } else {
-          panel_rows<false>(xp + t0 * K, K, panel, b, out, N, nt, cols);
+        const RowsFn rows = (t0 == 0 ? kFirstRows : kLaterRows)[nt - 1];
+        for (int64_t p = first; p < last; ++p) {
+          const int cols = static_cast<int>(std::min<int64_t>(kPanel, N - p * kPanel));
+          rows(xp + t0 * K, K, wp + p * K * kPanel, bp ? bp + p * kPanel : nullptr, yp + t0 * N + p * kPanel, N,
+               cols);
         }
       }
     }

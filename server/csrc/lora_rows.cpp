@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -24,30 +25,57 @@ inline void prefetch(const float* p) {
 #endif
 }
 
-// y += (x @ A) @ B for one token; A [d_in, R], B [R, d_out] contiguous, R known at compile time.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;  // floats per vector register
+#else
+constexpr int kLanes = 8;
+#endif
+typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
+
+inline vec load(const float* p) {
+  vec v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// y += (x @ A) @ B for one token; A [d_in, R], B [R, d_out] contiguous, R known at compile time. Written
+// with explicit vectors: z's R columns are one vector (four independent sums over d keep the FMA units
+// busy), and y is updated 64 columns at a time with all R rows of B summed into registers, so y is read
+// and written once, not once per rank column.
 template <int R>
 void token_lora(const float* x, const float* A, const float* B, float* y, int64_t d_in, int64_t d_out) {
-  float acc[4][R] = {};  // four independent sums over d keep the FMA units busy
+  typedef float row __attribute__((vector_size(R * sizeof(float))));
+  const auto load_row = [](const float* p) {  // (a vector type cannot be a template argument: its size is lost)
+    row v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  };
+  row acc[4] = {};
   int64_t d = 0;
   for (; d + 4 <= d_in; d += 4) {
     const float* a = A + d * R;
     for (int line = 0; line < 4 * R; line += 16) prefetch(a + kPrefetchFloats + line);
-    for (int u = 0; u < 4; ++u) {
-      const float xv = x[d + u];
-      for (int j = 0; j < R; ++j) acc[u][j] += xv * a[u * R + j];
-    }
+    for (int u = 0; u < 4; ++u) acc[u] += x[d + u] * load_row(a + u * R);
   }
-  for (; d < d_in; ++d) {
-    for (int j = 0; j < R; ++j) acc[0][j] += x[d] * A[d * R + j];
-  }
-  for (int j = 0; j < R; ++j) {
-    const float z = (acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]);
-    const float* b = B + j * d_out;
-    for (int64_t c = 0; c < d_out; c += 16) {
-      prefetch(b + c + kPrefetchFloats);
-      const int64_t end = c + 16 < d_out ? c + 16 : d_out;
-      for (int64_t k = c; k < end; ++k) y[k] += z * b[k];
+  for (; d < d_in; ++d) acc[0] += x[d] * load_row(A + d * R);
+  const row zv = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  float z[R];
+  std::memcpy(z, &zv, sizeof(z));
+  int64_t c = 0;
+  for (; c + 4 * kLanes <= d_out; c += 4 * kLanes) {
+    vec out[4];
+    for (int i = 0; i < 4; ++i) out[i] = load(y + c + i * kLanes);
+    for (int j = 0; j < R; ++j) {
+      const float* b = B + j * d_out + c;
+      prefetch(b + kPrefetchFloats);
+      for (int i = 0; i < 4; ++i) out[i] += z[j] * load(b + i * kLanes);
     }
+    for (int i = 0; i < 4; ++i) std::memcpy(y + c + i * kLanes, &out[i], sizeof(vec));
+  }
+  for (; c < d_out; ++c) {  // the last columns, summed in the same order
+    float out = y[c];
+    for (int j = 0; j < R; ++j) out += z[j] * B[j * d_out + c];
+    y[c] = out;
   }
 }
 

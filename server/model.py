@@ -156,12 +156,13 @@ class PanelLinear(nn.Module):
         self.in_features, self.out_features, self.op = linear.in_features, linear.out_features, op
         n_panels = -(-self.out_features // PANEL)
         with torch.no_grad():
-            weight = linear.weight.new_zeros(n_panels * PANEL, self.in_features)
-            weight[:self.out_features] = linear.weight
+            weight = linear.weight.detach()
+            if self.out_features % PANEL:  # the last panel's missing columns are zeros
+                weight = torch.cat([weight, weight.new_zeros(n_panels * PANEL - self.out_features, self.in_features)])
             bias = linear.weight.new_zeros(n_panels * PANEL if linear.bias is not None else 0)
             if linear.bias is not None:
                 bias[:self.out_features] = linear.bias
-        self.register_buffer("panels", weight.view(n_panels, PANEL, -1).transpose(1, 2).contiguous())
+        self.register_buffer("panels", weight.reshape(n_panels, PANEL, -1).transpose(1, 2).contiguous())
         self.register_buffer("bias", bias)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -181,12 +182,12 @@ def panel_linears(model: nn.Module, op: Callable) -> int:
     names_of: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         names_of[id(p)] = names_of.get(id(p), 0) + 1
-    linears = [(name, m) for name, m in model.named_modules()
-               if type(m) is nn.Linear and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
-               and names_of[id(m.weight)] == 1]
-    for name, linear in linears:
-        model.set_submodule(name, PanelLinear(linear, op))
-    return len(linears)
+    names = [name for name, m in model.named_modules()
+             if type(m) is nn.Linear and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
+             and names_of[id(m.weight)] == 1]
+    for name in names:  # one at a time: each original weight is freed once its panels exist
+        model.set_submodule(name, PanelLinear(model.get_submodule(name), op))
+    return len(names)
 
 
 def wrap_model(model: nn.Module, module_names: list[str], n_slots: int,

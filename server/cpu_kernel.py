@@ -28,6 +28,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("lora_rows.cpp", "mix_skills.cpp", "panel_linear.cpp")]
+HEADERS = [Path(__file__).parent / "csrc" / "simd.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 _lock = threading.Lock()
 _built: dict[str, bool] = {}
@@ -58,7 +59,7 @@ def _library() -> bool:
 def build_name() -> str:
     """A name unique to the source, flags, CPU model and torch build: one library per kind of machine."""
     key = hashlib.sha256()
-    parts = [source.read_bytes() for source in SOURCES]
+    parts = [source.read_bytes() for source in SOURCES + HEADERS]
     for part in (*parts, " ".join(FLAGS).encode(), _cpu_model().encode(), torch.__version__.encode()):
         key.update(part)
     return f"mhr_cpu_ops_{key.hexdigest()[:12]}"

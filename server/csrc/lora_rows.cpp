@@ -14,7 +14,11 @@
 #include <cstring>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
+
+using mhr_simd::kLanes, mhr_simd::load, mhr_simd::store, mhr_simd::vec;
 
 constexpr int64_t kPrefetchFloats = 512;       // how far ahead (2 KiB) each stream is prefetched
 constexpr int64_t kMinFloatsPerThread = 32768;  // adapter floats a thread should read to be worth waking
@@ -23,19 +27,6 @@ inline void prefetch(const float* p) {
 #if defined(__GNUC__)
   __builtin_prefetch(p);
 #endif
-}
-
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;  // floats per vector register
-#else
-constexpr int kLanes = 8;
-#endif
-typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
-
-inline vec load(const float* p) {
-  vec v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
 }
 
 // y += (x @ A) @ B for one token; A [d_in, R], B [R, d_out] contiguous, R known at compile time. Written
@@ -70,7 +61,7 @@ void token_lora(const float* x, const float* A, const float* B, float* y, int64_
       prefetch(b + kPrefetchFloats);
       for (int i = 0; i < 4; ++i) out[i] += z[j] * load(b + i * kLanes);
     }
-    for (int i = 0; i < 4; ++i) std::memcpy(y + c + i * kLanes, &out[i], sizeof(vec));
+    for (int i = 0; i < 4; ++i) store(y + c + i * kLanes, out[i]);
   }
   for (; c < d_out; ++c) {  // the last columns, summed in the same order
     float out = y[c];

@@ -14,33 +14,20 @@
 
 #include <algorithm>
 #include <array>
-#include <cstring>
 #include <utility>
+
+#include "simd.h"
 
 namespace {
 
-constexpr int kPanel = 32;  // output columns per panel (fixed: it is the stored layout)
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;  // floats per vector register
-constexpr int kRows = 8;    // rows per pass: 8 x 2 accumulators
-#else
-constexpr int kLanes = 8;
-constexpr int kRows = 3;    // 3 x 4 accumulators: sixteen 256-bit registers
-#endif
+using mhr_simd::kLanes, mhr_simd::load, mhr_simd::store, mhr_simd::vec;
+
+constexpr int kPanel = 32;                   // output columns per panel (fixed: it is the stored layout)
+constexpr int kRows = kLanes == 16 ? 8 : 3;  // rows per pass: 8 x 2 accumulators, or 3 x 4 in 16 AVX2 registers
 constexpr int kVecs = kPanel / kLanes;
 constexpr int64_t kPrefetchFloats = 2048;       // how far ahead (8 KiB) a panel's first pass prefetches
 constexpr int64_t kMinFloatsPerThread = 32768;  // weight floats a thread should read to be worth waking
 constexpr int64_t kPanelBlock = 4;              // panels multiplied together by every row tile
-
-typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
-
-inline vec load(const float* p) {
-  vec v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void store(float* p, const vec& v) { std::memcpy(p, &v, sizeof(v)); }
 
 // y[t, :cols] = x[t] @ panel (+ bias) for NT <= kRows rows; panel [K, kPanel]. The first pass over a
 // panel reads it from memory (prefetching ahead); later passes find it in cache.

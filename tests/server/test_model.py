@@ -105,7 +105,8 @@ def panel_op():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize(("d_in", "d_out"), [(37, 1), (64, 31), (64, 33), (23, 96), (300, 70)])
+# widths below, at and above whole 32-column panels; 1100 x 300: ten panels, in blocks of 4, over both threads
+@pytest.mark.parametrize(("d_in", "d_out"), [(37, 1), (64, 31), (64, 33), (23, 96), (300, 70), (1100, 300)])
 def test_panel_linear_computes_the_linear(panel_op, d_in, d_out, bias):
     torch.manual_seed(d_in * d_out)
     linear = nn.Linear(d_in, d_out, bias=bias)

@@ -10,11 +10,13 @@ business, the adapters themselves `server.inventory`'s, the KV cache `server.kv_
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from server.lora_ops import SlotPlan, add_lora
@@ -155,14 +157,10 @@ class PanelLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.op = linear.in_features, linear.out_features, op
         n_panels = -(-self.out_features // PANEL)
-        with torch.no_grad():
-            weight = linear.weight.detach()
-            if self.out_features % PANEL:  # the last panel's missing columns are zeros
-                weight = torch.cat([weight, weight.new_zeros(n_panels * PANEL - self.out_features, self.in_features)])
-            bias = linear.weight.new_zeros(n_panels * PANEL if linear.bias is not None else 0)
-            if linear.bias is not None:
-                bias[:self.out_features] = linear.bias
-        self.register_buffer("panels", weight.reshape(n_panels, PANEL, -1).transpose(1, 2).contiguous())
+        pad = n_panels * PANEL - self.out_features  # the last panel's missing columns are zeros
+        weight = F.pad(linear.weight.detach(), (0, 0, 0, pad))
+        bias = F.pad(linear.bias.detach(), (0, pad)) if linear.bias is not None else weight.new_zeros(0)
+        self.register_buffer("panels", weight.view(n_panels, PANEL, -1).transpose(1, 2).contiguous())
         self.register_buffer("bias", bias)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -179,9 +177,7 @@ def panel_linears(model: nn.Module, op: Callable) -> int:
     """Replace, in place, every float32 CPU nn.Linear of `model` (adapted layers' bases included) by a
     `PanelLinear`; returns how many. A weight the model shares with another module (tied embeddings) is
     left as it is, since the other module reads it in the usual layout."""
-    names_of: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        names_of[id(p)] = names_of.get(id(p), 0) + 1
+    names_of = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     names = [name for name, m in model.named_modules()
              if type(m) is nn.Linear and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
              and names_of[id(m.weight)] == 1]

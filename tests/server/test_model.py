@@ -111,7 +111,7 @@ def test_panel_linear_computes_the_linear(panel_op, d_in, d_out, bias):
     torch.manual_seed(d_in * d_out)
     linear = nn.Linear(d_in, d_out, bias=bias)
     packed = PanelLinear(linear, panel_op)
-    for rows in (1, 2, 7, 8, 9, 17, 70):  # within, at and across the kernel's 8- (or 3-) row passes
+    for rows in (1, 2, 7, 8, 9, 17, 64, 70):  # within, at and across 8- (or 3-) row tiles; few and many rows
         x = torch.randn(rows, d_in)
         want = x.double() @ linear.weight.double().T + (linear.bias.double() if bias else 0)
         got = packed(x)

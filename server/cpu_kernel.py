@@ -1,16 +1,15 @@
 """The compiled CPU kernels (`csrc/`), built on first use into one library.
 
-`lora_rows()` returns the op `add_lora_rows(y, x, A, B, slots)` (y += each row's x @ A[slot] @ B[slot],
-float32, in place; decode-time multi-adapter LoRA), `mix_skills()` the op `mix_skills(outs, srcs, ws)`
-(each out = the w-weighted sum of its src's skills, written into strided slot storage; a routed task's
-materialization), `panel_linear()` the op `panel_linear(y, x, panels, bias)` (y = x @ W^T + b with W
-packed once as column panels; the backbone's linears). All are None when the library cannot be built
-here (the engine does not ask when its `cpu_kernel` setting is off). It is compiled by torch's C++
-extension loader for this machine's CPU (-O3 -march=native, OpenMP threads from torch's pool) once per
-source, CPU model and torch version, one process at a time, under ~/.cache/mhr-serve/kernels
-($MHR_KERNEL_DIR overrides); later processes load the built library in milliseconds. Without a C++
-compiler the engine falls back to torch ops: same results up to float rounding, slower decode and cold
-tasks.
+`panel_linear()` returns the op `panel_linear(y, x, panels, bias, A=None, B=None, slots=None)` (y = x @ W^T
++ b with W packed once as column panels, plus each row's adapter x @ A[slot] @ B[slot] when given; the
+backbone's linears, adapted or not), `mix_skills()` the op `mix_skills(outs, srcs, ws)` (each out = the
+w-weighted sum of its src's skills, written into strided slot storage; a routed task's materialization).
+Both are None when the library cannot be built here (the engine does not ask when its `cpu_kernel`
+setting is off). It is compiled by torch's C++ extension loader for this machine's CPU (-O3 -march=native,
+OpenMP threads from torch's pool) once per source, CPU model and torch version, one process at a time,
+under ~/.cache/mhr-serve/kernels ($MHR_KERNEL_DIR overrides); later processes load the built library in
+milliseconds. Without a C++ compiler the engine falls back to torch ops: same results up to float
+rounding, slower decode and cold tasks.
 """
 
 from __future__ import annotations
@@ -27,16 +26,11 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("lora_rows.cpp", "mix_skills.cpp", "panel_linear.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("mix_skills.cpp", "panel_linear.cpp")]
 HEADERS = [Path(__file__).parent / "csrc" / "simd.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 _lock = threading.Lock()
 _built: dict[str, bool] = {}
-
-
-def lora_rows():
-    """The decode op, building the library on the first call of the process; None (logged once) if it cannot."""
-    return torch.ops.mhr_serve.add_lora_rows if _library() else None
 
 
 def mix_skills():
@@ -45,7 +39,8 @@ def mix_skills():
 
 
 def panel_linear():
-    """The backbone linears' op, building the library on the first call of the process; None (logged once) if not."""
+    """The linears' op (adapters included), building the library on the first call of the process; None (logged
+    once) if it cannot."""
     return torch.ops.mhr_serve.panel_linear if _library() else None
 
 

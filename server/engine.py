@@ -63,8 +63,7 @@ class Engine:
                                               config.max_rank or _max_rank(bundle))
         self._mix_op = linear_op = None
         if cpu_float32 and config.cpu_kernel:
-            self.context.row_kernel, self._mix_op = cpu_kernel.lora_rows(), cpu_kernel.mix_skills()
-            linear_op = cpu_kernel.panel_linear()
+            self._mix_op, linear_op = cpu_kernel.mix_skills(), cpu_kernel.panel_linear()
         if linear_op is not None:
             panel_linears(model, linear_op)
         elif cpu_float32:  # measured: bf16 no gain, fp16 ~12x slower

@@ -4,17 +4,14 @@ Slot tensors (preallocated by the layer, written by the adapter cache):
     A  [S, d_in, r]     B  [S, r, d_out]     (the adapter's alpha / r already folded into B)
 Each slot's A and B are contiguous blocks. Slot 0 is "no adapter": all zeros, never written.
 
-`lora_reference` is the plain loop every fast path is tested against; `add_lora` is what layers call,
-with a `SlotPlan` built once per batch (not once per layer) that picks the path:
+`lora_reference` is the plain loop every fast path is tested against. On CPU in float32 with the compiled
+kernels, the layers' `PanelLinear` op adds the adapters in the frozen weight's own pass (`server.model`);
+everywhere else layers call `add_lora`, with a `SlotPlan` built once per batch (not once per layer) that
+picks the path:
     - no row has an adapter        -> nothing to add
-    - one token per row (decode)   -> the compiled CPU op when the engine has one (`server.cpu_kernel`):
-                                      one pass, each token reads its own slot's A and B in place, rows
-                                      without an adapter skipped (also when every row shares a slot:
-                                      ~0.5 ms a step less than the two matmuls below, and a row's result
-                                      is then the same alone or in any batch)
     - every row has the same slot  -> two plain matmuls with that slot's A, B
-    - otherwise (prefill; decode   -> each row's A and B gathered ([N, d_in, r], [N, r, d_out]: small next
-      without the op)                 to the activations), one bmm, then one batched multiply-add into
+    - otherwise                    -> each row's A and B gathered ([N, d_in, r], [N, r, d_out]: small next
+                                      to the activations), one bmm, then one batched multiply-add into
                                       the base output in place; a row of slot 0 gathers zeros and adds 0.
 Grouping rows by slot instead (gathering activations rather than weights, two bmm over the span of used
 slots, a scatter back) measured 1.4-8x slower per layer on CPU: it copies and allocates [N, L, d]
@@ -23,7 +20,6 @@ activations three times where this copies a few adapter matrices (docs/engine.md
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -59,21 +55,16 @@ def lora_reference(x: Tensor, A: Tensor, B: Tensor, rows: Tensor) -> Tensor:
     return torch.stack(out)
 
 
-def add_lora(base_out: Tensor, x: Tensor, A: Tensor, B: Tensor, plan: SlotPlan,
-             row_kernel: Callable | None = None) -> Tensor:
+def add_lora(base_out: Tensor, x: Tensor, A: Tensor, B: Tensor, plan: SlotPlan) -> Tensor:
     """base_out + each row's adapter output, by the cheapest path the plan allows.
 
     base_out [N, ..., d_out] is the frozen layer's (contiguous, freshly computed) output for x [N, ..., d_in];
     the adapter output is added into it in place (fused into the last matmul). Rows without an adapter
-    keep their values exactly. `row_kernel(y, x, A, B, slots)` (float32 CPU tensors) serves decode batches
-    when given.
+    keep their values exactly.
     """
     if plan.uniform == 0:
         return base_out
     n = plan.rows.numel()
-    if row_kernel is not None and x.numel() == n * x.shape[-1]:  # decode: one token per row
-        row_kernel(base_out.view(n, -1), x.reshape(n, -1).contiguous(), A, B, plan.rows)
-        return base_out
     if plan.uniform is not None:
         s = plan.uniform
         x2 = x.reshape(-1, x.shape[-1])                                             # [N*L, d_in]

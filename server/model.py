@@ -45,12 +45,10 @@ class SlotContext:
     """The slot plan of the current forward, shared by every layer of one model.
 
     Layers see slot indices only, never task names: the engine translates requests to slots.
-    `row_kernel` is the compiled decode op the layers pass to `add_lora` (`server.cpu_kernel`), or None.
     """
 
     def __init__(self) -> None:
         self.plan: SlotPlan | None = None
-        self.row_kernel: Callable | None = None
 
     def current(self) -> SlotPlan:
         if self.plan is None:
@@ -63,7 +61,9 @@ class BatchedLoRALinear(nn.Module):
 
     Buffers (views into the shape group's storage, in the base layer's dtype and device):
     lora_A [S, d_in, r_max], lora_B [S, r_max, d_out] (see `server.lora_ops`).
-    Slot 0 is zero and never written (the "no adapter" slot).
+    Slot 0 is zero and never written (the "no adapter" slot). When `base` is a `PanelLinear` (CPU float32
+    with the compiled kernels) one call of its op computes both terms; else `server.lora_ops.add_lora` adds
+    the adapters to the base layer's output.
     """
 
     def __init__(self, base: nn.Linear, lora_A: Tensor, lora_B: Tensor, context: SlotContext) -> None:
@@ -74,7 +74,10 @@ class BatchedLoRALinear(nn.Module):
         self.context = context
 
     def forward(self, x: Tensor) -> Tensor:
-        return add_lora(self.base(x), x, self.lora_A, self.lora_B, self.context.current(), self.context.row_kernel)
+        plan = self.context.current()
+        if isinstance(self.base, PanelLinear):
+            return self.base(x) if plan.uniform == 0 else self.base(x, self.lora_A, self.lora_B, plan.rows)
+        return add_lora(self.base(x), x, self.lora_A, self.lora_B, plan)
 
     def extra_repr(self) -> str:
         S, _, r = self.lora_A.shape
@@ -151,6 +154,8 @@ class PanelLinear(nn.Module):
     The weight is stored once as column panels, `panels` [ceil(N / 32), K, 32]: panel p holds output
     columns 32p..32p+31 of every input dimension, contiguous (zeros past N), so that the op reads each
     panel as one stream; the bias, if any, is padded to the panels' width. Same values, other layout.
+    Called with slot tensors (as `BatchedLoRALinear` holds them) and the rows' slots, the same pass adds
+    each row's adapter: x @ W^T + b + x @ A[slot] @ B[slot], rows of slot 0 getting exactly x @ W^T + b.
     """
 
     def __init__(self, linear: nn.Linear, op: Callable) -> None:
@@ -163,10 +168,13 @@ class PanelLinear(nn.Module):
         self.register_buffer("panels", weight.view(n_panels, PANEL, -1).transpose(1, 2).contiguous())
         self.register_buffer("bias", bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, A: Tensor | None = None, B: Tensor | None = None,
+                slots: Tensor | None = None) -> Tensor:
+        """x [N, ..., K] -> [N, ..., out_features]; with A [S, K, r], B [S, r, out_features] and slots [N]
+        (all or none), row n's tokens also get the adapter of slot slots[n]."""
         rows = x.reshape(-1, self.in_features).contiguous()
         out = rows.new_empty(rows.shape[0], self.out_features)
-        self.op(out, rows, self.panels, self.bias)
+        self.op(out, rows, self.panels, self.bias, A, B, slots)
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

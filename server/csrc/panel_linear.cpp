@@ -1,5 +1,7 @@
 // The backbone's linear layers on CPU: y = x @ W^T + b with W stored once, at load, as column panels
-// [P, K, 32] (panel p holds output columns 32p..32p+31 of every input row, contiguous). Float32 only.
+// [P, K, 32] (panel p holds output columns 32p..32p+31 of every input row, contiguous), and for adapted
+// layers each token's own LoRA added in the same pass: + (x[t] @ A[s]) @ B[s], s the token's slot.
+// Float32 only.
 //
 // Why a kernel: at decode a linear multiplies a few rows (one token per running sequence) by a large
 // frozen matrix, so it is bound by reading the matrix, which CPU BLAS does at ~8 GB/s at these shapes,
@@ -7,9 +9,13 @@
 // stream. Rows are multiplied in tiles of 8 (16 vector accumulators). Up to 64 rows (decode), every tile
 // goes over one 8 KiB part of a panel while it is in L1, and the tiles share prefetching the next part,
 // so that the weights are read once and memory keeps streaming while any tile computes; more rows
-// (prefill) take a few panels at a time against every row tile, within ~10 % of BLAS. Every output element
-// sums over K in the same order whatever the other rows are, so a row's result does not depend on its
-// batch (server/model.py `PanelLinear` calls it).
+// (prefill) take a few panels at a time against every row tile, within ~10 % of BLAS. The adapters ride
+// along in the same call: z = x[t] @ A[s] first (r numbers a token), then each thread, once its panels
+// are done, adds z @ B[s] to their columns, streaming each token's B rows (sequential reads it can
+// prefetch: added inside the tiles instead, B's scattered lines stalled them, 16 tasks 3 % slower).
+// Every output element sums in the same order whatever the other rows are (the frozen weight over
+// k = 0..K-1, then the adapter over its ranks), so a row's result does not depend on its batch
+// (server/model.py `PanelLinear` calls it).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -17,7 +23,10 @@
 
 #include <algorithm>
 #include <array>
+#include <cstring>
+#include <optional>
 #include <utility>
+#include <vector>
 
 #include "simd.h"
 
@@ -34,18 +43,38 @@ constexpr int64_t kMinFloatsPerThread = 32768;  // weight floats a thread should
 constexpr int64_t kPanelBlock = 4;              // panels multiplied together by every row tile (many rows)
 constexpr int64_t kChunk = 64;                  // inputs per part of a panel (8 KiB) when few rows
 constexpr int64_t kMaxChunkedRows = 64;         // up to this many rows, panels are taken in parts
+constexpr int64_t kUpPrefetchFloats = 512;      // how far ahead (2 KiB) each row of an adapter's B is prefetched
 
-// Rows [t0, t0 + NT) of one panel over inputs [k0, k1): acc = init (bias, or what an earlier part of K
-// left in the scratch tile), then += x[t, k] * panel[k] for k in order; written to y (cols columns) once
-// k1 == K, else back to the scratch tile. Meanwhile `prefetch_lines` cache lines from `prefetch` on are
-// requested, spread evenly over the k steps, so that memory keeps streaming while the tile computes.
-// panel [K, kPanel].
+// One call's operands. `B` is null when the layer adds no adapter; else B[t] is token t's slot's B
+// [r, N] (null for slot 0: nothing added) and z [M, r] holds x[t] @ A[slot].
+struct Call {
+  const float* x;
+  int64_t M, K, N;
+  const float* panels;
+  const float* bias;  // [P * 32] or null
+  float* y;
+  const float* const* B;
+  const float* z;
+  int64_t r;
+};
+
+// Rows [t0, t0 + NT) of panel p over inputs [k0, k1): acc = the bias (k0 == 0) or what an earlier part
+// of K left in `scratch`, then += x[t, k] * panel[k] for k in order; written to y once k1 == K, else
+// back to `scratch` (NT x kPanel). Meanwhile
+// `prefetch_lines` cache lines from `prefetch` on are requested, spread evenly over the k steps, so that
+// memory keeps streaming while the tile computes.
 template <int NT>
-void panel_tile(const float* x, int64_t K, int64_t k0, int64_t k1, const float* panel, const float* init,
-                int64_t init_ld, float* out, int64_t out_ld, int cols, const float* prefetch, int64_t prefetch_lines) {
+void panel_tile(const Call& call, int64_t t0, int64_t p, int64_t k0, int64_t k1, float* scratch,
+                const float* prefetch, int64_t prefetch_lines) {
+  const int64_t K = call.K, N = call.N, col0 = p * kPanel;
+  const float* x = call.x + t0 * K;
+  const float* panel = call.panels + p * K * kPanel;
   vec acc[NT][kVecs];
   for (int t = 0; t < NT; ++t) {
-    for (int c = 0; c < kVecs; ++c) acc[t][c] = init ? load(init + t * init_ld + c * kLanes) : vec{};
+    for (int c = 0; c < kVecs; ++c) {
+      const float* init = k0 > 0 ? scratch + t * kPanel : call.bias ? call.bias + col0 : nullptr;
+      acc[t][c] = init ? load(init + c * kLanes) : vec{};
+    }
   }
   int64_t credit = 0;  // prefetch_lines per (k1 - k0) steps, as a running remainder
   for (int64_t k = k0; k < k1; ++k) {
@@ -60,19 +89,26 @@ void panel_tile(const float* x, int64_t K, int64_t k0, int64_t k1, const float* 
       for (int c = 0; c < kVecs; ++c) acc[t][c] += xs * wv[c];
     }
   }
+  if (k1 < K) {
+    for (int t = 0; t < NT; ++t) {
+      for (int c = 0; c < kVecs; ++c) store(scratch + t * kPanel + c * kLanes, acc[t][c]);
+    }
+    return;
+  }
+  const int cols = static_cast<int>(std::min<int64_t>(kPanel, N - col0));
   for (int t = 0; t < NT; ++t) {
+    float* out = call.y + (t0 + t) * N + col0;
     if (cols == kPanel) {
-      for (int c = 0; c < kVecs; ++c) store(out + t * out_ld + c * kLanes, acc[t][c]);
+      for (int c = 0; c < kVecs; ++c) store(out + c * kLanes, acc[t][c]);
     } else {
       float full[kPanel];
       for (int c = 0; c < kVecs; ++c) store(full + c * kLanes, acc[t][c]);
-      std::copy(full, full + cols, out + t * out_ld);
+      std::copy(full, full + cols, out);
     }
   }
 }
 
-using TileFn = void (*)(const float*, int64_t, int64_t, int64_t, const float*, const float*, int64_t, float*, int64_t,
-                        int, const float*, int64_t);
+using TileFn = void (*)(const Call&, int64_t, int64_t, int64_t, int64_t, float*, const float*, int64_t);
 
 // panel_tile for 1..kRows rows, indexed by rows - 1: a short last tile (or a batch of one) computes only
 // its own rows.
@@ -87,25 +123,19 @@ constexpr auto kTiles = tile_table(std::make_integer_sequence<int, kRows>{});
 // tiles keep their sums in `scratch` between parts). The tiles of a part share the prefetching of the
 // next part (of this panel or the next: they are contiguous), so that memory streams while any of them
 // computes, not only the first. Each output still sums over k = 0..K-1 in order.
-void few_rows(const float* x, int64_t M, int64_t K, int64_t N, const float* panels, const float* bias, float* y,
-              int64_t begin, int64_t end) {
+void few_rows(const Call& call, int64_t begin, int64_t end) {
   float scratch[kMaxChunkedRows * kPanel];
-  const int64_t tiles = (M + kRows - 1) / kRows;
+  const int64_t M = call.M, K = call.K, tiles = (M + kRows - 1) / kRows;
+  const int64_t lines = kChunk * kPanel / kLineFloats, share = (lines + tiles - 1) / tiles;
   for (int64_t p = begin; p < end; ++p) {
-    const float* panel = panels + p * K * kPanel;
-    const float* b = bias ? bias + p * kPanel : nullptr;
-    const int cols = static_cast<int>(std::min<int64_t>(kPanel, N - p * kPanel));
+    const float* panel = call.panels + p * K * kPanel;
     for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
       const int64_t k1 = std::min(K, k0 + kChunk);
-      const bool last = k1 == K;
-      const int64_t lines = kChunk * kPanel / kLineFloats, share = (lines + tiles - 1) / tiles;
       for (int64_t i = 0; i < tiles; ++i) {
         const int64_t t0 = i * kRows;
-        float* part = scratch + t0 * kPanel;
-        kTiles[std::min<int64_t>(kRows, M - t0) - 1](
-            x + t0 * K, K, k0, k1, panel, k0 == 0 ? b : part, k0 == 0 ? 0 : kPanel,
-            last ? y + t0 * N + p * kPanel : part, last ? N : kPanel, last ? cols : kPanel,
-            panel + k1 * kPanel + i * share * kLineFloats, std::min(share, lines - i * share));
+        kTiles[std::min<int64_t>(kRows, M - t0) - 1](call, t0, p, k0, k1, scratch + t0 * kPanel,
+                                                     panel + k1 * kPanel + i * share * kLineFloats,
+                                                     std::min(share, lines - i * share));
       }
     }
   }
@@ -113,25 +143,150 @@ void few_rows(const float* x, int64_t M, int64_t K, int64_t N, const float* pane
 
 // Many rows (prefill): a few panels at a time (they stay in L2) against every row tile (each stays in L1
 // across them), so that the rows' inputs are not re-read once per panel. The first row tile prefetches.
-void many_rows(const float* x, int64_t M, int64_t K, int64_t N, const float* panels, const float* bias, float* y,
-               int64_t begin, int64_t end) {
+void many_rows(const Call& call, int64_t begin, int64_t end) {
+  const int64_t M = call.M, K = call.K;
   for (int64_t first = begin; first < end; first += kPanelBlock) {
     const int64_t last = std::min(end, first + kPanelBlock);
     for (int64_t t0 = 0; t0 < M; t0 += kRows) {
       const TileFn tile = kTiles[std::min<int64_t>(kRows, M - t0) - 1];
       for (int64_t p = first; p < last; ++p) {
-        const float* panel = panels + p * K * kPanel;
-        const int cols = static_cast<int>(std::min<int64_t>(kPanel, N - p * kPanel));
-        tile(x + t0 * K, K, 0, K, panel, bias ? bias + p * kPanel : nullptr, 0, y + t0 * N + p * kPanel, N, cols,
-             panel + kPrefetchFloats, t0 == 0 ? K * kPanel / kLineFloats : 0);
+        tile(call, t0, p, 0, K, nullptr, call.panels + p * K * kPanel + kPrefetchFloats,
+             t0 == 0 ? K * kPanel / kLineFloats : 0);
       }
     }
   }
 }
 
-// y [M, N] = x [M, K] @ panels (+ bias); panels [P, K, 32] with P = ceil(N / 32) (columns past N are
-// zeros), bias empty or [P * 32].
-void panel_linear(at::Tensor y, const at::Tensor& x, const at::Tensor& panels, const at::Tensor& bias) {
+// z = x @ A for one token; A [d_in, R] contiguous, R known at compile time: z's R columns are one vector,
+// four independent sums over d keep the FMA units busy.
+template <int R>
+void token_down(const float* x, const float* A, float* z, int64_t d_in) {
+  typedef float row __attribute__((vector_size(R * sizeof(float))));
+  const auto load_row = [](const float* p) {  // (a vector type cannot be a template argument: its size is lost)
+    row v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  };
+  row acc[4] = {};
+  int64_t d = 0;
+  for (; d + 4 <= d_in; d += 4) {
+    for (int u = 0; u < 4; ++u) acc[u] += x[d + u] * load_row(A + (d + u) * R);
+  }
+  for (; d < d_in; ++d) acc[0] += x[d] * load_row(A + d * R);
+  const row sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  std::memcpy(z, &sum, sizeof(sum));
+}
+
+// The same for any rank.
+void token_down_any(const float* x, const float* A, float* z, int64_t d_in, int64_t r) {
+  std::fill(z, z + r, 0.f);
+  for (int64_t d = 0; d < d_in; ++d) {
+    for (int64_t j = 0; j < r; ++j) z[j] += x[d] * A[d * r + j];
+  }
+}
+
+// y[c_begin:c_end] += z @ B[:, c_begin:c_end] for one token, z [R], B [R, N]: 64 columns at a time with
+// all R rows of B summed in registers (y read and written once), each B row prefetched ahead.
+template <int R>
+void token_up(const float* z, const float* B, float* y, int64_t N, int64_t c_begin, int64_t c_end) {
+  int64_t c = c_begin;
+  for (; c + 4 * kLanes <= c_end; c += 4 * kLanes) {
+    vec out[4];
+    for (int i = 0; i < 4; ++i) out[i] = load(y + c + i * kLanes);
+    for (int j = 0; j < R; ++j) {
+      const float* b = B + j * N + c;
+      __builtin_prefetch(b + kUpPrefetchFloats);
+      for (int i = 0; i < 4; ++i) out[i] += z[j] * load(b + i * kLanes);
+    }
+    for (int i = 0; i < 4; ++i) store(y + c + i * kLanes, out[i]);
+  }
+  for (; c + kLanes <= c_end; c += kLanes) {
+    vec out = load(y + c);
+    for (int j = 0; j < R; ++j) out += z[j] * load(B + j * N + c);
+    store(y + c, out);
+  }
+  for (; c < c_end; ++c) {  // the last columns, summed in the same order
+    float out = y[c];
+    for (int j = 0; j < R; ++j) out += z[j] * B[j * N + c];
+    y[c] = out;
+  }
+}
+
+// The same for any rank.
+void token_up_any(const float* z, const float* B, float* y, int64_t N, int64_t c_begin, int64_t c_end, int64_t r) {
+  for (int64_t c = c_begin; c < c_end; ++c) {
+    float out = y[c];
+    for (int64_t j = 0; j < r; ++j) out += z[j] * B[j * N + c];
+    y[c] = out;
+  }
+}
+
+// Every token's adapter added to y's columns [c_begin, c_end).
+void add_adapters(const Call& call, int64_t c_begin, int64_t c_end) {
+  for (int64_t t = 0; t < call.M; ++t) {
+    const float* B = call.B[t];
+    if (!B) continue;
+    const float* z = call.z + t * call.r;
+    float* y = call.y + t * call.N;
+    switch (call.r) {
+      case 4: token_up<4>(z, B, y, call.N, c_begin, c_end); break;
+      case 8: token_up<8>(z, B, y, call.N, c_begin, c_end); break;
+      case 16: token_up<16>(z, B, y, call.N, c_begin, c_end); break;
+      case 32: token_up<32>(z, B, y, call.N, c_begin, c_end); break;
+      case 64: token_up<64>(z, B, y, call.N, c_begin, c_end); break;
+      default: token_up_any(z, B, y, call.N, c_begin, c_end, call.r);
+    }
+  }
+}
+
+// The adapter operands of a call: A [S, K, r], B [S, r, N] (each slot's a contiguous matrix), slots [n]
+// with the M tokens n rows of M / n; fills z and the per-token B pointers.
+void prepare_adapters(Call& call, const at::Tensor& A, const at::Tensor& B, const at::Tensor& slots,
+                      std::vector<float>& z, std::vector<const float*>& B_of) {
+  const int64_t M = call.M, K = call.K, N = call.N, r = A.size(2), n = slots.size(0);
+  TORCH_CHECK(A.dim() == 3 && B.dim() == 3 && slots.dim() == 1 && A.size(1) == K && B.size(1) == r &&
+                  B.size(2) == N && A.size(0) == B.size(0),
+              "panel_linear: adapter shapes do not match: A ", A.sizes(), ", B ", B.sizes(), " for x [", M, ", ", K,
+              "], y [", M, ", ", N, "]");
+  TORCH_CHECK(A.scalar_type() == at::kFloat && B.scalar_type() == at::kFloat && slots.scalar_type() == at::kLong,
+              "panel_linear: float32 A and B, int64 slots only");
+  TORCH_CHECK(A.stride(2) == 1 && A.stride(1) == r && B.stride(2) == 1 && B.stride(1) == N,
+              "panel_linear: each slot's A and B must be a contiguous matrix");
+  TORCH_CHECK(n > 0 && M % n == 0, "panel_linear: ", M, " tokens cannot be split into ", n, " rows");
+  const at::Tensor slots_c = slots.contiguous();
+  const int64_t* slot = slots_c.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(slot[i] >= 0 && slot[i] < A.size(0), "panel_linear: slot ", slot[i], " out of range");
+  }
+  z.resize(M * r), B_of.assign(M, nullptr);
+  const float *Ap = A.data_ptr<float>(), *Bp = B.data_ptr<float>();
+  const int64_t per_row = M / n;
+  const int64_t grain = std::max<int64_t>(1, kMinFloatsPerThread / (K * r));  // small layers: one thread
+  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t s = slot[t / per_row];
+      if (s == 0) continue;
+      const float *xt = call.x + t * K, *a = Ap + s * A.stride(0);
+      float* zt = z.data() + t * r;
+      switch (r) {
+        case 4: token_down<4>(xt, a, zt, K); break;
+        case 8: token_down<8>(xt, a, zt, K); break;
+        case 16: token_down<16>(xt, a, zt, K); break;
+        case 32: token_down<32>(xt, a, zt, K); break;
+        case 64: token_down<64>(xt, a, zt, K); break;
+        default: token_down_any(xt, a, zt, K, r);
+      }
+      B_of[t] = Bp + s * B.stride(0);
+    }
+  });
+  call.B = B_of.data(), call.z = z.data(), call.r = r;
+}
+
+// y [M, N] = x [M, K] @ panels (+ bias) (+ each token's adapter); panels [P, K, 32] with P = ceil(N / 32)
+// (columns past N are zeros), bias empty or [P * 32]; A, B and slots all given or none (see above).
+void panel_linear(at::Tensor y, const at::Tensor& x, const at::Tensor& panels, const at::Tensor& bias,
+                  const std::optional<at::Tensor>& A, const std::optional<at::Tensor>& B,
+                  const std::optional<at::Tensor>& slots) {
   TORCH_CHECK(y.dim() == 2 && x.dim() == 2 && panels.dim() == 3,
               "panel_linear: expected y [M, N], x [M, K], panels [P, K, 32]");
   TORCH_CHECK(y.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && panels.scalar_type() == at::kFloat,
@@ -144,20 +299,26 @@ void panel_linear(at::Tensor y, const at::Tensor& x, const at::Tensor& panels, c
   const bool has_bias = bias.numel() > 0;
   TORCH_CHECK(!has_bias || (bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == P * kPanel),
               "panel_linear: bias must be float32, contiguous, [P * 32]");
+  TORCH_CHECK(A.has_value() == B.has_value() && A.has_value() == slots.has_value(),
+              "panel_linear: give A, B and slots together, or none of them");
   if (M == 0) return;
-  const float *xp = x.data_ptr<float>(), *wp = panels.data_ptr<float>();
-  const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
-  float* yp = y.data_ptr<float>();
+  Call call{x.data_ptr<float>(), M, K, N, panels.data_ptr<float>(), has_bias ? bias.data_ptr<float>() : nullptr,
+            y.data_ptr<float>(), nullptr, nullptr, 0};
+  std::vector<float> z;
+  std::vector<const float*> B_of;
+  if (A.has_value()) prepare_adapters(call, *A, *B, *slots, z, B_of);
   const int64_t grain = std::max<int64_t>(1, kMinFloatsPerThread / (K * kPanel));
   at::parallel_for(0, P, grain, [&](int64_t begin, int64_t end) {
-    (M <= kMaxChunkedRows ? few_rows : many_rows)(xp, M, K, N, wp, bp, yp, begin, end);
+    (M <= kMaxChunkedRows ? few_rows : many_rows)(call, begin, end);
+    if (call.B) add_adapters(call, begin * kPanel, std::min(end * kPanel, N));
   });
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mhr_serve, m) {
-  m.def("panel_linear(Tensor(a!) y, Tensor x, Tensor panels, Tensor bias) -> ()");
+  m.def("panel_linear(Tensor(a!) y, Tensor x, Tensor panels, Tensor bias, Tensor? A=None, Tensor? B=None, "
+        "Tensor? slots=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(mhr_serve, CPU, m) { m.impl("panel_linear", &panel_linear); }

@@ -1,5 +1,5 @@
-"""The multi-slot LoRA op: every fast path (the compiled CPU kernel included) against the row-by-row
-reference, and slot 0 = the base output."""
+"""Multi-slot LoRA: every path (torch ops, and the compiled CPU op that adds the adapters in the frozen
+weight's pass) against the row-by-row reference, and slot 0 = the base output."""
 
 import logging
 import os
@@ -12,9 +12,11 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from server import cpu_kernel
 from server.lora_ops import SlotPlan, add_lora, lora_reference
+from server.model import BatchedLoRALinear, PanelLinear, SlotContext
 
 S, D_IN, R, D_OUT = 6, 24, 3, 20
 
@@ -65,60 +67,78 @@ def test_plan_knows_when_every_row_shares_a_slot():
 
 
 @pytest.fixture(scope="module")
-def row_kernel():
-    op = cpu_kernel.lora_rows()
-    assert op is not None, "the CPU LoRA kernel did not build: is a C++ compiler (g++) installed?"
+def panel_op():
+    op = cpu_kernel.panel_linear()
+    assert op is not None, "the CPU kernels did not build: is a C++ compiler (g++) installed?"
     return op
+
+
+def fused(op, x, A, B, slots, bias=True, seed=3):
+    """base and base + each row's adapter by the compiled op, for a random linear d_in -> d_out."""
+    torch.manual_seed(seed)
+    linear = nn.Linear(x.shape[-1], B.shape[-1], bias=bias)
+    packed = PanelLinear(linear, op)
+    return linear, packed(x), packed(x, A, B, slots)
 
 
 @pytest.mark.parametrize("rank", [4, 8, 16, 64, 5])  # the compiled ranks and one for the generic loop
 @pytest.mark.parametrize("tokens", [1, 3])
-def test_cpu_kernel_matches_reference(row_kernel, rank, tokens):
+def test_compiled_op_adds_each_rows_adapter_like_the_reference(panel_op, rank, tokens):
     g = torch.Generator().manual_seed(rank)
-    d_in, d_out = 23, 37  # not multiples of the kernel's unrolling
+    d_in, d_out = 23, 37  # not multiples of the kernel's unrolling; a partial last panel
     # slots as the model holds them: one layer's view of a shape group's storage [G, S, d_in, r]
     A = torch.randn(3, S, d_in, rank, generator=g)[1]
     B = torch.randn(3, S, rank, d_out, generator=g)[1]
     A[0], B[0] = 0, 0
-    slots = [3, 0, 5, 3, 1]
-    x, y = inputs(len(slots) * tokens, d_in, seed=rank), inputs(len(slots) * tokens, d_out, seed=rank + 1)
-    got = y.clone()
-    row_kernel(got, x, A, B, torch.tensor(slots))
-    reference = lora_reference(x.view(len(slots), tokens, d_in).double(), A.double(), B.double(), torch.tensor(slots))
-    assert_close(got.view(len(slots), tokens, d_out), y.view(len(slots), tokens, d_out).double() + reference,
-                 torch.float32)
-    assert torch.equal(got.view(len(slots), tokens, d_out)[1], y.view(len(slots), tokens, d_out)[1])  # slot 0
+    slots = torch.tensor([3, 0, 5, 3, 1])
+    x = inputs(len(slots), tokens, d_in, seed=rank)
+    linear, base, got = fused(panel_op, x, A, B, slots)
+    want = linear(x).double() + lora_reference(x.double(), A.double(), B.double(), slots)
+    assert_close(got, want, torch.float32)
+    assert torch.equal(got[1], base[1])  # slot 0: exactly the frozen layer
 
 
-def test_cpu_kernel_splits_large_layers_over_threads_with_the_same_results(row_kernel):
+def test_compiled_op_gives_a_row_the_same_bits_alone_in_any_batch_and_on_any_threads(panel_op):
     g = torch.Generator().manual_seed(0)
-    A, B = torch.randn(S, 512, 8, generator=g), torch.randn(S, 8, 700, generator=g)  # ~10k floats a token
+    A, B = torch.randn(S, 512, 8, generator=g), torch.randn(S, 8, 700, generator=g)  # a layer split over threads
     A[0], B[0] = 0, 0
     slots = torch.tensor([1, 2, 3, 4, 5, 0, 1, 2] * 4)
-    x, y = inputs(len(slots), 512), inputs(len(slots), 700, seed=2)
+    x = inputs(len(slots), 1, 512)
     threads, outputs = torch.get_num_threads(), []
     try:
-        for n in (2, 1):  # each token is summed alike on any thread: the same bits
+        for n in (2, 1):
             torch.set_num_threads(n)
-            outputs.append(y.clone())
-            row_kernel(outputs[-1], x, A, B, slots)
+            linear, _, got = fused(panel_op, x, A, B, slots, bias=False)
+            outputs.append(got)
     finally:
         torch.set_num_threads(threads)
-    assert_close(outputs[0], y.double() + lora_reference(x.double(), A.double(), B.double(), slots), torch.float32)
+    assert_close(outputs[0], linear(x).double() + lora_reference(x.double(), A.double(), B.double(), slots),
+                 torch.float32)
     assert torch.equal(outputs[0], outputs[1])
+    packed = PanelLinear(linear, panel_op)
+    alone = torch.cat([packed(x[i:i + 1], A, B, slots[i:i + 1]) for i in range(len(slots))])
+    assert torch.equal(alone, outputs[0])
+    prefill = torch.cat([x, inputs(len(slots), 79, 512, seed=9)], 1)  # 80 tokens a row: the many-rows path
+    assert torch.equal(packed(prefill, A, B, slots)[:, :1], outputs[0])
 
 
-def test_cpu_kernel_rejects_what_it_cannot_compute(row_kernel):
+def test_compiled_op_rejects_adapters_it_cannot_add(panel_op):
     A, B = slot_tensors()
-    x, y = inputs(4, D_IN), inputs(4, D_OUT)
+    packed = PanelLinear(nn.Linear(D_IN, D_OUT), panel_op)
+    x, y, slots = inputs(4, D_IN), torch.empty(4, D_OUT), torch.tensor([1, 2, 3, 4])
+    args = (y, x, packed.panels, packed.bias)
     with pytest.raises(RuntimeError, match="float32"):
-        row_kernel(y.double(), x.double(), A.double(), B.double(), torch.tensor([1, 2, 3, 4]))
+        panel_op(*args, A.double(), B.double(), slots)
     with pytest.raises(RuntimeError, match="out of range"):
-        row_kernel(y, x, A, B, torch.tensor([1, 2, 3, S]))
+        panel_op(*args, A, B, torch.tensor([1, 2, 3, S]))
     with pytest.raises(RuntimeError, match="cannot be split"):
-        row_kernel(y, x, A, B, torch.tensor([1, 2, 3]))
+        panel_op(*args, A, B, torch.tensor([1, 2, 3]))
     with pytest.raises(RuntimeError, match="contiguous matrix"):
-        row_kernel(y, x, A.transpose(1, 2).contiguous().transpose(1, 2), B, torch.tensor([1, 2, 3, 4]))
+        panel_op(*args, A.transpose(1, 2).contiguous().transpose(1, 2), B, slots)
+    with pytest.raises(RuntimeError, match="adapter shapes"):
+        panel_op(*args, A[:, :-1], B, slots)
+    with pytest.raises(RuntimeError, match="together"):
+        panel_op(*args, A, B, None)
 
 
 def test_cpu_kernel_falls_back_when_it_cannot_be_built(tmp_path, monkeypatch, caplog):
@@ -134,10 +154,10 @@ def test_cpu_kernel_build_survives_a_build_that_was_killed(tmp_path):
     # process would wait for it forever. Here a build directory (a copy of the real one) with that file in it.
     name = cpu_kernel.build_name()
     built = Path(os.environ.get("MHR_KERNEL_DIR", Path.home() / ".cache" / "mhr-serve" / "kernels")) / name
-    assert cpu_kernel.lora_rows() is not None and built.is_dir()
+    assert cpu_kernel.panel_linear() is not None and built.is_dir()
     shutil.copytree(built, tmp_path / name)
     (tmp_path / name / "lock").touch()
-    load = "from server import cpu_kernel; assert cpu_kernel.lora_rows() is not None"
+    load = "from server import cpu_kernel; assert cpu_kernel.panel_linear() is not None"
     done = subprocess.run([sys.executable, "-c", load], env=os.environ | {"MHR_KERNEL_DIR": str(tmp_path)},
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -146,18 +166,24 @@ def test_cpu_kernel_build_survives_a_build_that_was_killed(tmp_path):
 
 @settings(max_examples=60, deadline=None)
 @given(slots=st.lists(st.integers(0, S - 1), min_size=1, max_size=9), tokens=st.integers(1, 4),
-       with_kernel=st.booleans())
-@example(slots=[2, 0, 2, 4, 1], tokens=4, with_kernel=False)  # mixed, a bare row, a slot used twice
-@example(slots=[3, 3, 3, 3, 3], tokens=1, with_kernel=True)  # one slot for every row
-@example(slots=[0, 0, 0, 0, 0], tokens=1, with_kernel=True)  # no adapter at all
-@example(slots=[5, 5, 5, 1, 0], tokens=4, with_kernel=False)  # uneven groups
-@example(slots=[5, 0, 2, 2, 1], tokens=1, with_kernel=True)  # mixed decode: the kernel's case
-def test_any_batch_matches_reference_and_leaves_bare_rows_alone(row_kernel, slots, tokens, with_kernel):
+       compiled=st.booleans())
+@example(slots=[2, 0, 2, 4, 1], tokens=4, compiled=False)  # mixed, a bare row, a slot used twice
+@example(slots=[3, 3, 3, 3, 3], tokens=1, compiled=True)  # one slot for every row
+@example(slots=[0, 0, 0, 0, 0], tokens=1, compiled=True)  # no adapter at all
+@example(slots=[5, 5, 5, 1, 0], tokens=4, compiled=False)  # uneven groups
+@example(slots=[5, 0, 2, 2, 1], tokens=1, compiled=True)  # mixed decode
+def test_any_batch_matches_reference_and_leaves_bare_rows_alone(panel_op, slots, tokens, compiled):
+    """Through the layer the model holds, on the frozen layer as loaded (torch ops) or packed (compiled op)."""
     A, B = slot_tensors()
-    x, base = inputs(len(slots), tokens, D_IN, seed=6), inputs(len(slots), tokens, D_OUT, seed=7)
-    plan = SlotPlan.of(slots, "cpu")
-    got = add_lora(base.clone(), x, A, B, plan, row_kernel if with_kernel else None)
-    want = base.double() + lora_reference(x.double(), A.double(), B.double(), plan.rows)
+    x = inputs(len(slots), tokens, D_IN, seed=6)
+    torch.manual_seed(7)
+    linear = nn.Linear(D_IN, D_OUT)
+    context = SlotContext()
+    layer = BatchedLoRALinear(PanelLinear(linear, panel_op) if compiled else linear, A, B, context)
+    context.plan = SlotPlan.of(slots, "cpu")
+    with torch.no_grad():
+        got, base = layer(x), layer.base(x)
+    want = linear(x).double() + lora_reference(x.double(), A.double(), B.double(), context.plan.rows)
     assert_close(got, want, torch.float32)
     bare = [i for i, s in enumerate(slots) if s == 0]
     assert torch.equal(got[bare], base[bare])

@@ -12,7 +12,7 @@
 // (prefill) take a few panels at a time against every row tile, within ~10 % of BLAS. The adapters ride
 // along in the same call: z = x[t] @ A[s] first (r numbers a token), then each thread, once its panels
 // are done, adds z @ B[s] to their columns, streaming each token's B rows (sequential reads it can
-// prefetch: added inside the tiles instead, B's scattered lines stalled them, 16 tasks 3 % slower).
+// prefetch: added inside the tiles instead, B's scattered lines stalled them, 16 tasks 1-2 % slower).
 // Every output element sums in the same order whatever the other rows are (the frozen weight over
 // k = 0..K-1, then the adapter over its ranks), so a row's result does not depend on its batch
 // (server/model.py `PanelLinear` calls it).

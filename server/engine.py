@@ -36,7 +36,7 @@ from server.inventory import ServingInventory
 from server.kv_cache import RowKVCache
 from server.lean import lean_decoder_for
 from server.lora_ops import SlotPlan
-from server.model import column_major_weights, panel_linears, wrap_model
+from server.model import PANEL_DTYPES, column_major_weights, panel_linears, wrap_model
 from server.outputs import EngineStats, RequestHandle, Result, TokenEvent
 from server.scheduler import Scheduler, Start
 from server.slots import AdapterCache
@@ -62,8 +62,9 @@ class Engine:
         self.context, self.slots = wrap_model(model, list(bundle.modules), config.n_slots,
                                               config.max_rank or _max_rank(bundle))
         self._mix_op = linear_op = None
-        if cpu_float32 and config.cpu_kernel:
-            self._mix_op, linear_op = cpu_kernel.mix_skills(), cpu_kernel.panel_linear()
+        if self.device.type == "cpu" and dtype in PANEL_DTYPES and config.cpu_kernel:
+            linear_op = cpu_kernel.panel_linear()
+            self._mix_op = cpu_kernel.mix_skills() if cpu_float32 else None
         if linear_op is not None:
             panel_linears(model, linear_op)
         elif cpu_float32:  # measured: bf16 no gain, fp16 ~12x slower

@@ -62,7 +62,7 @@ class BatchedLoRALinear(nn.Module):
     Buffers (views into the shape group's storage, in the base layer's dtype and device):
     lora_A [S, d_in, r_max], lora_B [S, r_max, d_out] (see `server.lora_ops`).
     Slot 0 is zero and never written (the "no adapter" slot). When `base` is a `PanelLinear` (CPU float32
-    with the compiled kernels) one call of its op computes both terms; else `server.lora_ops.add_lora` adds
+    or bfloat16 with the compiled kernels) one call of its op computes both terms; else `server.lora_ops.add_lora` adds
     the adapters to the base layer's output.
     """
 
@@ -146,10 +146,12 @@ def column_major_weights(model: nn.Module) -> None:
 
 
 PANEL = 32  # output columns per panel: the layout the compiled `panel_linear` op reads
+PANEL_DTYPES = (torch.float32, torch.bfloat16)  # what it computes in
 
 
 class PanelLinear(nn.Module):
-    """A frozen nn.Linear (CPU, float32) computed by the compiled `panel_linear` op (`server.cpu_kernel`).
+    """A frozen nn.Linear (CPU, float32 or bfloat16) computed by the compiled `panel_linear` op
+    (`server.cpu_kernel`; float32 sums, bfloat16 outputs rounded once per term).
 
     The weight is stored once as column panels, `panels` [ceil(N / 32), K, 32]: panel p holds output
     columns 32p..32p+31 of every input dimension, contiguous (zeros past N), so that the op reads each
@@ -182,12 +184,12 @@ class PanelLinear(nn.Module):
 
 
 def panel_linears(model: nn.Module, op: Callable) -> int:
-    """Replace, in place, every float32 CPU nn.Linear of `model` (adapted layers' bases included) by a
+    """Replace, in place, every float32 or bfloat16 CPU nn.Linear of `model` (adapted layers' bases included) by a
     `PanelLinear`; returns how many. A weight the model shares with another module (tied embeddings) is
     left as it is, since the other module reads it in the usual layout."""
     names_of = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     names = [name for name, m in model.named_modules()
-             if type(m) is nn.Linear and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
+             if type(m) is nn.Linear and m.weight.dtype in PANEL_DTYPES and m.weight.device.type == "cpu"
              and names_of[id(m.weight)] == 1]
     for name in names:  # one at a time: each original weight is freed once its panels exist
         model.set_submodule(name, PanelLinear(model.get_submodule(name), op))

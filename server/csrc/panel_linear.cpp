@@ -1,7 +1,7 @@
 // The backbone's linear layers on CPU: y = x @ W^T + b with W stored once, at load, as column panels
 // [P, K, 32] (panel p holds output columns 32p..32p+31 of every input row, contiguous), and for adapted
 // layers each token's own LoRA added in the same pass: + (x[t] @ A[s]) @ B[s], s the token's slot.
-// Float32 only.
+// Float32 or bfloat16 tensors (one dtype per call), float32 sums.
 //
 // Why a kernel: at decode a linear multiplies a few rows (one token per running sequence) by a large
 // frozen matrix, so it is bound by reading the matrix, which CPU BLAS does at ~8 GB/s at these shapes,
@@ -25,6 +25,7 @@
 #include <array>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -32,56 +33,61 @@
 
 namespace {
 
-using mhr_simd::kLanes, mhr_simd::load, mhr_simd::store, mhr_simd::vec;
+using mhr_simd::bf16, mhr_simd::from_float, mhr_simd::kLanes, mhr_simd::load, mhr_simd::store, mhr_simd::to_float,
+    mhr_simd::vec;
 
 constexpr int kPanel = 32;                   // output columns per panel (fixed: it is the stored layout)
 constexpr int kRows = kLanes == 16 ? 8 : 3;  // rows per tile: 8 x 2 accumulators, or 3 x 4 in 16 AVX2 registers
 constexpr int kVecs = kPanel / kLanes;
-constexpr int64_t kPrefetchFloats = 2048;       // how far ahead (8 KiB) many rows' first tile prefetches
-constexpr int64_t kLineFloats = 16;             // floats per 64-byte cache line
-constexpr int64_t kMinFloatsPerThread = 32768;  // weight floats a thread should read to be worth waking
+constexpr int64_t kPrefetchBytes = 8192;        // how far ahead many rows' first tile prefetches
+constexpr int64_t kLineBytes = 64;
+constexpr int64_t kMinFloatsPerThread = 32768;  // weights a thread should read to be worth waking
 constexpr int64_t kPanelBlock = 4;              // panels multiplied together by every row tile (many rows)
-constexpr int64_t kChunk = 64;                  // inputs per part of a panel (8 KiB) when few rows
+constexpr int64_t kChunk = 64;                  // inputs per part of a panel (8 KiB in float32) when few rows
 constexpr int64_t kMaxChunkedRows = 64;         // up to this many rows, panels are taken in parts
-constexpr int64_t kUpPrefetchFloats = 512;      // how far ahead (2 KiB) each row of an adapter's B is prefetched
+constexpr int64_t kUpPrefetchBytes = 2048;      // how far ahead each row of an adapter's B is prefetched
 
-// One call's operands. `B` is null when the layer adds no adapter; else B[t] is token t's slot's B
-// [r, N] (null for slot 0: nothing added) and z [M, r] holds x[t] @ A[slot].
+// One call's operands, stored as T (float or bf16); x as float (a bfloat16 x is converted once). `B` is
+// null when the layer adds no adapter; else B[t] is token t's slot's B [r, N] (null for slot 0: nothing
+// added) and z [M, r] holds x[t] @ A[slot].
+template <typename T>
 struct Call {
   const float* x;
   int64_t M, K, N;
-  const float* panels;
-  const float* bias;  // [P * 32] or null
-  float* y;
-  const float* const* B;
+  const T* panels;
+  const T* bias;  // [P * 32] or null
+  T* y;
+  const T* const* B;
   const float* z;
   int64_t r;
 };
+
+template <typename T>
+constexpr int64_t kLine = kLineBytes / sizeof(T);  // elements per cache line
 
 // Rows [t0, t0 + NT) of panel p over inputs [k0, k1): acc = the bias (k0 == 0) or what an earlier part
 // of K left in `scratch`, then += x[t, k] * panel[k] for k in order; written to y once k1 == K, else
 // back to `scratch` (NT x kPanel). Meanwhile
 // `prefetch_lines` cache lines from `prefetch` on are requested, spread evenly over the k steps, so that
 // memory keeps streaming while the tile computes.
-template <int NT>
-void panel_tile(const Call& call, int64_t t0, int64_t p, int64_t k0, int64_t k1, float* scratch,
-                const float* prefetch, int64_t prefetch_lines) {
+template <typename T, int NT>
+void panel_tile(const Call<T>& call, int64_t t0, int64_t p, int64_t k0, int64_t k1, float* scratch, const T* prefetch,
+                int64_t prefetch_lines) {
   const int64_t K = call.K, N = call.N, col0 = p * kPanel;
   const float* x = call.x + t0 * K;
-  const float* panel = call.panels + p * K * kPanel;
+  const T* panel = call.panels + p * K * kPanel;
   vec acc[NT][kVecs];
   for (int t = 0; t < NT; ++t) {
     for (int c = 0; c < kVecs; ++c) {
-      const float* init = k0 > 0 ? scratch + t * kPanel : call.bias ? call.bias + col0 : nullptr;
-      acc[t][c] = init ? load(init + c * kLanes) : vec{};
+      acc[t][c] = k0 > 0 ? load(scratch + t * kPanel + c * kLanes) : call.bias ? load(call.bias + col0 + c * kLanes) : vec{};
     }
   }
   int64_t credit = 0;  // prefetch_lines per (k1 - k0) steps, as a running remainder
   for (int64_t k = k0; k < k1; ++k) {
-    for (credit += prefetch_lines; credit >= k1 - k0; credit -= k1 - k0, prefetch += kLineFloats) {
+    for (credit += prefetch_lines; credit >= k1 - k0; credit -= k1 - k0, prefetch += kLine<T>) {
       __builtin_prefetch(prefetch);
     }
-    const float* w = panel + k * kPanel;
+    const T* w = panel + k * kPanel;
     vec wv[kVecs];
     for (int c = 0; c < kVecs; ++c) wv[c] = load(w + c * kLanes);
     for (int t = 0; t < NT; ++t) {
@@ -97,45 +103,48 @@ void panel_tile(const Call& call, int64_t t0, int64_t p, int64_t k0, int64_t k1,
   }
   const int cols = static_cast<int>(std::min<int64_t>(kPanel, N - col0));
   for (int t = 0; t < NT; ++t) {
-    float* out = call.y + (t0 + t) * N + col0;
+    T* out = call.y + (t0 + t) * N + col0;
     if (cols == kPanel) {
       for (int c = 0; c < kVecs; ++c) store(out + c * kLanes, acc[t][c]);
     } else {
-      float full[kPanel];
+      T full[kPanel];
       for (int c = 0; c < kVecs; ++c) store(full + c * kLanes, acc[t][c]);
       std::copy(full, full + cols, out);
     }
   }
 }
 
-using TileFn = void (*)(const Call&, int64_t, int64_t, int64_t, int64_t, float*, const float*, int64_t);
+template <typename T>
+using TileFn = void (*)(const Call<T>&, int64_t, int64_t, int64_t, int64_t, float*, const T*, int64_t);
 
 // panel_tile for 1..kRows rows, indexed by rows - 1: a short last tile (or a batch of one) computes only
 // its own rows.
-template <int... I>
-constexpr std::array<TileFn, kRows> tile_table(std::integer_sequence<int, I...>) {
-  return {&panel_tile<I + 1>...};
+template <typename T, int... I>
+constexpr std::array<TileFn<T>, kRows> tile_table(std::integer_sequence<int, I...>) {
+  return {&panel_tile<T, I + 1>...};
 }
-constexpr auto kTiles = tile_table(std::make_integer_sequence<int, kRows>{});
+template <typename T>
+constexpr auto kTiles = tile_table<T>(std::make_integer_sequence<int, kRows>{});
 
 // Few rows (decode): each panel in parts of kChunk inputs (8 KiB), every row tile over a part while it
 // is in L1, so that the panels are read from memory once, as one stream, whatever the number of rows (the
 // tiles keep their sums in `scratch` between parts). The tiles of a part share the prefetching of the
 // next part (of this panel or the next: they are contiguous), so that memory streams while any of them
 // computes, not only the first. Each output still sums over k = 0..K-1 in order.
-void few_rows(const Call& call, int64_t begin, int64_t end) {
+template <typename T>
+void few_rows(const Call<T>& call, int64_t begin, int64_t end) {
   float scratch[kMaxChunkedRows * kPanel];
   const int64_t M = call.M, K = call.K, tiles = (M + kRows - 1) / kRows;
-  const int64_t lines = kChunk * kPanel / kLineFloats, share = (lines + tiles - 1) / tiles;
+  const int64_t lines = kChunk * kPanel / kLine<T>, share = (lines + tiles - 1) / tiles;
   for (int64_t p = begin; p < end; ++p) {
-    const float* panel = call.panels + p * K * kPanel;
+    const T* panel = call.panels + p * K * kPanel;
     for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
       const int64_t k1 = std::min(K, k0 + kChunk);
       for (int64_t i = 0; i < tiles; ++i) {
         const int64_t t0 = i * kRows;
-        kTiles[std::min<int64_t>(kRows, M - t0) - 1](call, t0, p, k0, k1, scratch + t0 * kPanel,
-                                                     panel + k1 * kPanel + i * share * kLineFloats,
-                                                     std::min(share, lines - i * share));
+        kTiles<T>[std::min<int64_t>(kRows, M - t0) - 1](call, t0, p, k0, k1, scratch + t0 * kPanel,
+                                                        panel + k1 * kPanel + i * share * kLine<T>,
+                                                        std::min(share, lines - i * share));
       }
     }
   }
@@ -143,15 +152,16 @@ void few_rows(const Call& call, int64_t begin, int64_t end) {
 
 // Many rows (prefill): a few panels at a time (they stay in L2) against every row tile (each stays in L1
 // across them), so that the rows' inputs are not re-read once per panel. The first row tile prefetches.
-void many_rows(const Call& call, int64_t begin, int64_t end) {
+template <typename T>
+void many_rows(const Call<T>& call, int64_t begin, int64_t end) {
   const int64_t M = call.M, K = call.K;
   for (int64_t first = begin; first < end; first += kPanelBlock) {
     const int64_t last = std::min(end, first + kPanelBlock);
     for (int64_t t0 = 0; t0 < M; t0 += kRows) {
-      const TileFn tile = kTiles[std::min<int64_t>(kRows, M - t0) - 1];
+      const TileFn<T> tile = kTiles<T>[std::min<int64_t>(kRows, M - t0) - 1];
       for (int64_t p = first; p < last; ++p) {
-        tile(call, t0, p, 0, K, nullptr, call.panels + p * K * kPanel + kPrefetchFloats,
-             t0 == 0 ? K * kPanel / kLineFloats : 0);
+        tile(call, t0, p, 0, K, nullptr, call.panels + p * K * kPanel + kPrefetchBytes / sizeof(T),
+             t0 == 0 ? K * kPanel / kLine<T> : 0);
       }
     }
   }
@@ -159,12 +169,21 @@ void many_rows(const Call& call, int64_t begin, int64_t end) {
 
 // z = x @ A for one token; A [d_in, R] contiguous, R known at compile time: z's R columns are one vector,
 // four independent sums over d keep the FMA units busy.
-template <int R>
-void token_down(const float* x, const float* A, float* z, int64_t d_in) {
+template <int R, typename T>
+void token_down(const float* x, const T* A, float* z, int64_t d_in) {
   typedef float row __attribute__((vector_size(R * sizeof(float))));
-  const auto load_row = [](const float* p) {  // (a vector type cannot be a template argument: its size is lost)
+  typedef T stored_row __attribute__((vector_size(R * sizeof(T))));
+  const auto load_row = [](const T* p) {  // (a vector type cannot be a template argument: its size is lost)
+    stored_row s;
+    std::memcpy(&s, p, sizeof(s));
     row v;
-    std::memcpy(&v, p, sizeof(v));
+    if constexpr (std::is_same_v<T, float>) {
+      v = s;
+    } else {  // bfloat16: its bits are the float's high half
+      typedef uint32_t row_words __attribute__((vector_size(R * sizeof(uint32_t))));
+      const row_words w = __builtin_convertvector(s, row_words) << 16;
+      std::memcpy(&v, &w, sizeof(v));
+    }
     return v;
   };
   row acc[4] = {};
@@ -178,24 +197,25 @@ void token_down(const float* x, const float* A, float* z, int64_t d_in) {
 }
 
 // The same for any rank.
-void token_down_any(const float* x, const float* A, float* z, int64_t d_in, int64_t r) {
+template <typename T>
+void token_down_any(const float* x, const T* A, float* z, int64_t d_in, int64_t r) {
   std::fill(z, z + r, 0.f);
   for (int64_t d = 0; d < d_in; ++d) {
-    for (int64_t j = 0; j < r; ++j) z[j] += x[d] * A[d * r + j];
+    for (int64_t j = 0; j < r; ++j) z[j] += x[d] * to_float(A[d * r + j]);
   }
 }
 
 // y[c_begin:c_end] += z @ B[:, c_begin:c_end] for one token, z [R], B [R, N]: 64 columns at a time with
 // all R rows of B summed in registers (y read and written once), each B row prefetched ahead.
-template <int R>
-void token_up(const float* z, const float* B, float* y, int64_t N, int64_t c_begin, int64_t c_end) {
+template <int R, typename T>
+void token_up(const float* z, const T* B, T* y, int64_t N, int64_t c_begin, int64_t c_end) {
   int64_t c = c_begin;
   for (; c + 4 * kLanes <= c_end; c += 4 * kLanes) {
     vec out[4];
     for (int i = 0; i < 4; ++i) out[i] = load(y + c + i * kLanes);
     for (int j = 0; j < R; ++j) {
-      const float* b = B + j * N + c;
-      __builtin_prefetch(b + kUpPrefetchFloats);
+      const T* b = B + j * N + c;
+      __builtin_prefetch(b + kUpPrefetchBytes / sizeof(T));
       for (int i = 0; i < 4; ++i) out[i] += z[j] * load(b + i * kLanes);
     }
     for (int i = 0; i < 4; ++i) store(y + c + i * kLanes, out[i]);
@@ -206,28 +226,30 @@ void token_up(const float* z, const float* B, float* y, int64_t N, int64_t c_beg
     store(y + c, out);
   }
   for (; c < c_end; ++c) {  // the last columns, summed in the same order
-    float out = y[c];
-    for (int j = 0; j < R; ++j) out += z[j] * B[j * N + c];
-    y[c] = out;
+    float out = to_float(y[c]);
+    for (int j = 0; j < R; ++j) out += z[j] * to_float(B[j * N + c]);
+    y[c] = from_float<T>(out);
   }
 }
 
 // The same for any rank.
-void token_up_any(const float* z, const float* B, float* y, int64_t N, int64_t c_begin, int64_t c_end, int64_t r) {
+template <typename T>
+void token_up_any(const float* z, const T* B, T* y, int64_t N, int64_t c_begin, int64_t c_end, int64_t r) {
   for (int64_t c = c_begin; c < c_end; ++c) {
-    float out = y[c];
-    for (int64_t j = 0; j < r; ++j) out += z[j] * B[j * N + c];
-    y[c] = out;
+    float out = to_float(y[c]);
+    for (int64_t j = 0; j < r; ++j) out += z[j] * to_float(B[j * N + c]);
+    y[c] = from_float<T>(out);
   }
 }
 
 // Every token's adapter added to y's columns [c_begin, c_end).
-void add_adapters(const Call& call, int64_t c_begin, int64_t c_end) {
+template <typename T>
+void add_adapters(const Call<T>& call, int64_t c_begin, int64_t c_end) {
   for (int64_t t = 0; t < call.M; ++t) {
-    const float* B = call.B[t];
+    const T* B = call.B[t];
     if (!B) continue;
     const float* z = call.z + t * call.r;
-    float* y = call.y + t * call.N;
+    T* y = call.y + t * call.N;
     switch (call.r) {
       case 4: token_up<4>(z, B, y, call.N, c_begin, c_end); break;
       case 8: token_up<8>(z, B, y, call.N, c_begin, c_end); break;
@@ -239,17 +261,22 @@ void add_adapters(const Call& call, int64_t c_begin, int64_t c_end) {
   }
 }
 
+template <typename T>
+const T* data(const at::Tensor& t) {
+  return reinterpret_cast<const T*>(t.const_data_ptr());
+}
+
 // The adapter operands of a call: A [S, K, r], B [S, r, N] (each slot's a contiguous matrix), slots [n]
 // with the M tokens n rows of M / n; fills z and the per-token B pointers.
-void prepare_adapters(Call& call, const at::Tensor& A, const at::Tensor& B, const at::Tensor& slots,
-                      std::vector<float>& z, std::vector<const float*>& B_of) {
+template <typename T>
+void prepare_adapters(Call<T>& call, const at::Tensor& A, const at::Tensor& B, const at::Tensor& slots,
+                      std::vector<float>& z, std::vector<const T*>& B_of) {
   const int64_t M = call.M, K = call.K, N = call.N, r = A.size(2), n = slots.size(0);
   TORCH_CHECK(A.dim() == 3 && B.dim() == 3 && slots.dim() == 1 && A.size(1) == K && B.size(1) == r &&
                   B.size(2) == N && A.size(0) == B.size(0),
               "panel_linear: adapter shapes do not match: A ", A.sizes(), ", B ", B.sizes(), " for x [", M, ", ", K,
               "], y [", M, ", ", N, "]");
-  TORCH_CHECK(A.scalar_type() == at::kFloat && B.scalar_type() == at::kFloat && slots.scalar_type() == at::kLong,
-              "panel_linear: float32 A and B, int64 slots only");
+  TORCH_CHECK(slots.scalar_type() == at::kLong, "panel_linear: slots must be int64");
   TORCH_CHECK(A.stride(2) == 1 && A.stride(1) == r && B.stride(2) == 1 && B.stride(1) == N,
               "panel_linear: each slot's A and B must be a contiguous matrix");
   TORCH_CHECK(n > 0 && M % n == 0, "panel_linear: ", M, " tokens cannot be split into ", n, " rows");
@@ -259,14 +286,15 @@ void prepare_adapters(Call& call, const at::Tensor& A, const at::Tensor& B, cons
     TORCH_CHECK(slot[i] >= 0 && slot[i] < A.size(0), "panel_linear: slot ", slot[i], " out of range");
   }
   z.resize(M * r), B_of.assign(M, nullptr);
-  const float *Ap = A.data_ptr<float>(), *Bp = B.data_ptr<float>();
+  const T *Ap = data<T>(A), *Bp = data<T>(B);
   const int64_t per_row = M / n;
   const int64_t grain = std::max<int64_t>(1, kMinFloatsPerThread / (K * r));  // small layers: one thread
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t s = slot[t / per_row];
       if (s == 0) continue;
-      const float *xt = call.x + t * K, *a = Ap + s * A.stride(0);
+      const float* xt = call.x + t * K;
+      const T* a = Ap + s * A.stride(0);
       float* zt = z.data() + t * r;
       switch (r) {
         case 4: token_down<4>(xt, a, zt, K); break;
@@ -282,36 +310,57 @@ void prepare_adapters(Call& call, const at::Tensor& A, const at::Tensor& B, cons
   call.B = B_of.data(), call.z = z.data(), call.r = r;
 }
 
+template <typename T>
+void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& panels, const at::Tensor& bias,
+         const std::optional<at::Tensor>& A, const std::optional<at::Tensor>& B, const std::optional<at::Tensor>& slots) {
+  const int64_t M = x.size(0), K = x.size(1), N = y.size(1), P = panels.size(0);
+  std::vector<float> x_float;  // a bfloat16 x, converted once (the tiles broadcast its elements)
+  if constexpr (!std::is_same_v<T, float>) {
+    const T* xs = data<T>(x);
+    x_float.resize(M * K);
+    for (int64_t i = 0; i < M * K; ++i) x_float[i] = to_float(xs[i]);
+  }
+  Call<T> call{std::is_same_v<T, float> ? x.const_data_ptr<float>() : x_float.data(),
+               M, K, N, data<T>(panels), bias.numel() > 0 ? data<T>(bias) : nullptr,
+               reinterpret_cast<T*>(y.data_ptr()), nullptr, nullptr, 0};
+  std::vector<float> z;
+  std::vector<const T*> B_of;
+  if (A.has_value()) prepare_adapters(call, *A, *B, *slots, z, B_of);
+  const int64_t grain = std::max<int64_t>(1, kMinFloatsPerThread / (K * kPanel));
+  at::parallel_for(0, P, grain, [&](int64_t begin, int64_t end) {
+    (M <= kMaxChunkedRows ? few_rows<T> : many_rows<T>)(call, begin, end);
+    if (call.B) add_adapters(call, begin * kPanel, std::min(end * kPanel, N));
+  });
+}
+
 // y [M, N] = x [M, K] @ panels (+ bias) (+ each token's adapter); panels [P, K, 32] with P = ceil(N / 32)
-// (columns past N are zeros), bias empty or [P * 32]; A, B and slots all given or none (see above).
+// (columns past N are zeros), bias empty or [P * 32]; A, B and slots all given or none (see above). Every
+// tensor but slots float32, or every one bfloat16.
 void panel_linear(at::Tensor y, const at::Tensor& x, const at::Tensor& panels, const at::Tensor& bias,
                   const std::optional<at::Tensor>& A, const std::optional<at::Tensor>& B,
                   const std::optional<at::Tensor>& slots) {
   TORCH_CHECK(y.dim() == 2 && x.dim() == 2 && panels.dim() == 3,
               "panel_linear: expected y [M, N], x [M, K], panels [P, K, 32]");
-  TORCH_CHECK(y.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && panels.scalar_type() == at::kFloat,
-              "panel_linear: float32 only");
+  const at::ScalarType dtype = panels.scalar_type();
+  bool same = x.scalar_type() == dtype && y.scalar_type() == dtype && (bias.numel() == 0 || bias.scalar_type() == dtype);
+  if (A.has_value() && B.has_value()) same = same && A->scalar_type() == dtype && B->scalar_type() == dtype;
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && same,
+              "panel_linear: float32 or bfloat16 only, the same for y, x, panels, bias, A and B");
   TORCH_CHECK(y.is_contiguous() && x.is_contiguous() && panels.is_contiguous(),
               "panel_linear: y, x and panels must be contiguous");
   const int64_t M = x.size(0), K = x.size(1), N = y.size(1), P = panels.size(0);
   TORCH_CHECK(y.size(0) == M && panels.size(1) == K && panels.size(2) == kPanel && P == (N + kPanel - 1) / kPanel,
               "panel_linear: shapes do not match: y ", y.sizes(), ", x ", x.sizes(), ", panels ", panels.sizes());
-  const bool has_bias = bias.numel() > 0;
-  TORCH_CHECK(!has_bias || (bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == P * kPanel),
-              "panel_linear: bias must be float32, contiguous, [P * 32]");
+  TORCH_CHECK(bias.numel() == 0 || (bias.is_contiguous() && bias.numel() == P * kPanel),
+              "panel_linear: bias must be contiguous, [P * 32]");
   TORCH_CHECK(A.has_value() == B.has_value() && A.has_value() == slots.has_value(),
               "panel_linear: give A, B and slots together, or none of them");
   if (M == 0) return;
-  Call call{x.data_ptr<float>(), M, K, N, panels.data_ptr<float>(), has_bias ? bias.data_ptr<float>() : nullptr,
-            y.data_ptr<float>(), nullptr, nullptr, 0};
-  std::vector<float> z;
-  std::vector<const float*> B_of;
-  if (A.has_value()) prepare_adapters(call, *A, *B, *slots, z, B_of);
-  const int64_t grain = std::max<int64_t>(1, kMinFloatsPerThread / (K * kPanel));
-  at::parallel_for(0, P, grain, [&](int64_t begin, int64_t end) {
-    (M <= kMaxChunkedRows ? few_rows : many_rows)(call, begin, end);
-    if (call.B) add_adapters(call, begin * kPanel, std::min(end * kPanel, N));
-  });
+  if (dtype == at::kFloat) {
+    run<float>(y, x, panels, bias, A, B, slots);
+  } else {
+    run<bf16>(y, x, panels, bias, A, B, slots);
+  }
 }
 
 }  // namespace

@@ -1,8 +1,10 @@
 // The vector type the CPU kernels compute with: one register of floats (AVX-512: 16, else 8; GCC and
 // Clang vector extensions, so the same code builds for any target `-march=native` names), with
-// unaligned loads and stores.
+// unaligned loads and stores, from and to float32 or bfloat16 storage (bfloat16 held as its 16 bits:
+// a float's high half; stores round to nearest even, NaN stays NaN). Sums are always float32.
 #pragma once
 
+#include <cstdint>
 #include <cstring>
 
 namespace mhr_simd {
@@ -13,6 +15,10 @@ constexpr int kLanes = 16;
 constexpr int kLanes = 8;
 #endif
 typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
+typedef uint32_t words __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+typedef uint16_t halves __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+
+using bf16 = uint16_t;  // a bfloat16's bits
 
 inline vec load(const float* p) {
   vec v;
@@ -20,6 +26,49 @@ inline vec load(const float* p) {
   return v;
 }
 
+inline vec load(const bf16* p) {
+  halves h;
+  std::memcpy(&h, p, sizeof(h));
+  const words w = __builtin_convertvector(h, words) << 16;
+  vec v;
+  std::memcpy(&v, &w, sizeof(v));
+  return v;
+}
+
 inline void store(float* p, const vec& v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline void store(bf16* p, const vec& v) {
+  words w;
+  std::memcpy(&w, &v, sizeof(w));
+  const words rounded = (w + 0x7FFFu + ((w >> 16) & 1u)) >> 16;
+  const words nan = (w & 0x7FFFFFFFu) > 0x7F800000u;  // all ones where v is NaN
+  const halves h = __builtin_convertvector((nan & 0x7FC0u) | (~nan & rounded), halves);
+  std::memcpy(p, &h, sizeof(h));
+}
+
+inline float to_float(float x) { return x; }
+
+inline float to_float(bf16 x) {
+  const uint32_t w = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &w, sizeof(f));
+  return f;
+}
+
+template <typename T>
+inline T from_float(float f);
+
+template <>
+inline float from_float<float>(float f) {
+  return f;
+}
+
+template <>
+inline bf16 from_float<bf16>(float f) {
+  uint32_t w;
+  std::memcpy(&w, &f, sizeof(w));
+  if ((w & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+  return static_cast<bf16>((w + 0x7FFFu + ((w >> 16) & 1u)) >> 16);
+}
 
 }  // namespace mhr_simd

@@ -76,25 +76,28 @@ def panel_op():
 def fused(op, x, A, B, slots, bias=True, seed=3):
     """base and base + each row's adapter by the compiled op, for a random linear d_in -> d_out."""
     torch.manual_seed(seed)
-    linear = nn.Linear(x.shape[-1], B.shape[-1], bias=bias)
+    linear = nn.Linear(x.shape[-1], B.shape[-1], bias=bias).to(x.dtype)
     packed = PanelLinear(linear, op)
     return linear, packed(x), packed(x, A, B, slots)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rank", [4, 8, 16, 64, 5])  # the compiled ranks and one for the generic loop
 @pytest.mark.parametrize("tokens", [1, 3])
-def test_compiled_op_adds_each_rows_adapter_like_the_reference(panel_op, rank, tokens):
+def test_compiled_op_adds_each_rows_adapter_like_the_reference(panel_op, rank, tokens, dtype):
     g = torch.Generator().manual_seed(rank)
     d_in, d_out = 23, 37  # not multiples of the kernel's unrolling; a partial last panel
     # slots as the model holds them: one layer's view of a shape group's storage [G, S, d_in, r]
-    A = torch.randn(3, S, d_in, rank, generator=g)[1]
-    B = torch.randn(3, S, rank, d_out, generator=g)[1]
+    A = torch.randn(3, S, d_in, rank, generator=g)[1].to(dtype)
+    B = torch.randn(3, S, rank, d_out, generator=g)[1].to(dtype)
     A[0], B[0] = 0, 0
     slots = torch.tensor([3, 0, 5, 3, 1])
-    x = inputs(len(slots), tokens, d_in, seed=rank)
+    x = inputs(len(slots), tokens, d_in, seed=rank).to(dtype)
     linear, base, got = fused(panel_op, x, A, B, slots)
-    want = linear(x).double() + lora_reference(x.double(), A.double(), B.double(), slots)
-    assert_close(got, want, torch.float32)
+    assert got.dtype == dtype
+    want = x.double() @ linear.weight.double().T + linear.bias.double()
+    want += lora_reference(x.double(), A.double(), B.double(), slots)
+    assert_close(got, want, dtype)
     assert torch.equal(got[1], base[1])  # slot 0: exactly the frozen layer
 
 

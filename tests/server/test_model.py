@@ -104,23 +104,25 @@ def panel_op():
     return op
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
-# widths below, at and above whole 32-column panels; 1100 x 300: ten panels, in blocks of 4, over both threads
 @pytest.mark.parametrize(("d_in", "d_out"), [(37, 1), (64, 31), (64, 33), (23, 96), (300, 70), (1100, 300)])
-def test_panel_linear_computes_the_linear(panel_op, d_in, d_out, bias):
+def test_panel_linear_computes_the_linear(panel_op, d_in, d_out, bias, dtype):
     torch.manual_seed(d_in * d_out)
-    linear = nn.Linear(d_in, d_out, bias=bias)
+    linear = nn.Linear(d_in, d_out, bias=bias).to(dtype)
     packed = PanelLinear(linear, panel_op)
+    # float32 sums; a bfloat16 output is the exact result rounded once (half a unit in its 8th bit)
+    rtol, atol = (1e-5, 1e-5) if dtype == torch.float32 else (2**-8, 1e-4)
     for rows in (1, 2, 7, 8, 9, 17, 64, 70):  # within, at and across 8- (or 3-) row tiles; few and many rows
-        x = torch.randn(rows, d_in)
+        x = torch.randn(rows, d_in).to(dtype)
         want = x.double() @ linear.weight.double().T + (linear.bias.double() if bias else 0)
         got = packed(x)
-        assert got.dtype == torch.float32 and got.shape == (rows, d_out)
-        assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
+        assert got.dtype == dtype and got.shape == (rows, d_out)
+        assert torch.allclose(got.double(), want, rtol=rtol, atol=atol)
         # each row is summed alike whatever its neighbours: alone it gets the same bits
         assert torch.equal(torch.cat([packed(x[i:i + 1]) for i in range(rows)]), got)
-    x = torch.randn(2, 5, d_in)
-    assert torch.allclose(packed(x), linear(x), atol=1e-5)
+    x = torch.randn(2, 5, d_in).to(dtype)
+    assert torch.allclose(packed(x).double(), linear(x).double(), rtol=2 * rtol, atol=atol)
 
 
 def test_panel_linears_pack_every_float32_linear_but_shared_weights(tiny_llama_path, panel_op):
@@ -149,8 +151,10 @@ def test_panel_linears_pack_every_float32_linear_but_shared_weights(tiny_llama_p
 def test_panel_linear_op_rejects_what_it_cannot_compute(panel_op):
     packed = PanelLinear(nn.Linear(16, 40), panel_op)
     x, y = torch.randn(3, 16), torch.empty(3, 40)
-    with pytest.raises(RuntimeError, match="float32"):
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         panel_op(y.double(), x.double(), packed.panels.double(), packed.bias.double())
+    with pytest.raises(RuntimeError, match="the same for"):
+        panel_op(y, x.bfloat16(), packed.panels, packed.bias)
     with pytest.raises(RuntimeError, match="shapes do not match"):
         panel_op(torch.empty(3, 70), x, packed.panels, packed.bias)
     with pytest.raises(RuntimeError, match="bias"):

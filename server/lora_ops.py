@@ -4,10 +4,10 @@ Slot tensors (preallocated by the layer, written by the adapter cache):
     A  [S, d_in, r]     B  [S, r, d_out]     (the adapter's alpha / r already folded into B)
 Each slot's A and B are contiguous blocks. Slot 0 is "no adapter": all zeros, never written.
 
-`lora_reference` is the plain loop every fast path is tested against. On CPU in float32 with the compiled
-kernels, the layers' `PanelLinear` op adds the adapters in the frozen weight's own pass (`server.model`);
-everywhere else layers call `add_lora`, with a `SlotPlan` built once per batch (not once per layer) that
-picks the path:
+`lora_reference` is the plain loop every fast path is tested against. On CPU (float32 or bfloat16) with the
+compiled kernels, the layers' `PanelLinear` op adds the adapters in the frozen weight's own pass
+(`server.model`); everywhere else layers call `add_lora`, with a `SlotPlan` built once per batch (not once
+per layer) that picks the path:
     - no row has an adapter        -> nothing to add
     - every row has the same slot  -> two plain matmuls with that slot's A, B
     - otherwise                    -> each row's A and B gathered ([N, d_in, r], [N, r, d_out]: small next

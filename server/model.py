@@ -61,9 +61,9 @@ class BatchedLoRALinear(nn.Module):
 
     Buffers (views into the shape group's storage, in the base layer's dtype and device):
     lora_A [S, d_in, r_max], lora_B [S, r_max, d_out] (see `server.lora_ops`).
-    Slot 0 is zero and never written (the "no adapter" slot). When `base` is a `PanelLinear` (CPU float32
-    or bfloat16 with the compiled kernels) one call of its op computes both terms; else `server.lora_ops.add_lora` adds
-    the adapters to the base layer's output.
+    Slot 0 is zero and never written (the "no adapter" slot). When `base` is a `PanelLinear` (CPU, float32
+    or bfloat16, with the compiled kernels) one call of its op computes both terms; else
+    `server.lora_ops.add_lora` adds the adapters to the base layer's output.
     """
 
     def __init__(self, base: nn.Linear, lora_A: Tensor, lora_B: Tensor, context: SlotContext) -> None:
@@ -184,9 +184,9 @@ class PanelLinear(nn.Module):
 
 
 def panel_linears(model: nn.Module, op: Callable) -> int:
-    """Replace, in place, every float32 or bfloat16 CPU nn.Linear of `model` (adapted layers' bases included) by a
-    `PanelLinear`; returns how many. A weight the model shares with another module (tied embeddings) is
-    left as it is, since the other module reads it in the usual layout."""
+    """Replace, in place, every float32 or bfloat16 CPU nn.Linear of `model` (adapted layers' bases
+    included) by a `PanelLinear`; returns how many. A weight the model shares with another module (tied
+    embeddings) is left as it is, since the other module reads it in the usual layout."""
     names_of = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     names = [name for name, m in model.named_modules()
              if type(m) is nn.Linear and m.weight.dtype in PANEL_DTYPES and m.weight.device.type == "cpu"

@@ -58,16 +58,14 @@ class Engine:
         self.model, self.config, self.tokenizer = model.eval(), config, tokenizer
         self.device = next(model.parameters()).device
         self.dtype = dtype = next(model.parameters()).dtype
-        cpu_float32 = self.device.type == "cpu" and dtype == torch.float32
         self.context, self.slots = wrap_model(model, list(bundle.modules), config.n_slots,
                                               config.max_rank or _max_rank(bundle))
         self._mix_op = linear_op = None
         if self.device.type == "cpu" and dtype in PANEL_DTYPES and config.cpu_kernel:
-            linear_op = cpu_kernel.panel_linear()
-            self._mix_op = cpu_kernel.mix_skills() if cpu_float32 else None
+            self._mix_op, linear_op = cpu_kernel.mix_skills(), cpu_kernel.panel_linear()
         if linear_op is not None:
             panel_linears(model, linear_op)
-        elif cpu_float32:  # measured: bf16 no gain, fp16 ~12x slower
+        elif self.device.type == "cpu" and dtype == torch.float32:  # measured: bf16 no gain, fp16 ~12x slower
             column_major_weights(model)
         self.tasks = TaskRegistry(bundle, self._inventory(bundle), config.allow_zero_shot)
         self.cache = AdapterCache(config.n_slots, self.slots.write)

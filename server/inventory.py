@@ -3,7 +3,7 @@
 Owns the serving copy of a bundle's skill inventory, resident on the device and laid out per shape group
 (the groups of `server.model.SlotWeights`) as [G, h, K, block] (block: one head's d/h x r slice), so that
 mixing a task is one pass over K contiguous streams per head: the compiled `mix_skills` op writes the sum
-straight into the slot (CPU float32), else one batched matmul per group and side, [G*h, 1, K] @
+straight into the slot (CPU float32 or bfloat16), else one batched matmul per group and side, [G*h, 1, K] @
 [G*h, K, block], then a copy. A routed task is a `MixedLoRA` (its mixing weights) until it is written into
 a slot. The math is DESIGN.md section 1 (as `mhr.functional`), with the LoRA scaling folded into the B
 skills once, so that both sides mix with the same weights.
@@ -29,7 +29,8 @@ class ServingInventory:
         bundle: the bundle whose inventory (lora_A [K, h, d_in/h, r], lora_B [K, h, r, d_out/h]) to hold.
         groups: module names per shape group, in slot-storage order.
         device, dtype: where the skills live and tasks materialize.
-        mix_op: the compiled `mix_skills` op (`server.cpu_kernel`, CPU float32) or None for torch ops.
+        mix_op: the compiled `mix_skills` op (`server.cpu_kernel`, CPU float32 or bfloat16) or None for torch
+            ops.
     """
 
     def __init__(self, bundle: Bundle, groups: list[list[str]], device: torch.device | str,

@@ -70,14 +70,20 @@ def test_adapters_written_into_slots_match_mhr(bundle, mix_op, max_rank, compile
         assert all(g.A[:, 1].isnan().all() and g.B[:, 1].isnan().all() for g in storage), "another slot was written"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows, cols", [(4, 5), (3, 64), (8, 25), (8, 344), (344, 8)])
-def test_compiled_mix_equals_einsum_into_strided_rows(mix_op, rows, cols):
-    """Blocks of whole and partial 64-float chunks, rows crossing chunk ends, written into wider rows."""
+def test_compiled_mix_equals_einsum_into_strided_rows(mix_op, rows, cols, dtype):
+    """Blocks of whole and partial 64-float chunks, rows crossing chunk ends, written into wider rows;
+    bfloat16 sums in float32, rounded once."""
     g = torch.Generator().manual_seed(rows * cols)
-    src, w = torch.randn(2, 3, 5, rows, cols, generator=g), torch.rand(2, 3, 5, generator=g)
-    storage = torch.full((2, 3, rows, cols + 7), float("nan"))
+    src, w = torch.randn(2, 3, 5, rows, cols, generator=g).to(dtype), torch.rand(2, 3, 5, generator=g).to(dtype)
+    storage = torch.full((2, 3, rows, cols + 7), float("nan"), dtype=dtype)
     mix_op([storage[..., :cols]], [src], [w])
-    torch.testing.assert_close(storage[..., :cols], torch.einsum("ghk,ghkrc->ghrc", w, src))
+    want = torch.einsum("ghk,ghkrc->ghrc", w.double(), src.double())
+    if dtype == torch.float32:
+        torch.testing.assert_close(storage[..., :cols], want.float())
+    else:  # the exact sum rounded to bfloat16, up to float32 rounding just below a tie
+        torch.testing.assert_close(storage[..., :cols], want.to(dtype), rtol=2**-8, atol=1e-6)
     assert storage[..., cols:].isnan().all(), "the op wrote past its rows"
 
 
@@ -97,7 +103,18 @@ def test_compiled_mix_sums_every_triple_and_refuses_what_it_cannot_compute(mix_o
         mix_op([out, out], [src], [w])
 
 
-def test_bfloat16_layout(bundle):
-    inventory = ServingInventory(bundle, grouped(bundle), "cpu", torch.bfloat16)
+def test_bfloat16_layout_and_mixing_into_slots(bundle, mix_op):
+    groups = grouped(bundle)
+    inventory = ServingInventory(bundle, groups, "cpu", torch.bfloat16)
     A, B = inventory.routed(bundle.routing_row(ROUTED[0])).tensors()[0]
     assert A.dtype == B.dtype == torch.bfloat16 and A.shape[-1] == B.shape[-2] == bundle.config.rank
+    compiled = ServingInventory(bundle, groups, "cpu", torch.bfloat16, mix_op)
+    storage = [SlotGroup(names, torch.zeros(len(names), 2, bundle.modules[names[0]][0], 4, dtype=torch.bfloat16),
+                         torch.zeros(len(names), 2, 4, bundle.modules[names[0]][1], dtype=torch.bfloat16))
+               for names in groups]
+    for task in ROUTED[:2]:
+        SlotWeights(storage, {}).write(1, compiled.routed(bundle.routing_row(task)))
+        for g, (A, B) in zip(storage, inventory.routed(bundle.routing_row(task)).tensors(), strict=True):
+            # the same bfloat16 skills and weights; torch's bmm rounds as the op does, up to one unit
+            torch.testing.assert_close(g.A[:, 1], A, rtol=2**-7, atol=1e-6)
+            torch.testing.assert_close(g.B[:, 1], B, rtol=2**-7, atol=1e-6)

@@ -40,7 +40,10 @@ __attribute__((always_inline)) inline void chunk_sum(float* acc, const T* s, con
     for (int64_t k = 0; k < K; ++k) {
       const float wk = w[k];
       const T* sk = s + k * L;
-      for (int c = 0; c < kVecs; ++c) sum[c] = k == 0 ? wk * load(sk + c * kLanes) : sum[c] + wk * load(sk + c * kLanes);
+      for (int c = 0; c < kVecs; ++c) {
+        const vec term = wk * load(sk + c * kLanes);
+        sum[c] = k == 0 ? term : sum[c] + term;
+      }
     }
     for (int c = 0; c < kVecs; ++c) store(acc + c * kLanes, sum[c]);
     return;

@@ -67,9 +67,8 @@ constexpr int64_t kLine = kLineBytes / sizeof(T);  // elements per cache line
 
 // Rows [t0, t0 + NT) of panel p over inputs [k0, k1): acc = the bias (k0 == 0) or what an earlier part
 // of K left in `scratch`, then += x[t, k] * panel[k] for k in order; written to y once k1 == K, else
-// back to `scratch` (NT x kPanel). Meanwhile
-// `prefetch_lines` cache lines from `prefetch` on are requested, spread evenly over the k steps, so that
-// memory keeps streaming while the tile computes.
+// back to `scratch` (NT x kPanel). Meanwhile `prefetch_lines` cache lines from `prefetch` on are
+// requested, spread evenly over the k steps, so that memory keeps streaming while the tile computes.
 template <typename T, int NT>
 void panel_tile(const Call<T>& call, int64_t t0, int64_t p, int64_t k0, int64_t k1, float* scratch, const T* prefetch,
                 int64_t prefetch_lines) {
@@ -79,7 +78,9 @@ void panel_tile(const Call<T>& call, int64_t t0, int64_t p, int64_t k0, int64_t 
   vec acc[NT][kVecs];
   for (int t = 0; t < NT; ++t) {
     for (int c = 0; c < kVecs; ++c) {
-      acc[t][c] = k0 > 0 ? load(scratch + t * kPanel + c * kLanes) : call.bias ? load(call.bias + col0 + c * kLanes) : vec{};
+      acc[t][c] = k0 > 0       ? load(scratch + t * kPanel + c * kLanes)
+                  : call.bias ? load(call.bias + col0 + c * kLanes)
+                              : vec{};
     }
   }
   int64_t credit = 0;  // prefetch_lines per (k1 - k0) steps, as a running remainder
@@ -126,7 +127,7 @@ constexpr std::array<TileFn<T>, kRows> tile_table(std::integer_sequence<int, I..
 template <typename T>
 constexpr auto kTiles = tile_table<T>(std::make_integer_sequence<int, kRows>{});
 
-// Few rows (decode): each panel in parts of kChunk inputs (8 KiB), every row tile over a part while it
+// Few rows (decode): each panel in parts of kChunk inputs, every row tile over a part while it
 // is in L1, so that the panels are read from memory once, as one stream, whatever the number of rows (the
 // tiles keep their sums in `scratch` between parts). The tiles of a part share the prefetching of the
 // next part (of this panel or the next: they are contiguous), so that memory streams while any of them
@@ -312,7 +313,8 @@ void prepare_adapters(Call<T>& call, const at::Tensor& A, const at::Tensor& B, c
 
 template <typename T>
 void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& panels, const at::Tensor& bias,
-         const std::optional<at::Tensor>& A, const std::optional<at::Tensor>& B, const std::optional<at::Tensor>& slots) {
+         const std::optional<at::Tensor>& A, const std::optional<at::Tensor>& B,
+         const std::optional<at::Tensor>& slots) {
   const int64_t M = x.size(0), K = x.size(1), N = y.size(1), P = panels.size(0);
   std::vector<float> x_float;  // a bfloat16 x, converted once (the tiles broadcast its elements)
   if constexpr (!std::is_same_v<T, float>) {
@@ -342,7 +344,8 @@ void panel_linear(at::Tensor y, const at::Tensor& x, const at::Tensor& panels, c
   TORCH_CHECK(y.dim() == 2 && x.dim() == 2 && panels.dim() == 3,
               "panel_linear: expected y [M, N], x [M, K], panels [P, K, 32]");
   const at::ScalarType dtype = panels.scalar_type();
-  bool same = x.scalar_type() == dtype && y.scalar_type() == dtype && (bias.numel() == 0 || bias.scalar_type() == dtype);
+  bool same = x.scalar_type() == dtype && y.scalar_type() == dtype;
+  same = same && (bias.numel() == 0 || bias.scalar_type() == dtype);
   if (A.has_value() && B.has_value()) same = same && A->scalar_type() == dtype && B->scalar_type() == dtype;
   TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && same,
               "panel_linear: float32 or bfloat16 only, the same for y, x, panels, bias, A and B");

@@ -70,7 +70,7 @@ def run(settings) -> None:
 
     import mhr
 
-    # the engine's own notes while it starts (e.g. compiling the CPU decode op once per machine) reach stderr
+    # the engine's own notes while it starts (e.g. compiling the CPU kernels once per machine) reach stderr
     notes = logging.getLogger("server")
     if not notes.handlers:  # once per process, however often run() is called
         handler = logging.StreamHandler()

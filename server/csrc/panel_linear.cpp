@@ -66,15 +66,15 @@ template <typename T>
 constexpr int64_t kLine = kLineBytes / sizeof(T);  // elements per cache line
 
 // Rows [t0, t0 + NT) of panel p over inputs [k0, k1): acc = the bias (k0 == 0) or what an earlier part
-// of K left in `scratch`, then += x[t, k] * panel[k] for k in order; written to y once k1 == K, else
+// of K left in `scratch`, then += x[t, k] * part[k - k0] for k in order, `part` being those inputs' rows
+// of the panel (as stored, or widened to float32 once for all tiles); written to y once k1 == K, else
 // back to `scratch` (NT x kPanel). Meanwhile `prefetch_lines` cache lines from `prefetch` on are
 // requested, spread evenly over the k steps, so that memory keeps streaming while the tile computes.
-template <typename T, int NT>
-void panel_tile(const Call<T>& call, int64_t t0, int64_t p, int64_t k0, int64_t k1, float* scratch, const T* prefetch,
-                int64_t prefetch_lines) {
+template <typename T, typename W, int NT>
+void panel_tile(const Call<T>& call, int64_t t0, int64_t p, int64_t k0, int64_t k1, const W* part, float* scratch,
+                const T* prefetch, int64_t prefetch_lines) {
   const int64_t K = call.K, N = call.N, col0 = p * kPanel;
   const float* x = call.x + t0 * K;
-  const T* panel = call.panels + p * K * kPanel;
   vec acc[NT][kVecs];
   for (int t = 0; t < NT; ++t) {
     for (int c = 0; c < kVecs; ++c) {
@@ -88,7 +88,7 @@ void panel_tile(const Call<T>& call, int64_t t0, int64_t p, int64_t k0, int64_t 
     for (credit += prefetch_lines; credit >= k1 - k0; credit -= k1 - k0, prefetch += kLine<T>) {
       __builtin_prefetch(prefetch);
     }
-    const T* w = panel + k * kPanel;
+    const W* w = part + (k - k0) * kPanel;
     vec wv[kVecs];
     for (int c = 0; c < kVecs; ++c) wv[c] = load(w + c * kLanes);
     for (int t = 0; t < NT; ++t) {
@@ -115,17 +115,32 @@ void panel_tile(const Call<T>& call, int64_t t0, int64_t p, int64_t k0, int64_t 
   }
 }
 
-template <typename T>
-using TileFn = void (*)(const Call<T>&, int64_t, int64_t, int64_t, int64_t, float*, const T*, int64_t);
+template <typename T, typename W>
+using TileFn = void (*)(const Call<T>&, int64_t, int64_t, int64_t, int64_t, const W*, float*, const T*, int64_t);
 
 // panel_tile for 1..kRows rows, indexed by rows - 1: a short last tile (or a batch of one) computes only
 // its own rows.
-template <typename T, int... I>
-constexpr std::array<TileFn<T>, kRows> tile_table(std::integer_sequence<int, I...>) {
-  return {&panel_tile<T, I + 1>...};
+template <typename T, typename W, int... I>
+constexpr std::array<TileFn<T, W>, kRows> tile_table(std::integer_sequence<int, I...>) {
+  return {&panel_tile<T, W, I + 1>...};
 }
+template <typename T, typename W>
+constexpr auto kTiles = tile_table<T, W>(std::make_integer_sequence<int, kRows>{});
+
+// The tiles read float32 weights: bfloat16 panels are widened once per part or block, for all row tiles,
+// rather than in every tile (compute-bound beyond a few rows, the widening cost more than its bytes saved).
 template <typename T>
-constexpr auto kTiles = tile_table<T>(std::make_integer_sequence<int, kRows>{});
+const float* widened(const T* src, int64_t n, std::vector<float>& buffer) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    buffer.resize(n);
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) store(buffer.data() + i, load(src + i));
+    for (; i < n; ++i) buffer[i] = to_float(src[i]);
+    return buffer.data();
+  }
+}
 
 // Few rows (decode): each panel in parts of kChunk inputs, every row tile over a part while it
 // is in L1, so that the panels are read from memory once, as one stream, whatever the number of rows (the
@@ -135,17 +150,24 @@ constexpr auto kTiles = tile_table<T>(std::make_integer_sequence<int, kRows>{});
 template <typename T>
 void few_rows(const Call<T>& call, int64_t begin, int64_t end) {
   float scratch[kMaxChunkedRows * kPanel];
+  std::vector<float> buffer;
   const int64_t M = call.M, K = call.K, tiles = (M + kRows - 1) / kRows;
   const int64_t lines = kChunk * kPanel / kLine<T>, share = (lines + tiles - 1) / tiles;
   for (int64_t p = begin; p < end; ++p) {
     const T* panel = call.panels + p * K * kPanel;
     for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
       const int64_t k1 = std::min(K, k0 + kChunk);
+      const T* next = panel + k1 * kPanel;
+      if (tiles == 1) {  // one tile reads the part as stored (widening first would only add a pass)
+        kTiles<T, T>[M - 1](call, 0, p, k0, k1, panel + k0 * kPanel, scratch, next, lines);
+        continue;
+      }
+      const float* part = widened(panel + k0 * kPanel, (k1 - k0) * kPanel, buffer);
       for (int64_t i = 0; i < tiles; ++i) {
         const int64_t t0 = i * kRows;
-        kTiles<T>[std::min<int64_t>(kRows, M - t0) - 1](call, t0, p, k0, k1, scratch + t0 * kPanel,
-                                                        panel + k1 * kPanel + i * share * kLine<T>,
-                                                        std::min(share, lines - i * share));
+        kTiles<T, float>[std::min<int64_t>(kRows, M - t0) - 1](call, t0, p, k0, k1, part, scratch + t0 * kPanel,
+                                                               next + i * share * kLine<T>,
+                                                               std::min(share, lines - i * share));
       }
     }
   }
@@ -155,14 +177,16 @@ void few_rows(const Call<T>& call, int64_t begin, int64_t end) {
 // across them), so that the rows' inputs are not re-read once per panel. The first row tile prefetches.
 template <typename T>
 void many_rows(const Call<T>& call, int64_t begin, int64_t end) {
+  std::vector<float> buffer;
   const int64_t M = call.M, K = call.K;
   for (int64_t first = begin; first < end; first += kPanelBlock) {
     const int64_t last = std::min(end, first + kPanelBlock);
+    const float* block = widened(call.panels + first * K * kPanel, (last - first) * K * kPanel, buffer);
     for (int64_t t0 = 0; t0 < M; t0 += kRows) {
-      const TileFn<T> tile = kTiles<T>[std::min<int64_t>(kRows, M - t0) - 1];
+      const TileFn<T, float> tile = kTiles<T, float>[std::min<int64_t>(kRows, M - t0) - 1];
       for (int64_t p = first; p < last; ++p) {
-        tile(call, t0, p, 0, K, nullptr, call.panels + p * K * kPanel + kPrefetchBytes / sizeof(T),
-             t0 == 0 ? K * kPanel / kLine<T> : 0);
+        tile(call, t0, p, 0, K, block + (p - first) * K * kPanel, nullptr,
+             call.panels + p * K * kPanel + kPrefetchBytes / sizeof(T), t0 == 0 ? K * kPanel / kLine<T> : 0);
       }
     }
   }

@@ -43,9 +43,9 @@ class ServerConfig(BaseSettings):
         api_key: when set, inference routes need "Authorization: Bearer <api_key>".
         admin_key: when set, enables the admin routes, guarded by this key (off without one).
         drain_seconds: on SIGTERM, how long running requests may take to finish.
-        cpu_kernel: on CPU in float32, run the backbone's linears, the decode batches' adapters and cold
-            tasks with the compiled kernels (`server.cpu_kernel`, built on first use; torch ops if they
-            cannot be built).
+        cpu_kernel: on CPU in float32 or bfloat16, run the backbone's linears with the requests' adapters,
+            and cold tasks, with the compiled kernels (`server.cpu_kernel`, built on first use; torch ops if
+            they cannot be built).
         max_upload_mb: largest admin upload (the request body, and what an uploaded archive unpacks to), MiB.
         engine: "torch" (the embedded engine, `server.engine`) or "vllm" (`server.vllm_engine`; needs the
             `vllm` extra). The vLLM engine reads model, dtype, max_rank (rounded up to a rank vLLM

@@ -38,9 +38,9 @@ def serve(
                                                     "[default: 256]")] = None,
     engine: Annotated[str | None, Opt(help="torch | vllm (needs the vllm extra) [default: torch]")] = None,
     cpu_kernel: Annotated[bool | None, Opt("--cpu-kernel/--no-cpu-kernel",
-                                           help="compiled kernels for the backbone's linears, decode adapters "
-                                                "and cold tasks on CPU, float32 (built on first use) "
-                                                "[default: on]")] = None,
+                                           help="compiled kernels for the backbone's linears with their "
+                                                "adapters and for cold tasks on CPU, float32 or bfloat16 "
+                                                "(built on first use) [default: on]")] = None,
 ) -> None:
     """Serve a bundle's tasks over HTTP (OpenAI-compatible and per-task routes, metrics, hot deploys)."""
     from server.config import ServerConfig, ServerConfigError

@@ -192,6 +192,20 @@ void many_rows(const Call<T>& call, int64_t begin, int64_t end) {
   }
 }
 
+// f(std::integral_constant<int, R>) for the ranks compiled as vector code (4, 8, 16, 32, 64), else f at
+// R = 0, the loops for any rank.
+template <typename F>
+void by_rank(int64_t r, F&& f) {
+  switch (r) {
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 16: f(std::integral_constant<int, 16>{}); break;
+    case 32: f(std::integral_constant<int, 32>{}); break;
+    case 64: f(std::integral_constant<int, 64>{}); break;
+    default: f(std::integral_constant<int, 0>{});
+  }
+}
+
 // z = x @ A for one token; A [d_in, R] contiguous, R known at compile time: z's R columns are one vector,
 // four independent sums over d keep the FMA units busy.
 template <int R, typename T>
@@ -230,8 +244,19 @@ void token_down_any(const float* x, const T* A, float* z, int64_t d_in, int64_t 
   }
 }
 
-// y[c_begin:c_end] += z @ B[:, c_begin:c_end] for one token, z [R], B [R, N]: 64 columns at a time with
-// all R rows of B summed in registers (y read and written once), each B row prefetched ahead.
+// y[c_begin:c_end] += z @ B[:, c_begin:c_end] for one token, z [r], B [r, N], any rank: per column, the
+// ranks summed in order.
+template <typename T>
+void token_up_any(const float* z, const T* B, T* y, int64_t N, int64_t c_begin, int64_t c_end, int64_t r) {
+  for (int64_t c = c_begin; c < c_end; ++c) {
+    float out = to_float(y[c]);
+    for (int64_t j = 0; j < r; ++j) out += z[j] * to_float(B[j * N + c]);
+    y[c] = from_float<T>(out);
+  }
+}
+
+// The same for R known at compile time: 64 columns at a time with all R rows of B summed in registers (y
+// read and written once), each B row prefetched ahead; the last columns as above, in the same order.
 template <int R, typename T>
 void token_up(const float* z, const T* B, T* y, int64_t N, int64_t c_begin, int64_t c_end) {
   int64_t c = c_begin;
@@ -250,21 +275,7 @@ void token_up(const float* z, const T* B, T* y, int64_t N, int64_t c_begin, int6
     for (int j = 0; j < R; ++j) out += z[j] * load(B + j * N + c);
     store(y + c, out);
   }
-  for (; c < c_end; ++c) {  // the last columns, summed in the same order
-    float out = to_float(y[c]);
-    for (int j = 0; j < R; ++j) out += z[j] * to_float(B[j * N + c]);
-    y[c] = from_float<T>(out);
-  }
-}
-
-// The same for any rank.
-template <typename T>
-void token_up_any(const float* z, const T* B, T* y, int64_t N, int64_t c_begin, int64_t c_end, int64_t r) {
-  for (int64_t c = c_begin; c < c_end; ++c) {
-    float out = to_float(y[c]);
-    for (int64_t j = 0; j < r; ++j) out += z[j] * to_float(B[j * N + c]);
-    y[c] = from_float<T>(out);
-  }
+  token_up_any(z, B, y, N, c, c_end, R);
 }
 
 // Every token's adapter added to y's columns [c_begin, c_end).
@@ -275,14 +286,13 @@ void add_adapters(const Call<T>& call, int64_t c_begin, int64_t c_end) {
     if (!B) continue;
     const float* z = call.z + t * call.r;
     T* y = call.y + t * call.N;
-    switch (call.r) {
-      case 4: token_up<4>(z, B, y, call.N, c_begin, c_end); break;
-      case 8: token_up<8>(z, B, y, call.N, c_begin, c_end); break;
-      case 16: token_up<16>(z, B, y, call.N, c_begin, c_end); break;
-      case 32: token_up<32>(z, B, y, call.N, c_begin, c_end); break;
-      case 64: token_up<64>(z, B, y, call.N, c_begin, c_end); break;
-      default: token_up_any(z, B, y, call.N, c_begin, c_end, call.r);
-    }
+    by_rank(call.r, [&](auto R) {
+      if constexpr (R == 0) {
+        token_up_any(z, B, y, call.N, c_begin, c_end, call.r);
+      } else {
+        token_up<R>(z, B, y, call.N, c_begin, c_end);
+      }
+    });
   }
 }
 
@@ -321,14 +331,13 @@ void prepare_adapters(Call<T>& call, const at::Tensor& A, const at::Tensor& B, c
       const float* xt = call.x + t * K;
       const T* a = Ap + s * A.stride(0);
       float* zt = z.data() + t * r;
-      switch (r) {
-        case 4: token_down<4>(xt, a, zt, K); break;
-        case 8: token_down<8>(xt, a, zt, K); break;
-        case 16: token_down<16>(xt, a, zt, K); break;
-        case 32: token_down<32>(xt, a, zt, K); break;
-        case 64: token_down<64>(xt, a, zt, K); break;
-        default: token_down_any(xt, a, zt, K, r);
-      }
+      by_rank(r, [&](auto R) {
+        if constexpr (R == 0) {
+          token_down_any(xt, a, zt, K, r);
+        } else {
+          token_down<R>(xt, a, zt, K);
+        }
+      });
       B_of[t] = Bp + s * B.stride(0);
     }
   });

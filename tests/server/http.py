@@ -1,4 +1,8 @@
-"""Run an app with uvicorn on a real loopback port for the length of a `with` block."""
+"""Run an app with uvicorn on a real loopback port for the length of a `with` block; httpx calls for tests.
+
+`get`, `post`, `put`, `delete`, `request` and `stream` are httpx's, with a timeout far above any request's time here
+(httpx's default is 5 s), so that a slow machine fails no test while a hung server still does.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,15 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 
+import httpx
 import uvicorn
+
+TIMEOUT = 60.0
+get, post, put, delete, request, stream = (
+    partial(call, timeout=TIMEOUT)
+    for call in (httpx.get, httpx.post, httpx.put, httpx.delete, httpx.request, httpx.stream))
 
 
 @contextmanager

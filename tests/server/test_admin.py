@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 
 import mhr
 from server.api import ADAPTER_HEADER
+from tests.server import http
 from tests.server.admin_helpers import (
     ADMIN,
     ADMIN_KEY,
@@ -84,9 +85,9 @@ def test_admin_routes_are_disabled_without_an_admin_key(engine, bundle_dir):
     before = snapshot(bundle_dir)
     with serve_app(admin_app(engine, bundle_dir, admin_key=None, api_key=API_KEY)) as url:
         for headers in ({}, ADMIN, {"Authorization": f"Bearer {API_KEY}"}):
-            r = httpx.post(f"{url}/admin/reload", headers=headers)
+            r = http.post(f"{url}/admin/reload", headers=headers)
             assert r.status_code == 403 and r.json()["error"]["code"] == "disabled", r.text
-            r = httpx.delete(f"{url}/admin/tasks/{ROUTED[0]}", headers=headers)
+            r = http.delete(f"{url}/admin/tasks/{ROUTED[0]}", headers=headers)
             assert r.status_code == 403
     assert snapshot(bundle_dir) == before
 
@@ -99,15 +100,15 @@ def test_admin_key_is_required_compared_in_constant_time_and_separate_from_the_a
     with serve_app(admin_app(engine, bundle_dir, api_key=API_KEY)) as url:
         for headers in ({}, {"Authorization": "Bearer wrong-key-wrong"}, {"Authorization": f"Bearer {API_KEY}"},
                         {"Authorization": ADMIN_KEY}, {"Authorization": f"Basic {ADMIN_KEY}"}):
-            r = httpx.post(f"{url}/admin/reload", headers=headers)
+            r = http.post(f"{url}/admin/reload", headers=headers)
             assert r.status_code == 401, (headers, r.text)
             assert r.json()["error"]["type"] == "authentication_error"
             assert r.headers["www-authenticate"] == "Bearer"
         assert (API_KEY.encode(), ADMIN_KEY.encode()) in compared  # the inference key was compared, refused
-        r = httpx.post(f"{url}/admin/reload", headers=ADMIN)
+        r = http.post(f"{url}/admin/reload", headers=ADMIN)
         assert r.status_code == 200, r.text
         # ... and the admin key is no inference key
-        r = httpx.post(f"{url}/v1/completions", headers=ADMIN, json={"model": ROUTED[0], "prompt": PROMPT})
+        r = http.post(f"{url}/v1/completions", headers=ADMIN, json={"model": ROUTED[0], "prompt": PROMPT})
         assert r.status_code == 401
 
 
@@ -121,7 +122,7 @@ def test_a_routed_task_is_deployed_served_persisted_replaced_and_deleted(
     zero_shot = served(server, task)
     assert zero_shot[1] == "zero-shot"
 
-    r = httpx.post(f"{server}/admin/tasks/{task}", content=logits_upload(first), headers=ADMIN | SAFETENSORS)
+    r = http.post(f"{server}/admin/tasks/{task}", content=logits_upload(first), headers=ADMIN | SAFETENSORS)
     assert r.status_code == 201, r.text
     assert r.json() == {"task": task, "kind": "routed", "replaced": False, "revision": revision + 1}
     expected = reference(tiny_llama_path, tiny_tokenizer, bundle_dir, lambda b: None, task)  # disk has it now
@@ -129,27 +130,27 @@ def test_a_routed_task_is_deployed_served_persisted_replaced_and_deleted(
     on_disk = mhr.Bundle.load(bundle_dir)
     assert task in on_disk.task_names and on_disk.revision == revision + 1
     assert all(torch.equal(on_disk.routing_logits(task)[m], first[m]) for m in first)
-    assert task in [m["id"] for m in httpx.get(f"{server}/v1/models").json()["data"]]
+    assert task in [m["id"] for m in http.get(f"{server}/v1/models").json()["data"]]
 
     before = snapshot(bundle_dir)
-    r = httpx.post(f"{server}/admin/tasks/{task}", content=logits_upload(second), headers=ADMIN | SAFETENSORS)
+    r = http.post(f"{server}/admin/tasks/{task}", content=logits_upload(second), headers=ADMIN | SAFETENSORS)
     assert r.status_code == 409 and r.json()["error"]["code"] == "task_exists"
     assert snapshot(bundle_dir) == before and served(server, task) == expected
 
-    r = httpx.put(f"{server}/admin/tasks/{task}", content=logits_upload(second), headers=ADMIN | SAFETENSORS)
+    r = http.put(f"{server}/admin/tasks/{task}", content=logits_upload(second), headers=ADMIN | SAFETENSORS)
     assert r.status_code == 200 and r.json()["replaced"] is True and r.json()["revision"] == revision + 2
     replaced = reference(tiny_llama_path, tiny_tokenizer, bundle_dir, lambda b: None, task)
     assert served(server, task) == replaced and replaced != expected
 
     slot = engine.cache.slot_of(engine.tasks.resolve(task))
     assert slot is not None  # resident after serving
-    r = httpx.delete(f"{server}/admin/tasks/{task}", headers=ADMIN)
+    r = http.delete(f"{server}/admin/tasks/{task}", headers=ADMIN)
     assert r.status_code == 200 and r.json() == {"task": task, "deleted": True, "revision": revision + 3}
     assert task not in mhr.Bundle.load(bundle_dir).task_names
     assert all(key.name != task for key in engine.cache.resident())  # its slot is free again
     assert served(server, task) == zero_shot
-    assert task not in [m["id"] for m in httpx.get(f"{server}/v1/models").json()["data"]]
-    r = httpx.delete(f"{server}/admin/tasks/{task}", headers=ADMIN)
+    assert task not in [m["id"] for m in http.get(f"{server}/v1/models").json()["data"]]
+    r = http.delete(f"{server}/admin/tasks/{task}", headers=ADMIN)
     assert r.status_code == 404 and r.json()["error"]["code"] == "task_not_found"
 
 
@@ -157,7 +158,7 @@ def test_a_reference_engine_on_a_copy_with_the_task_added_agrees(server, engine,
                                                                   tiny_llama_path, tiny_tokenizer):
     """The reference of the test above, built the way a user would: a copy of the bundle plus the task."""
     logits = random_logits(engine.tasks.bundle, seed=21)
-    r = httpx.post(f"{server}/admin/tasks/copy-check", content=logits_upload(logits), headers=ADMIN)
+    r = http.post(f"{server}/admin/tasks/copy-check", content=logits_upload(logits), headers=ADMIN)
     assert r.status_code == 201, r.text
     expected = reference(tiny_llama_path, tiny_tokenizer, copy_bundle(bundle_path, tmp_path / "ref"),
                          lambda b: b.add_routed_task("copy-check", logits), "copy-check")
@@ -167,14 +168,14 @@ def test_a_reference_engine_on_a_copy_with_the_task_added_agrees(server, engine,
 def test_a_dense_lora_upload_with_alpha(server, engine, bundle_path, tmp_path, bundle_dir,
                                         tiny_llama_path, tiny_tokenizer):
     lora = random_lora(engine.tasks.bundle, rank=4, seed=5, alpha=1.0)
-    r = httpx.post(f"{server}/admin/tasks/my-lora?alpha=2.5", content=lora_upload(lora), headers=ADMIN)
+    r = http.post(f"{server}/admin/tasks/my-lora?alpha=2.5", content=lora_upload(lora), headers=ADMIN)
     assert r.status_code == 201 and r.json()["kind"] == "dense", r.text
     scaled = mhr.LoRA(lora.A, lora.B, alpha=2.5)
     expected = reference(tiny_llama_path, tiny_tokenizer, copy_bundle(bundle_path, tmp_path / "ref"),
                          lambda b: b.add_dense_task("my-lora", scaled), "my-lora")
     assert served(server, "my-lora") == expected
     assert mhr.Bundle.load(bundle_dir).adapters["my-lora"].equal(scaled)
-    r = httpx.put(f"{server}/admin/tasks/my-lora", content=lora_upload(lora), headers=ADMIN)  # alpha = rank
+    r = http.put(f"{server}/admin/tasks/my-lora", content=lora_upload(lora), headers=ADMIN)  # alpha = rank
     assert r.status_code == 200, r.text
     assert mhr.Bundle.load(bundle_dir).adapters["my-lora"].alpha == 4.0
 
@@ -183,7 +184,7 @@ def test_a_dense_lora_upload_with_alpha(server, engine, bundle_path, tmp_path, b
 def test_a_peft_directory_archive(kind, server, engine, bundle_path, tmp_path, tiny_llama_path, tiny_tokenizer):
     lora = random_lora(engine.tasks.bundle, rank=4, seed=6, alpha=8.0)
     peft_dir = mhr.export_peft(lora, tmp_path / "peft", str(tiny_llama_path))
-    r = httpx.post(f"{server}/admin/tasks/peft-task", content=archive(directory_files(peft_dir), kind),
+    r = http.post(f"{server}/admin/tasks/peft-task", content=archive(directory_files(peft_dir), kind),
                    headers=ADMIN)
     assert r.status_code == 201 and r.json()["kind"] == "dense", r.text
     expected = reference(tiny_llama_path, tiny_tokenizer, copy_bundle(bundle_path, tmp_path / "ref"),
@@ -279,14 +280,14 @@ def test_bad_uploads_are_refused_and_change_nothing(case, method, refusing, bad_
     body, query, status, says = bad_uploads[case]
     task = "new-task" if method == "POST" else ROUTED[0]
     before = snapshot(directory)
-    r = httpx.request(method, f"{url}/admin/tasks/{task}{query}", content=body, headers=ADMIN)
+    r = http.request(method, f"{url}/admin/tasks/{task}{query}", content=body, headers=ADMIN)
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert says in error["message"] and error["type"] == "invalid_request_error", error
     assert snapshot(directory) == before
     outside = [tmp_path.parent, directory.parent.parent, Path.cwd().parent.parent, Path(tempfile.gettempdir())]
     assert not any((d / "evil").exists() for d in outside) and not list(tmp_path.parent.rglob("evil"))
-    assert httpx.get(f"{url}/health").status_code == 200
+    assert http.get(f"{url}/health").status_code == 200
     assert served(url, ROUTED[0]) == served_before and "new-task" not in engine.tasks.task_names
 
 
@@ -306,11 +307,11 @@ def test_invalid_task_names_in_the_path(path, statuses, method, refusing):
     url, directory, _ = refusing
     before = snapshot(directory)
     body = logits_upload(random_logits(refusing[2].tasks.bundle, seed=1))
-    r = httpx.request(method, f"{url}/admin/tasks/{path}", content=body if method != "DELETE" else None,
+    r = http.request(method, f"{url}/admin/tasks/{path}", content=body if method != "DELETE" else None,
                       headers=ADMIN)
     assert r.status_code in statuses, r.text
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
-    assert snapshot(directory) == before and httpx.get(f"{url}/health").status_code == 200
+    assert snapshot(directory) == before and http.get(f"{url}/health").status_code == 200
 
 
 # ----- reload -------------------------------------------------------------------------------------
@@ -321,13 +322,13 @@ def test_reload_serves_what_another_replica_wrote(server, engine, bundle_dir, ti
     replica.remove_task(ROUTED[5])
     replica.save(bundle_dir)
     assert served(server, "from-replica")[1] == "zero-shot"  # not before the reload
-    r = httpx.post(f"{server}/admin/reload", headers=ADMIN)
+    r = http.post(f"{server}/admin/reload", headers=ADMIN)
     assert r.status_code == 200, r.text
     assert r.json() == {"tasks": replica.task_names, "revision": replica.revision}
     expected = reference(tiny_llama_path, tiny_tokenizer, bundle_dir, lambda b: None, "from-replica")
     assert served(server, "from-replica") == expected
     assert expected[1] == "from-replica" and served(server, ROUTED[5])[1] == "zero-shot"
-    assert [m["id"] for m in httpx.get(f"{server}/v1/models").json()["data"]][-2:] == ["from-replica", "zero-shot"]
+    assert [m["id"] for m in http.get(f"{server}/v1/models").json()["data"]][-2:] == ["from-replica", "zero-shot"]
 
 
 @pytest.mark.parametrize("damage", ["tensor bytes", "truncated file", "manifest"])
@@ -346,13 +347,13 @@ def test_a_corrupt_bundle_is_refused_on_reload_and_the_old_one_keeps_serving(dam
         else:
             data[-8:] = b"\xff" * 8  # inside the last tensor: still parses, fails its checksum
         victim.write_bytes(bytes(data))
-    r = httpx.post(f"{server}/admin/reload", headers=ADMIN)
+    r = http.post(f"{server}/admin/reload", headers=ADMIN)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["code"] == "invalid_bundle" and "keeps serving" in r.json()["error"]["message"]
     assert {task: served(server, task) for task in before} == before
     # a deploy now refuses too (it starts from the bundle on disk) and leaves the damage as it was
     damaged = snapshot(bundle_dir)
     upload = logits_upload(random_logits(engine.tasks.bundle, seed=41))
-    r = httpx.post(f"{server}/admin/tasks/another", content=upload, headers=ADMIN)
+    r = http.post(f"{server}/admin/tasks/another", content=upload, headers=ADMIN)
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_adapter", r.text
     assert snapshot(bundle_dir) == damaged and "another" not in engine.tasks.task_names

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import openai
 import pytest
 
 from server.api import ADAPTER_HEADER, create_app
 from server.batch import Request, SamplingParams
+from tests.server import http
 from tests.server.conftest import DENSE, ROUTED
 from tests.server.http import serve_app
 
@@ -54,7 +54,7 @@ def test_completions_match_the_engine_for_every_kind_of_task(server, client, mak
         assert out.usage.prompt_tokens == len(tiny_tokenizer(PROMPT).input_ids)
         texts[task] = text
     assert texts["a-task-nobody-trained"] != texts[ROUTED[0]] != texts[DENSE]
-    raw = httpx.post(f"{server}/v1/completions", json={"model": "unseen", "prompt": PROMPT, "max_tokens": 2})
+    raw = http.post(f"{server}/v1/completions", json={"model": "unseen", "prompt": PROMPT, "max_tokens": 2})
     assert raw.headers[ADAPTER_HEADER] == "zero-shot"
 
 
@@ -74,7 +74,7 @@ def test_streaming_gives_the_same_text_and_ends_with_done(server, client):
                                             stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
-    with httpx.stream("POST", f"{server}/v1/completions",
+    with http.stream("POST", f"{server}/v1/completions",
                       json={"model": task, "prompt": PROMPT, "max_tokens": 3, "stream": True}) as r:
         lines = [line for line in r.iter_lines() if line]
     assert r.headers["content-type"].startswith("text/event-stream")
@@ -105,28 +105,28 @@ def test_models_lists_every_task_and_the_zero_shot_adapter_with_the_backbone_as_
 
 def test_native_routes(server, make_engine, tiny_tokenizer):
     reference = make_engine()
-    r = httpx.post(f"{server}/v1/tasks/{ROUTED[4]}/generate",
+    r = http.post(f"{server}/v1/tasks/{ROUTED[4]}/generate",
                    json={"inputs": [PROMPT, "old house"], "max_new_tokens": MAX_TOKENS})
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["adapter"] == ROUTED[4] and r.headers[ADAPTER_HEADER] == ROUTED[4]
     assert [o["text"] for o in body["outputs"]] == [expected_text(reference, tiny_tokenizer, ROUTED[4], p)[0]
                                                     for p in (PROMPT, "old house")]
-    tasks = httpx.get(f"{server}/v1/tasks").json()
+    tasks = http.get(f"{server}/v1/tasks").json()
     assert [t["name"] for t in tasks["tasks"]] == [*ROUTED, DENSE] and tasks["zero_shot"] == "zero-shot"
-    info = httpx.get(f"{server}/v1/tasks/{ROUTED[0]}").json()
+    info = http.get(f"{server}/v1/tasks/{ROUTED[0]}").json()
     assert info["kind"] == "routed" and len(info["routing"]) == 2 and len(info["routing"][0]) == 4
     assert all(abs(sum(head) - 1) < 1e-3 for head in info["routing"])  # weights normalised per head
-    assert httpx.get(f"{server}/v1/tasks/{DENSE}").json()["kind"] == "dense"
-    assert httpx.get(f"{server}/v1/tasks/nope").status_code == 404
+    assert http.get(f"{server}/v1/tasks/{DENSE}").json()["kind"] == "dense"
+    assert http.get(f"{server}/v1/tasks/nope").status_code == 404
 
 
 def test_zero_shot_fallback_off_answers_404(make_engine):
     with serve_app(create_app(make_engine(allow_zero_shot=False))) as url:
-        r = httpx.post(f"{url}/v1/completions", json={"model": "unseen", "prompt": PROMPT})
+        r = http.post(f"{url}/v1/completions", json={"model": "unseen", "prompt": PROMPT})
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
-        assert "zero-shot" not in [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
-        ok = httpx.post(f"{url}/v1/completions", json={"model": ROUTED[0], "prompt": PROMPT, "max_tokens": 2})
+        assert "zero-shot" not in [m["id"] for m in http.get(f"{url}/v1/models").json()["data"]]
+        ok = http.post(f"{url}/v1/completions", json={"model": ROUTED[0], "prompt": PROMPT, "max_tokens": 2})
         assert ok.status_code == 200
 
 
@@ -146,37 +146,37 @@ def test_zero_shot_fallback_off_answers_404(make_engine):
     ({"prompt": PROMPT}, 400, "model"),
 ])
 def test_bad_requests_get_a_400_that_says_what_to_fix(server, body, status, says):
-    r = httpx.post(f"{server}/v1/completions", json=body)
+    r = http.post(f"{server}/v1/completions", json=body)
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert says in error["message"] and error["type"] == "invalid_request_error"
-    assert httpx.get(f"{server}/health").status_code == 200
+    assert http.get(f"{server}/health").status_code == 200
 
 
 def test_malformed_json_and_unknown_routes_use_the_error_body(server):
-    r = httpx.post(f"{server}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    r = http.post(f"{server}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
-    r = httpx.get(f"{server}/v1/nothing-here")
+    r = http.get(f"{server}/v1/nothing-here")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
 
 
 def test_api_key_guards_inference_routes_but_not_health(make_engine):
     with serve_app(create_app(make_engine(), api_key="s3cret")) as url:
         body = {"model": ROUTED[0], "prompt": PROMPT, "max_tokens": 2}
-        assert httpx.post(f"{url}/v1/completions", json=body).status_code == 401
-        wrong = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer nope"})
+        assert http.post(f"{url}/v1/completions", json=body).status_code == 401
+        wrong = http.post(f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
-        ok = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer s3cret"})
+        ok = http.post(f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200
         assert openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret").models.list().data
-        assert httpx.get(f"{url}/health").status_code == 200 and httpx.get(f"{url}/ready").status_code == 200
+        assert http.get(f"{url}/health").status_code == 200 and http.get(f"{url}/ready").status_code == 200
 
 
 def test_metrics_count_requests_and_tokens_by_adapter(server, client):
     client.completions.create(model=ROUTED[0], prompt=PROMPT, max_tokens=4, temperature=0)
     client.completions.create(model="unseen-task", prompt=PROMPT, max_tokens=4, temperature=0)
-    httpx.post(f"{server}/v1/completions", json={"model": ROUTED[0], "prompt": PROMPT, "n": 3})
-    text = httpx.get(f"{server}/metrics").text
+    http.post(f"{server}/v1/completions", json={"model": ROUTED[0], "prompt": PROMPT, "n": 3})
+    text = http.get(f"{server}/metrics").text
     samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
                for line in text.splitlines() if line and not line.startswith("#")}
 
@@ -192,7 +192,7 @@ def test_metrics_count_requests_and_tokens_by_adapter(server, client):
 
 
 def test_stream_json_lines_parse(server):
-    with httpx.stream("POST", f"{server}/v1/tasks/{ROUTED[0]}/generate",
+    with http.stream("POST", f"{server}/v1/tasks/{ROUTED[0]}/generate",
                       json={"inputs": PROMPT, "max_new_tokens": 4, "stream": True}) as r:
         events = [json.loads(line[len("data: "):]) for line in r.iter_lines()
                   if line.startswith("data: ") and line != "data: [DONE]"]

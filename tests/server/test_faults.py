@@ -25,6 +25,7 @@ from fastapi import FastAPI
 import mhr
 from server.api import ADAPTER_HEADER, begin_shutdown, create_app
 from server.main import draining_server
+from tests.server import http
 from tests.server.admin_helpers import (
     ADMIN,
     PROMPT,
@@ -88,7 +89,7 @@ def test_a_client_leaving_mid_stream_frees_its_slot_and_kv_row(route, tiny_llama
         wait_until(lambda: idle(engine), what="the request to be cancelled and its slot and row freed")
         assert engine.cache.refs(slot) == 0 and engine.stats().batch_rows < NOT_FINISHED
         # the server goes on serving, from the same (now idle) slot
-        r = httpx.post(f"{base}/v1/completions", json={"model": LONG, "prompt": PROMPT, "max_tokens": 4})
+        r = http.post(f"{base}/v1/completions", json={"model": LONG, "prompt": PROMPT, "max_tokens": 4})
         assert r.status_code == 200 and r.headers[ADAPTER_HEADER] == LONG
 
 
@@ -97,7 +98,7 @@ def test_a_non_streaming_client_leaving_is_cancelled(tiny_llama_path, tiny_token
     with serve_app(admin_app(engine, bundle_dir)) as base:
 
         async def leave_early() -> None:
-            async with httpx.AsyncClient(base_url=base) as client:
+            async with httpx.AsyncClient(base_url=base, timeout=http.TIMEOUT) as client:
                 request = asyncio.ensure_future(client.post(
                     "/v1/completions", json={"model": LONG, "prompt": PROMPT, "max_tokens": 480, "temperature": 0}))
                 while engine.stats().batch_rows < 3:  # running and decoding
@@ -148,9 +149,9 @@ def test_tasks_replaced_and_deleted_under_load_lose_no_request(zero_shot, tiny_l
 
         def change_tasks() -> None:
             wait_until(lambda: engine.stats().running == 4 and engine.stats().waiting >= 8, what="a full batch")
-            r = httpx.put(f"{base}/admin/tasks/{replaced}", content=logits_upload(new_logits), headers=ADMIN)
+            r = http.put(f"{base}/admin/tasks/{replaced}", content=logits_upload(new_logits), headers=ADMIN)
             assert r.status_code == 200, r.text
-            r = httpx.delete(f"{base}/admin/tasks/{deleted}", headers=ADMIN)
+            r = http.delete(f"{base}/admin/tasks/{deleted}", headers=ADMIN)
             assert r.status_code == 200, r.text
 
         responses = _run_concurrently(base, bodies, change_tasks)
@@ -183,12 +184,12 @@ def test_tasks_replaced_and_deleted_under_load_lose_no_request(zero_shot, tiny_l
 def test_ready_answers_503_once_shutdown_begins_while_requests_are_still_served(make_engine):
     app = create_app(make_engine())
     with serve_app(app) as base:
-        assert httpx.get(f"{base}/ready").status_code == 200
+        assert http.get(f"{base}/ready").status_code == 200
         begin_shutdown(app)  # what the stop signal does first (below: the server's handle_exit calls it)
-        r = httpx.get(f"{base}/ready")
+        r = http.get(f"{base}/ready")
         assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
-        assert httpx.get(f"{base}/health").status_code == 200
-        ok = httpx.post(f"{base}/v1/completions", json={"model": ROUTED[0], "prompt": PROMPT, "max_tokens": 2})
+        assert http.get(f"{base}/health").status_code == 200
+        ok = http.post(f"{base}/v1/completions", json={"model": ROUTED[0], "prompt": PROMPT, "max_tokens": 2})
         assert ok.status_code == 200
     other = FastAPI()
     other.state.lifecycle = {"ready": True, "stopping": False}
@@ -266,7 +267,7 @@ def test_a_machine_without_a_compiler_still_serves_and_says_why_it_is_slower(tin
     no_compiler = {"CXX": str(tmp_path / "no-such-c++"), "MHR_KERNEL_DIR": str(tmp_path / "kernels")}
     with server_process(tiny_llama_path, bundle_dir, tmp_path, env=no_compiler) as (_, base, log):
         for task in ROUTED[:2]:  # served on torch ops
-            r = httpx.post(f"{base}/v1/completions", json={"model": task, "prompt": PROMPT, "max_tokens": 3},
+            r = http.post(f"{base}/v1/completions", json={"model": task, "prompt": PROMPT, "max_tokens": 3},
                            timeout=60)
             assert r.status_code == 200, r.text
             body = r.json()  # its text may be a partial UTF-8 character: the counts say it was generated

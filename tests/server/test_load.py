@@ -25,6 +25,7 @@ from server.api import ADAPTER_HEADER, create_app
 from server.batch import Request, SamplingParams
 from server.config import ServerConfig
 from server.engine import Engine
+from tests.server import http
 from tests.server.conftest import DENSE, ROUTED, random_logits
 from tests.server.http import serve_app
 
@@ -158,8 +159,8 @@ def test_64_clients_on_19_tasks_and_zero_shot_get_the_outputs_of_requests_sent_a
                        max_seq_len=64, max_waiting=256)
     with serve_app(create_app(engine)) as url:
         answers = asyncio.run(run_clients(url, per_client))
-        assert httpx.get(f"{url}/health").status_code == 200
-        metrics = httpx.get(f"{url}/metrics").text
+        assert http.get(f"{url}/health").status_code == 200
+        metrics = http.get(f"{url}/metrics").text
 
     assert sum(len(a) for a in answers.values()) == CLIENTS * REQUESTS_PER_CLIENT
     wrong = {c: (a, expected[c]) for c, got in answers.items() for a in got if a != expected[c]}
@@ -232,10 +233,10 @@ def test_a_full_queue_answers_429_with_retry_after_and_the_server_keeps_serving(
         # nothing left behind, and the server still serves
         stats = engine.stats()
         assert stats.waiting == 0 and stats.running == 0
-        after = httpx.post(f"{url}/v1/completions", json={"model": TASKS[0], "prompt": PROMPTS[0], "max_tokens": 4},
+        after = http.post(f"{url}/v1/completions", json={"model": TASKS[0], "prompt": PROMPTS[0], "max_tokens": 4},
                            timeout=30)
         assert after.status_code == 200 and after.json()["choices"][0]["finish_reason"] in ("stop", "length")
-        assert httpx.get(f"{url}/health").status_code == 200
-        text = httpx.get(f"{url}/metrics").text
+        assert http.get(f"{url}/health").status_code == 200
+        text = http.get(f"{url}/metrics").text
         line = [x for x in text.splitlines() if x.startswith("mhr_rejected_requests_total{reason=\"queue_full\"}")]
         assert line == [f"mhr_rejected_requests_total{{reason=\"queue_full\"}} {float(statuses.count(429))}"]

@@ -6,7 +6,6 @@ ordinary LoRA, which an engine serves as a dense task.
 
 from __future__ import annotations
 
-import httpx
 import openai
 import pytest
 import torch
@@ -15,6 +14,7 @@ import mhr
 from server.api import create_app
 from server.batch import Request, SamplingParams
 from server.tasks import Mixture
+from tests.server import http
 from tests.server.conftest import DENSE, ROUTED
 from tests.server.http import serve_app
 
@@ -89,7 +89,7 @@ def test_mixing_over_http_with_the_openai_client(server, make_engine, tiny_token
     (expected,) = engine.generate([Request(tiny_tokenizer(PROMPT).input_ids, "reference",
                                            SamplingParams(max_new_tokens=8))])
     assert out.choices[0].text == expected.text
-    metrics = httpx.get(f"{server}/metrics").text
+    metrics = http.get(f"{server}/metrics").text
     assert 'adapter="mix"' in metrics and "mix-" not in metrics  # one label for every mixture
 
 
@@ -105,5 +105,5 @@ def test_mixing_over_http_with_the_openai_client(server, make_engine, tiny_token
     ({}, "exactly one"),
 ])
 def test_bad_mixtures_are_refused_with_a_400(server, mhr_field, says):
-    r = httpx.post(f"{server}/v1/completions", json={"model": ROUTED[0], "prompt": PROMPT, "mhr": mhr_field})
+    r = http.post(f"{server}/v1/completions", json={"model": ROUTED[0], "prompt": PROMPT, "mhr": mhr_field})
     assert r.status_code == 400 and says in r.json()["error"]["message"], r.text

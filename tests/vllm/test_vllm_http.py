@@ -9,6 +9,7 @@ import pytest
 
 from server.api import ADAPTER_HEADER, create_app
 from server.batch import Request, SamplingParams
+from tests.server import http
 from tests.server.conftest import DENSE, ROUTED
 from tests.server.http import serve_app
 
@@ -39,9 +40,9 @@ def test_completions_and_metrics_over_the_vllm_engine(vllm_engine, make_torch_en
         (want,) = reference.generate([Request(ids, ROUTED[0], SamplingParams(max_new_tokens=8))])
         assert "".join(c["choices"][0]["text"] for c in chunks) == want.text
 
-        models = {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
+        models = {m["id"] for m in http.get(f"{url}/v1/models").json()["data"]}
         assert {*ROUTED, DENSE, "zero-shot"} <= models
-        text = httpx.get(f"{url}/metrics").text
+        text = http.get(f"{url}/metrics").text
     samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
                for line in text.splitlines() if line and not line.startswith("#")}
     assert sum(v for k, v in samples.items() if k.startswith(f'mhr_requests_total{{adapter="{ROUTED[0]}"')) >= 2

@@ -43,6 +43,9 @@ class ServerConfig(BaseSettings):
         api_key: when set, inference routes need "Authorization: Bearer <api_key>".
         admin_key: when set, enables the admin routes, guarded by this key (off without one).
         drain_seconds: on SIGTERM, how long running requests may take to finish.
+        kv_dtype: dtype of the KV cache, in which attention runs: "auto" (dtype, except a bfloat16 or float16
+            model on a CPU without instructions for it: float32, for twice the cache's memory, since torch's
+            half-precision attention there takes 2-5x the time), "float32", "bfloat16" or "float16".
         cpu_kernel: on CPU in float32 or bfloat16, run the backbone's linears with the requests' adapters,
             and cold tasks, with the compiled kernels (`server.cpu_kernel`, built on first use; torch ops if
             they cannot be built).
@@ -76,6 +79,7 @@ class ServerConfig(BaseSettings):
     api_key: str | None = Field(None, min_length=8)
     admin_key: str | None = Field(None, min_length=8)
     drain_seconds: float = Field(30.0, ge=0, allow_inf_nan=False)
+    kv_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     cpu_kernel: bool = True
     max_upload_mb: float = Field(256.0, gt=0, allow_inf_nan=False)
     engine: Literal["torch", "vllm"] = "torch"

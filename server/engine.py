@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import threading
 from collections.abc import Callable, Mapping
 
@@ -33,7 +34,7 @@ from server.batch import (
 )
 from server.config import ServerConfig
 from server.inventory import ServingInventory
-from server.kv_cache import RowKVCache
+from server.kv_cache import RowKVCache, kv_dtype
 from server.lean import lean_decoder_for
 from server.lora_ops import SlotPlan
 from server.model import PANEL_DTYPES, column_major_weights, panel_linears, wrap_model
@@ -41,6 +42,8 @@ from server.outputs import EngineStats, RequestHandle, Result, TokenEvent
 from server.scheduler import Scheduler, Start
 from server.slots import AdapterCache
 from server.tasks import BASE, ZERO_SHOT, TaskRegistry, UnknownTask
+
+log = logging.getLogger(__name__)
 
 
 class Engine:
@@ -70,7 +73,11 @@ class Engine:
         self.tasks = TaskRegistry(bundle, self._inventory(bundle), config.allow_zero_shot)
         self.cache = AdapterCache(config.n_slots, self.slots.write)
         self.scheduler = Scheduler(config.max_waiting, config.max_running, config.max_prefill_tokens)
-        self.kv = _kv_cache_for(model, config, self.device, dtype)
+        kv = kv_dtype(config.kv_dtype, self.device, dtype)
+        if kv != dtype and config.kv_dtype == "auto":
+            log.info("KV cache and attention in float32: this CPU has no %s instructions (kv_dtype=%s halves the "
+                     "cache's memory, at several times the attention's time)", config.dtype, config.dtype)
+        self.kv = _kv_cache_for(model, config, self.device, kv)
         # Llama-family models run our own decoder forward (same weights, same math); others transformers'.
         # Set to None to force the transformers forward (the benchmark compares both).
         self.lean = lean_decoder_for(model, config.max_seq_len)

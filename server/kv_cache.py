@@ -3,7 +3,8 @@
 Owns the buffers, which rows are in use and how many positions of each are filled, and the attention
 masks and position ids that go with them. Running sequences always occupy rows 0..n-1: when one
 leaves, the last row moves into its place (TGI's "filter"), so a decode step works on plain views of
-the buffers and never gathers. The engine decides which sequences run; this module only stores.
+the buffers and never gathers. The engine decides which sequences run; this module only stores. The
+buffers' dtype may differ from the model's (`kv_dtype`): `update` answers in the dtype it is given.
 
 Buffers per layer: keys, values [max_rows, kv_heads, max_len, head_dim]. The model calls `update`
 (the transformers Cache method) once per layer and forward; what it does depends on whether the
@@ -14,6 +15,18 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+
+def kv_dtype(setting: str, device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
+    """The cache's dtype for `ServerConfig.kv_dtype`: for "auto", the model's, except a half-precision model
+    on a CPU without instructions for that type (AVX512-BF16 for bfloat16, AMX-FP16 for float16): float32,
+    since torch's attention there converts every element and takes 2-5x float32's time (measured)."""
+    if setting != "auto":
+        return getattr(torch, setting)
+    native = {torch.bfloat16: "_is_avx512_bf16_supported", torch.float16: "_is_amx_fp16_supported"}
+    if device.type == "cpu" and model_dtype in native and not getattr(torch.cpu, native[model_dtype], bool)():
+        return torch.float32
+    return model_dtype
 
 
 class KVCacheFull(RuntimeError):
@@ -28,7 +41,7 @@ class RowKVCache:
         shape = (max_rows, n_kv_heads, max_len, head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.max_rows, self.max_len, self.device = max_rows, max_len, device
+        self.max_rows, self.max_len, self.device, self.dtype = max_rows, max_len, device, dtype
         self.lengths: list[int] = []         # filled positions of rows 0..n_active-1
         self._write: tuple = ()              # what `update` does in the current forward
 
@@ -101,7 +114,8 @@ class RowKVCache:
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs
                ) -> tuple[Tensor, Tensor]:
-        """Store one layer's new keys/values [m, kv_heads, q_len, head_dim]; return what attention reads."""
+        """Store one layer's new keys/values [m, kv_heads, q_len, head_dim]; return what attention reads, in
+        the dtype of `key_states` (the buffers' own may differ: `kv_dtype`)."""
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         if self._write[0] == "prefill":
             _, first, stop = self._write
@@ -111,6 +125,7 @@ class RowKVCache:
             return key_states, value_states
         _, flat, n, kv_len = self._write
         D = keys.shape[-1]                                # [n, kv_heads, head_dim] at each row's position:
-        keys.view(-1, D).index_copy_(0, flat, key_states[:, :, 0].reshape(-1, D))
-        values.view(-1, D).index_copy_(0, flat, value_states[:, :, 0].reshape(-1, D))
-        return keys[:n, :, :kv_len], values[:n, :, :kv_len]
+        keys.view(-1, D).index_copy_(0, flat, key_states[:, :, 0].reshape(-1, D).to(self.dtype))
+        values.view(-1, D).index_copy_(0, flat, value_states[:, :, 0].reshape(-1, D).to(self.dtype))
+        dtype = key_states.dtype
+        return keys[:n, :, :kv_len].to(dtype), values[:n, :, :kv_len].to(dtype)

@@ -73,7 +73,8 @@ class LeanDecoder:
         v = attn.v_proj(x).view(n, L, -1, D).transpose(1, 2)
         q = q * cos + q.roll(D // 2, -1) * sin
         k = k * cos + k.roll(D // 2, -1) * sin
+        q, k, v = q.to(kv.dtype), k.to(kv.dtype), v.to(kv.dtype)                    # attention in the cache's dtype
         keys, values = kv.update(k, v, layer)                                       # [n, KVH, K, D]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
                                              enable_gqa=self.gqa)                   # [n, H, L, D]
-        return attn.o_proj(out.transpose(1, 2).reshape(n, L, -1))
+        return attn.o_proj(out.transpose(1, 2).reshape(n, L, -1).to(x.dtype))

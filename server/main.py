@@ -22,6 +22,9 @@ def serve(
     config: Annotated[Path | None, Opt(help="JSON file of settings (any field below) [env MHR_CONFIG]")] = None,
     device: Annotated[str | None, Opt(help="cpu, cuda, cuda:1, ... [default: cpu]")] = None,
     dtype: Annotated[str | None, Opt(help="float32 | bfloat16 | float16 [default: float32]")] = None,
+    kv_dtype: Annotated[str | None, Opt(help="KV cache and attention dtype: auto | float32 | bfloat16 | float16; "
+                                             "auto: dtype, but float32 for half precision on a CPU without "
+                                             "instructions for it [default: auto]")] = None,
     slots: Annotated[int | None, Opt(help="adapter slots per layer (incl. empty and zero-shot) [default: 16]")] = None,
     max_rank: Annotated[int | None, Opt(help="slot rank; larger uploads are refused [default: bundle's max]")] = None,
     max_running: Annotated[int | None, Opt(help="requests decoded together [default: 16]")] = None,
@@ -45,7 +48,8 @@ def serve(
     """Serve a bundle's tasks over HTTP (OpenAI-compatible and per-task routes, metrics, hot deploys)."""
     from server.config import ServerConfig, ServerConfigError
 
-    options = {"bundle": bundle, "model": model, "device": device, "dtype": dtype, "n_slots": slots,
+    options = {"bundle": bundle, "model": model, "device": device, "dtype": dtype, "kv_dtype": kv_dtype,
+               "n_slots": slots,
                "max_rank": max_rank, "max_running": max_running, "max_seq_len": max_seq_len,
                "max_waiting": max_waiting, "allow_zero_shot": zero_shot, "host": host, "port": port,
                "api_key": api_key, "admin_key": admin_key, "drain_seconds": drain_seconds,

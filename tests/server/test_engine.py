@@ -123,7 +123,9 @@ def test_async_stream_delivers_every_token(make_engine, tiny_tokenizer):
         assert streamed == result.tokens == expected.tokens
 
 
-def test_bfloat16_engine_serves_mixed_tasks_on_the_compiled_op_as_with_torch_ops(make_engine, tiny_tokenizer):
+def test_bfloat16_engine_serves_mixed_tasks_on_the_compiled_op(make_engine, tiny_tokenizer):
+    """Its logits against torch ops' are in test_lean.py (two bfloat16 paths round differently, so greedy
+    tokens may part at a near tie)."""
     engine, plain = make_engine(dtype=torch.bfloat16), make_engine(dtype=torch.bfloat16, cpu_kernel=False)
     requests = mixed_requests(tiny_tokenizer)[:5]
     results = engine.generate(requests)
@@ -131,7 +133,6 @@ def test_bfloat16_engine_serves_mixed_tasks_on_the_compiled_op_as_with_torch_ops
     assert engine.slots.layers[next(iter(engine.slots.layers))].lora_A.dtype == torch.bfloat16
     assert isinstance(engine.model.lm_head, PanelLinear) and engine.model.lm_head.panels.dtype == torch.bfloat16
     assert plain.model.lm_head.weight.is_contiguous()  # without the op, half precision keeps the default layout
-    assert [r.tokens for r in plain.generate(requests)] == [r.tokens for r in results]
 
 
 def test_float32_engine_on_cpu_packs_its_linears_for_the_kernel_else_stores_them_transposed(make_engine):

@@ -2,9 +2,18 @@
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import (
+    AttentionInterface,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from server.batch import Request
+from server.kv_cache import kv_dtype
 from server.lean import LeanDecoder, lean_decoder_for
 from server.lora_ops import SlotPlan
 from tests.server.conftest import DENSE, ROUTED
@@ -14,7 +23,8 @@ PROMPTS = [[1, 40, 41, 42, 43, 44, 45], [1, 50, 51], [1, 60, 61, 62, 63], [1, 70
 
 
 def step_logits(engine, slots: list[int]) -> list[torch.Tensor]:
-    """Prefill PROMPTS (right-padded, one forward) then two decode steps; the logits of real positions."""
+    """Prefill PROMPTS (right-padded, one forward) then two decode steps of given tokens (the same whatever
+    the logits); the logits of real positions."""
     kv, lengths = engine.kv, [len(p) for p in PROMPTS]
     width = max(lengths)
     ids = torch.tensor([p + [0] * (width - len(p)) for p in PROMPTS])
@@ -23,23 +33,26 @@ def step_logits(engine, slots: list[int]) -> list[torch.Tensor]:
     assert plan.uniform is None  # rows of different slots: the mixed-batch paths (gathered, compiled op)
     logits = engine._forward(ids, mask, positions, plan, torch.arange(width))         # [n, width, V]
     out = [logits[i, :n] for i, n in enumerate(lengths)]
-    next_ids = torch.stack([o[-1].argmax() for o in out])[:, None]                  # [n, 1]
-    for _ in range(2):
+    for token in (90, 91):
         mask, positions = kv.begin_decode()
-        step = engine._forward(next_ids, mask, positions, plan, 1)                   # [n, 1, V]
+        step = engine._forward(torch.full((len(PROMPTS), 1), token), mask, positions, plan, 1)  # [n, 1, V]
         kv.end_decode()
         out.append(step[:, 0])
-        next_ids = step[:, 0].argmax(-1, keepdim=True)
     for row in reversed(range(len(PROMPTS))):
         kv.remove_row(row)
     return out
 
 
+def slots_of(engine, tasks: list[str]) -> list[int]:
+    """The slots `tasks`' adapters are loaded into (held for the rest of the test)."""
+    keys = [engine.tasks.resolve(t) for t in tasks]
+    return [engine.cache.acquire(key, lambda key=key: engine.tasks.load(key)) for key in keys]
+
+
 def test_lean_logits_equal_transformers_forward_on_a_mixed_batch(make_engine):
     engine = make_engine()
     assert isinstance(engine.lean, LeanDecoder)
-    keys = [engine.tasks.resolve(t) for t in (ROUTED[0], ROUTED[3], DENSE)]
-    s1, s2, s3 = (engine.cache.acquire(k, lambda k=k: engine.tasks.load(k)) for k in keys)
+    s1, s2, s3 = slots_of(engine, [ROUTED[0], ROUTED[3], DENSE])
     slots = [s1, s2, 0, s3, s1]  # rows of different tasks, one bare row, prompts of 2..7 tokens
     lean = step_logits(engine, slots)
     engine.lean = None
@@ -94,3 +107,48 @@ def test_lean_forward_handles_grouped_query_attention(n_kv_heads):
     with torch.no_grad():
         got = lean_decoder_for(model, 16)(ids, positions, mask, kv, torch.arange(6))
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_bfloat16_compiled_op_logits_match_torch_ops_on_a_mixed_batch(make_engine):
+    """Within bfloat16's rounding (the two paths sum and round differently); a row on another task's slot
+    moves its logits by ~25x the tolerance."""
+    logits = []
+    for cpu_kernel in (True, False):
+        engine = make_engine(dtype=torch.bfloat16, cpu_kernel=cpu_kernel)
+        s1, s2 = slots_of(engine, [ROUTED[0], DENSE])
+        logits.append(step_logits(engine, [s1, s2, 0, s2, s1]))
+    for got, want in zip(*logits, strict=True):
+        assert torch.allclose(got.float(), want.float(), atol=0.05 * want.abs().max().item(), rtol=0)
+
+
+def float32_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention computed in float32 and returned in the query's dtype."""
+    out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                          **kwargs)
+    return out.to(query.dtype), weights
+
+
+def test_bfloat16_model_with_a_float32_kv_cache_equals_transformers_with_float32_attention(make_engine):
+    """The lean forward of a bfloat16 model attends in its cache's dtype: as transformers' own forward
+    does with an attention function that computes in float32 (the same model, projections in bfloat16)."""
+    engine = make_engine(dtype=torch.bfloat16, kv_dtype="float32")
+    assert engine.kv.keys[0].dtype == torch.float32 and engine.model.dtype == torch.bfloat16
+    s1, s2 = slots_of(engine, [ROUTED[0], DENSE])
+    slots = [s1, s2, 0, s2, s1]
+    lean = step_logits(engine, slots)
+    AttentionInterface.register("float32_sdpa", float32_sdpa)
+    engine.model.set_attn_implementation("float32_sdpa")
+    engine.lean = None
+    reference = step_logits(engine, slots)
+    for got, want in zip(lean, reference, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_kv_dtype_auto_keeps_the_model_dtype_except_half_precision_on_a_cpu_without_it():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert kv_dtype("auto", cpu, torch.float32) == torch.float32
+    assert kv_dtype("auto", cuda, torch.bfloat16) == torch.bfloat16
+    native = torch.cpu._is_avx512_bf16_supported()
+    assert kv_dtype("auto", cpu, torch.bfloat16) == (torch.bfloat16 if native else torch.float32)
+    assert kv_dtype("bfloat16", cpu, torch.bfloat16) == torch.bfloat16
+    assert kv_dtype("float32", cuda, torch.float16) == torch.float32

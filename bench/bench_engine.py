@@ -41,7 +41,8 @@ def engine_for(w: Workload, n_slots: int, device: str = "cpu", dtype: str = "flo
                max_rank: int = 8, cpu_kernel: bool = True) -> Engine:
     """The engine on the workload; `lean=False` forces transformers' forward (the non-Llama fallback)."""
     config = ServerConfig(n_slots=n_slots, max_running=len(w.prompts), max_rank=max_rank, device=device,
-                          dtype=dtype, max_seq_len=max(map(len, w.prompts)) + w.new_tokens, max_prefill_tokens=4096,
+                          dtype=dtype, kv_dtype="auto" if lean else dtype,  # transformers attends in `dtype`
+                          max_seq_len=max(map(len, w.prompts)) + w.new_tokens, max_prefill_tokens=4096,
                           cpu_kernel=cpu_kernel)
     engine = Engine(load_backbone(w, device, config.torch_dtype), mhr.Bundle.load(w.bundle_dir), config)
     if not lean:

@@ -73,14 +73,14 @@ class Engine:
         self.tasks = TaskRegistry(bundle, self._inventory(bundle), config.allow_zero_shot)
         self.cache = AdapterCache(config.n_slots, self.slots.write)
         self.scheduler = Scheduler(config.max_waiting, config.max_running, config.max_prefill_tokens)
-        kv = kv_dtype(config.kv_dtype, self.device, dtype)
+        # Llama-family models run our own decoder forward (same weights, same math); others transformers'.
+        # Set to None to force the transformers forward (the benchmark compares both).
+        self.lean = lean_decoder_for(model, config.max_seq_len)
+        kv = kv_dtype(config.kv_dtype, self.device, dtype, lean=self.lean is not None)
         if kv != dtype and config.kv_dtype == "auto":
             log.info("KV cache and attention in float32: this CPU has no %s instructions (kv_dtype=%s halves the "
                      "cache's memory, at several times the attention's time)", config.dtype, config.dtype)
         self.kv = _kv_cache_for(model, config, self.device, kv)
-        # Llama-family models run our own decoder forward (same weights, same math); others transformers'.
-        # Set to None to force the transformers forward (the benchmark compares both).
-        self.lean = lean_decoder_for(model, config.max_seq_len)
         self.batch = Batch(self.device)
         self.eos_ids = _eos_ids(model, tokenizer)
         self._handles: dict[str, RequestHandle] = {}

@@ -17,14 +17,17 @@ import torch
 from torch import Tensor
 
 
-def kv_dtype(setting: str, device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
-    """The cache's dtype for `ServerConfig.kv_dtype`: for "auto", the model's, except a half-precision model
-    on a CPU without instructions for that type (AVX512-BF16 for bfloat16, AMX-FP16 for float16): float32,
-    since torch's attention there converts every element and takes 2-5x float32's time (measured)."""
+def kv_dtype(setting: str, device: torch.device, model_dtype: torch.dtype, lean: bool) -> torch.dtype:
+    """The cache's dtype for `ServerConfig.kv_dtype`. "auto": the model's, except a half-precision model run
+    by the lean forward (`lean`, which attends in the cache's dtype) on a CPU without instructions for that
+    type (AVX512-BF16 for bfloat16, AMX-FP16 for float16): float32, since torch's attention there converts
+    every element it reads and takes 2-5x float32's time (measured). The transformers forward attends in
+    the model's dtype, which a cache of another would have to convert whole at every layer."""
     if setting != "auto":
         return getattr(torch, setting)
     native = {torch.bfloat16: "_is_avx512_bf16_supported", torch.float16: "_is_amx_fp16_supported"}
-    if device.type == "cpu" and model_dtype in native and not getattr(torch.cpu, native[model_dtype], bool)():
+    if lean and device.type == "cpu" and model_dtype in native and not getattr(torch.cpu, native[model_dtype],
+                                                                               bool)():
         return torch.float32
     return model_dtype
 

@@ -144,11 +144,12 @@ def test_bfloat16_model_with_a_float32_kv_cache_equals_transformers_with_float32
         assert torch.equal(got, want)
 
 
-def test_kv_dtype_auto_keeps_the_model_dtype_except_half_precision_on_a_cpu_without_it():
+def test_kv_dtype_auto_keeps_the_model_dtype_except_lean_half_precision_on_a_cpu_without_it():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert kv_dtype("auto", cpu, torch.float32) == torch.float32
-    assert kv_dtype("auto", cuda, torch.bfloat16) == torch.bfloat16
+    assert kv_dtype("auto", cpu, torch.float32, lean=True) == torch.float32
+    assert kv_dtype("auto", cuda, torch.bfloat16, lean=True) == torch.bfloat16
     native = torch.cpu._is_avx512_bf16_supported()
-    assert kv_dtype("auto", cpu, torch.bfloat16) == (torch.bfloat16 if native else torch.float32)
-    assert kv_dtype("bfloat16", cpu, torch.bfloat16) == torch.bfloat16
-    assert kv_dtype("float32", cuda, torch.float16) == torch.float32
+    assert kv_dtype("auto", cpu, torch.bfloat16, lean=True) == (torch.bfloat16 if native else torch.float32)
+    assert kv_dtype("auto", cpu, torch.bfloat16, lean=False) == torch.bfloat16  # transformers attends in bf16
+    assert kv_dtype("bfloat16", cpu, torch.bfloat16, lean=True) == torch.bfloat16
+    assert kv_dtype("float32", cuda, torch.float16, lean=False) == torch.float32

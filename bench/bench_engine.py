@@ -165,6 +165,23 @@ def cold_task_serving_ms(engine: Engine, w: Workload) -> list[float]:
     return times
 
 
+def inventory_read_ms(engine: Engine) -> tuple[float, float]:
+    """(MiB, median ms) of reading as many bytes as the skill inventory holds once from memory (a sum over
+    that many bytes, the caches flushed first): the floor under a cold task whose skills are not in cache."""
+    inventory = engine.tasks.inventory
+    nbytes = sum(t.nbytes for t in (*inventory.A_skills, *inventory.B_skills))
+    data = torch.ones(nbytes // engine.dtype.itemsize, dtype=engine.dtype, device=engine.device)
+    flush, times = torch.empty(EVICT_BYTES // 4), []
+    for _ in range(16):
+        flush.fill_(1.0)
+        synchronize()
+        start = time.perf_counter()
+        data.sum()
+        synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return nbytes / 2**20, statistics.median(times)
+
+
 def memory_table(w: Workload) -> list[tuple[int, float, float]]:
     """(T, MiB of a bundle with T routed tasks, MiB of T separate float32 LoRAs) from the bundle's shapes."""
     bundle = mhr.Bundle.load(w.bundle_dir)
@@ -195,7 +212,7 @@ def ratios(seconds: dict[str, float], engine: str) -> list[tuple[str, float, str
 
 
 def report(wall: dict[str, float], cpu: dict[str, float], tokens: int, cold: dict[str, tuple[float, float, float]],
-           serving: list[float], memory, args) -> None:
+           serving: list[float], inventory_read: tuple[float, float], memory, args) -> None:
     print(f"\n{'run':<36}{'tok/s':>10}{'s/run':>10}{'cpu s/run':>11}")
     for name, s in wall.items():
         print(f"{name:<36}{tokens / s:>10.1f}{s:>10.3f}{cpu[name]:>11.3f}")
@@ -221,6 +238,10 @@ def report(wall: dict[str, float], cpu: dict[str, float], tokens: int, cold: dic
               f"= {weights + write:.3f} ms wall, {cpu_ms:.3f} ms CPU (target <= 1 ms)")
     print(f"cold task, all layers, while serving (one new task per step, {len(serving)} tasks): median "
           f"{statistics.median(serving):.3f} ms, mean {statistics.mean(serving):.3f} ms (target <= 1 ms)")
+    mib, read_ms = inventory_read
+    print(f"reading the inventory's {mib:.1f} MiB once from memory (caches flushed first): {read_ms:.3f} ms, the "
+          f"floor under a cold task whose skills are not in cache; cold task while serving / that floor: "
+          f"{statistics.median(serving) / read_ms:.2f}")
     print(f"\n{'T tasks':>10}{'bundle MiB':>14}{'T LoRAs MiB':>14}{'ratio':>8}  (target <= 0.05 at T = 1000)")
     for T, bundle_mib, lora_mib in memory:
         print(f"{T:>10}{bundle_mib:>14.2f}{lora_mib:>14.2f}{bundle_mib / lora_mib:>8.4f}")
@@ -272,7 +293,8 @@ def main() -> None:
         if args.device == "cpu":
             cold["caches flushed first"] = cold_task_ms(engine, w, evict=True)
         serving = [ms for _ in range(args.repeats) for ms in cold_task_serving_ms(engine, w)]
-        report(wall, cpu, len(w.prompts) * w.new_tokens, cold, serving, memory_table(w), args)
+        report(wall, cpu, len(w.prompts) * w.new_tokens, cold, serving, inventory_read_ms(engine), memory_table(w),
+               args)
 
 
 if __name__ == "__main__":

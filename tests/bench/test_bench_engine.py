@@ -1,11 +1,12 @@
 """The engine benchmark's ratios, from made-up timings whose ratios are known by hand, what its cold-task
-timing leaves in the slot it writes, and that its in-serving cold-task timing times every task cold."""
+timing leaves in the slot it writes, that its in-serving cold-task timing times every task cold, and the
+size of the memory read it compares them with."""
 
 import pytest
 import torch
 
 import mhr
-from bench.bench_engine import cold_task_ms, cold_task_serving_ms, engine_for, ratios
+from bench.bench_engine import cold_task_ms, cold_task_serving_ms, engine_for, inventory_read_ms, ratios
 from bench.workload import build
 
 SECONDS = {"engine, 16 tasks": 3.0, "engine, 1 task": 2.5, "engine, no adapter": 2.0, "HF generate, bare": 6.0,
@@ -51,3 +52,11 @@ def test_cold_tasks_while_serving_are_each_one_miss_admitted_between_steps(tmp_p
         times = cold_task_serving_ms(engine, w)
         assert len(times) == 3 == engine.cache.stats.misses - before and all(ms > 0 for ms in times)
         assert not engine.has_work and not engine.batch
+
+
+def test_the_memory_floor_reads_as_many_bytes_as_the_skill_inventory_holds(tmp_path):
+    w = build(tmp_path, shape="small", n_prompts=2)
+    bundle = mhr.Bundle.load(w.bundle_dir)
+    skills = sum(t.numel() for t in (*bundle.lora_A.values(), *bundle.lora_B.values()))  # float32 here
+    mib, ms = inventory_read_ms(engine_for(w, 4))
+    assert mib == pytest.approx(skills * 4 / 2**20) and ms > 0

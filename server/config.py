@@ -43,9 +43,10 @@ class ServerConfig(BaseSettings):
         api_key: when set, inference routes need "Authorization: Bearer <api_key>".
         admin_key: when set, enables the admin routes, guarded by this key (off without one).
         drain_seconds: on SIGTERM, how long running requests may take to finish.
-        kv_dtype: dtype of the KV cache, in which attention runs: "auto" (dtype, except a bfloat16 or float16
-            model on a CPU without instructions for it: float32, for twice the cache's memory, since torch's
-            half-precision attention there takes 2-5x the time), "float32", "bfloat16" or "float16".
+        kv_dtype: dtype of the KV cache, in which the lean Llama-family forward attends: "auto" (dtype, except
+            a bfloat16 or float16 model on a CPU without instructions for it: float32, for twice the cache's
+            memory, since torch's half-precision attention there takes 2-5x the time; `server.kv_cache`),
+            "float32", "bfloat16" or "float16".
         cpu_kernel: on CPU in float32 or bfloat16, run the backbone's linears with the requests' adapters,
             and cold tasks, with the compiled kernels (`server.cpu_kernel`, built on first use; torch ops if
             they cannot be built).

@@ -25,9 +25,8 @@ def kv_dtype(setting: str, device: torch.device, model_dtype: torch.dtype, lean:
     the model's dtype, which a cache of another would have to convert whole at every layer."""
     if setting != "auto":
         return getattr(torch, setting)
-    native = {torch.bfloat16: "_is_avx512_bf16_supported", torch.float16: "_is_amx_fp16_supported"}
-    if lean and device.type == "cpu" and model_dtype in native and not getattr(torch.cpu, native[model_dtype],
-                                                                               bool)():
+    has_native = {torch.bfloat16: "_is_avx512_bf16_supported", torch.float16: "_is_amx_fp16_supported"}.get(model_dtype)
+    if lean and device.type == "cpu" and has_native and not getattr(torch.cpu, has_native, bool)():
         return torch.float32
     return model_dtype
 

@@ -12,9 +12,9 @@ def test_defaults_are_valid():
 
 def test_every_error_is_listed():
     with pytest.raises(ServerConfigError) as e:
-        ServerConfig(n_slots=2, max_running=0, dtype="int8", device="nowhere", max_rank=0)
+        ServerConfig(n_slots=2, max_running=0, dtype="int8", device="nowhere", max_rank=0, kv_dtype="fp8")
     message = str(e.value)
-    for field in ("n_slots", "max_running", "dtype", "device", "max_rank"):
+    for field in ("n_slots", "max_running", "dtype", "device", "max_rank", "kv_dtype"):
         assert field in message
 
 

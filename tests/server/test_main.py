@@ -1,4 +1,5 @@
-"""`mhr serve --engine ...`: the engine class is picked in one place, and vLLM is imported only when chosen."""
+"""`mhr serve`: the engine class is picked in one place, vLLM is imported only when chosen, and options reach
+the settings' validation."""
 
 from __future__ import annotations
 
@@ -23,3 +24,9 @@ def test_engine_vllm_without_vllm_fails_with_one_clear_line(tmp_path):
     assert out.returncode == 2
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert lines == [lines[-1]] and "--engine vllm needs vLLM" in lines[-1] and "mhr-serve[vllm]" in lines[-1]
+
+
+def test_a_bad_kv_dtype_on_the_command_line_is_refused_by_name(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "server", "--kv-dtype", "fp8", "--bundle", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "kv_dtype" in out.stderr and "fp8" in out.stderr

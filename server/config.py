@@ -54,7 +54,7 @@ class ServerConfig(BaseSettings):
         engine: "torch" (the embedded engine, `server.engine`) or "vllm" (`server.vllm_engine`; needs the
             `vllm` extra). The vLLM engine reads model, dtype, max_rank (rounded up to a rank vLLM
             accepts), max_running, max_seq_len, max_waiting, allow_zero_shot and the vllm_* settings;
-            device and n_slots are the torch engine's.
+            device, n_slots and kv_dtype are the torch engine's.
         vllm_max_loras: adapters vLLM batches together (its max_loras).
         vllm_max_cpu_loras: adapters kept registered in vLLM and on disk; idle ones beyond it are unloaded
             (least recently used first) and their directories deleted.

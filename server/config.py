@@ -37,7 +37,8 @@ class ServerConfig(BaseSettings):
         max_running: sequences decoded together (rows of the KV cache).
         max_seq_len: positions per KV row: prompt plus generated tokens of one request.
         max_waiting: requests queued for admission; one more fails fast (HTTP 429).
-        max_prefill_tokens: prompt tokens prefilled in one step (one request always fits).
+        max_prefill_tokens: prompt tokens prefilled in one step; a longer prompt is started alone and
+            prefilled that many tokens a step while the running requests keep decoding.
         allow_zero_shot: serve tasks the bundle lacks with the zero-shot adapter (else refuse them).
         host, port: where the HTTP server listens.
         api_key: when set, inference routes need "Authorization: Bearer <api_key>".

@@ -82,6 +82,8 @@ class Engine:
                      "cache's memory, at several times the attention's time)", config.dtype, config.dtype)
         self.kv = _kv_cache_for(model, config, self.device, kv)
         self.batch = Batch(self.device)
+        self._staged: Sequence | None = None   # a prompt over the step's prefill budget, prefilled in chunks
+        self._staged_len = 0                   # its positions prefilled so far
         self.eos_ids = _eos_ids(model, tokenizer)
         self._handles: dict[str, RequestHandle] = {}
         self._lock = threading.RLock()
@@ -148,6 +150,11 @@ class Engine:
                     seq.finish_reason = "cancelled"
                     self._retire(row)
                     return True
+            if self._staged is not None and self._staged.request.request_id == request_id:
+                seq, self._staged = self._staged, None
+                seq.finish_reason = "cancelled"
+                self._end(seq)
+                return True
             return False
 
     def generate(self, requests: list[Request]) -> list[Result]:
@@ -161,15 +168,21 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.batch) or self.scheduler.n_waiting > 0
+        return bool(self.batch) or self._staged is not None or self.scheduler.n_waiting > 0
 
     def step(self) -> None:
-        """Admit and prefill what fits, then decode one token for every running request."""
+        """Admit and prefill what fits (or the next chunk of a prompt over the prefill budget), then decode
+        one token for every running request."""
         with self._lock, torch.inference_mode():
-            new = self._admit()
+            new = self._admit() if self._staged is None else []
+            if len(new) == 1 and new[0].request.prompt_len > self.config.max_prefill_tokens:
+                self._staged, self._staged_len, new = new[0], 0, []  # the scheduler starts such a prompt alone
             for group in prefill_groups([s.request.prompt_len for s in new]):
                 self._prefill([new[i] for i in group])
-            self._steps += bool(new or self.batch)  # counted before finished rows leave
+            staged = self._staged is not None
+            if staged:
+                self._prefill_chunk()
+            self._steps += bool(new or staged or self.batch)  # counted before finished rows leave
             if self.batch:
                 self._batch_rows += len(self.batch)
                 self._decode()
@@ -211,6 +224,23 @@ class Engine:
         self.batch.extend(seqs)
         self._record(range(len(self.batch) - len(seqs), len(self.batch)), next_tokens(last, seqs))
 
+    def _prefill_chunk(self) -> None:
+        """Prefill the staged prompt's next `max_prefill_tokens` positions; once it is whole, it joins the
+        running batch with its first token."""
+        seq, start = self._staged, self._staged_len
+        prompt = seq.request.prompt
+        end = min(len(prompt), start + self.config.max_prefill_tokens)
+        mask, positions = self.kv.begin_chunk(start, end - start)
+        ids = torch.tensor([prompt[start:end]], device=self.device)                   # [1, L]
+        logits = self._forward(ids, mask, positions, SlotPlan.of([seq.slot], self.device), 1)  # [1, 1, V]
+        self._staged_len = end
+        if end < len(prompt):
+            return
+        self._staged = None
+        self.kv.adopt_staged(len(prompt))
+        self.batch.extend([seq])
+        self._record(range(len(self.batch) - 1, len(self.batch)), next_tokens(logits[:, -1], [seq]))
+
     def _decode(self) -> None:
         mask, positions = self.kv.begin_decode()
         logits = self._forward(self.batch.last_tokens(), mask, positions, self.batch.plan(), 1)  # [n, 1, V]
@@ -247,12 +277,16 @@ class Engine:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def _retire(self, row: int, last: TokenEvent | None = None) -> None:
-        """Free a finished or cancelled row's slot reference and KV row, and hand out its result."""
+        """Free a finished or cancelled row's KV row, slot reference, and hand out its result."""
         seq = self.batch.seqs[row]
-        if seq.slot:
-            self.cache.release(seq.slot)
         self.kv.remove_row(row)
         self.batch.remove_row(row)
+        self._end(seq, last)
+
+    def _end(self, seq: Sequence, last: TokenEvent | None = None) -> None:
+        """Free a finished or cancelled sequence's slot reference and hand out its result."""
+        if seq.slot:
+            self.cache.release(seq.slot)
         request, arrived = seq.request, seq.request.arrived
         first = None if seq.first_token_at is None else seq.first_token_at - arrived
         self._finish(Result(request.request_id, seq.adapter, list(seq.tokens), seq.text, seq.finish_reason,
@@ -305,7 +339,8 @@ class Engine:
     def stats(self) -> EngineStats:
         """A snapshot of load and counters (cheap; for metrics scrapes)."""
         with self._lock:
-            return EngineStats(len(self.batch), self.scheduler.n_waiting, self.slots.n_slots,
+            running = len(self.batch) + (self._staged is not None)
+            return EngineStats(running, self.scheduler.n_waiting, self.slots.n_slots,
                                len(self.cache.resident()), len(self.tasks), self._steps,
                                self._batch_rows, dataclasses.replace(self.cache.stats))
 

@@ -6,7 +6,11 @@ leaves, the last row moves into its place (TGI's "filter"), so a decode step wor
 the buffers and never gathers. The engine decides which sequences run; this module only stores. The
 buffers' dtype may differ from the model's (`kv_dtype`): `update` answers in the dtype it is given.
 
-Buffers per layer: keys, values [max_rows, kv_heads, max_len, head_dim]. The model calls `update`
+A prompt longer than a step's prefill budget is prefilled in chunks into one more row, the staging row
+(`begin_chunk`), each chunk attending to the ones before it, and moves into a running row once whole
+(`adopt_staged`); the running rows never hold a half-prefilled prompt.
+
+Buffers per layer: keys, values [max_rows + 1, kv_heads, max_len, head_dim]. The model calls `update`
 (the transformers Cache method) once per layer and forward; what it does depends on whether the
 engine began a prefill or a decode step.
 """
@@ -40,7 +44,7 @@ class RowKVCache:
 
     def __init__(self, n_layers: int, max_rows: int, n_kv_heads: int, max_len: int, head_dim: int,
                  device: torch.device | str, dtype: torch.dtype) -> None:
-        shape = (max_rows, n_kv_heads, max_len, head_dim)
+        shape = (max_rows + 1, n_kv_heads, max_len, head_dim)  # the last row stages chunked prompts
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.max_rows, self.max_len, self.device, self.dtype = max_rows, max_len, device, dtype
@@ -91,6 +95,27 @@ class RowKVCache:
         self._write = ("prefill", rows.start, rows.stop)
         return mask[:, None], pos.expand(len(lengths), L)
 
+    def begin_chunk(self, start: int, length: int) -> tuple[Tensor, Tensor]:
+        """Set up a forward of positions [start, start + length) of one prompt into the staging row, attending
+        to its positions before `start` (written by earlier chunks).
+
+        Returns (attention mask [1, 1, length, start + length] bool, position ids [1, length]).
+        """
+        if start + length > self.max_len:
+            raise ValueError(f"prompt of {start + length} tokens exceeds the cache length {self.max_len}")
+        pos = torch.arange(start, start + length, device=self.device)
+        mask = torch.arange(start + length, device=self.device)[None, :] <= pos[:, None]  # [L(q), start + L(k)]
+        self._write = ("chunk", start, length)
+        return mask[None, None], pos[None]
+
+    def adopt_staged(self, length: int) -> int:
+        """Move the staging row's first `length` positions (a whole prompt) into a new running row; returns it."""
+        row = self.add_rows(1).start
+        for buf in (*self.keys, *self.values):
+            buf[row, :, :length].copy_(buf[self.max_rows, :, :length])
+        self.lengths[row] = length
+        return row
+
     def begin_decode(self) -> tuple[Tensor, Tensor]:
         """Set up a forward of one new token per running row, written at each row's length.
 
@@ -125,6 +150,12 @@ class RowKVCache:
             keys[first:stop, :, :L] = key_states
             values[first:stop, :, :L] = value_states
             return key_states, value_states
+        if self._write[0] == "chunk":
+            _, start, L = self._write
+            stage, end = self.max_rows, start + L
+            keys[stage, :, start:end] = key_states[0]
+            values[stage, :, start:end] = value_states[0]
+            return keys[stage:, :, :end].to(key_states.dtype), values[stage:, :, :end].to(key_states.dtype)
         _, flat, n, kv_len = self._write
         D = keys.shape[-1]                                # [n, kv_heads, head_dim] at each row's position:
         keys.view(-1, D).index_copy_(0, flat, key_states[:, :, 0].reshape(-1, D).to(self.dtype))

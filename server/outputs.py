@@ -44,7 +44,7 @@ class Result:
 class EngineStats:
     """A snapshot of the engine's load and counters, plain values (only `server.metrics` knows Prometheus)."""
 
-    running: int          # requests in the running batch
+    running: int          # requests in the running batch, and a long prompt being prefilled in chunks
     waiting: int          # requests queued for admission
     slots: int            # adapter slots per layer, slot 0 included
     slots_in_use: int     # slots holding an adapter (the zero-shot pin included)

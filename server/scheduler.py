@@ -37,7 +37,8 @@ class Scheduler:
     Args:
         max_waiting: bound of the waiting queue.
         max_running: rows of the running batch.
-        max_prefill_tokens: prompt tokens admitted per step; the first request of a step always fits.
+        max_prefill_tokens: prompt tokens admitted per step; the first request of a step always fits (a
+            longer one starts alone: the engine prefills it in chunks).
     """
 
     def __init__(self, max_waiting: int, max_running: int, max_prefill_tokens: int) -> None:

@@ -54,9 +54,10 @@ def test_outputs_do_not_depend_on_the_batch(make_engine, tiny_tokenizer):
     engine = make_engine()
     together = engine.generate(requests)
     staggered = run_staggered(make_engine(), requests)
-    for a, b, c in zip(alone, together, staggered, strict=True):
-        assert a.tokens == b.tokens == c.tokens and len(a.tokens) == GREEDY.max_new_tokens
-        assert a.adapter == b.adapter == c.adapter
+    chunked = run_staggered(make_engine(max_prefill_tokens=4), requests)  # prompts over 4 tokens in chunks
+    for a, b, c, d in zip(alone, together, staggered, chunked, strict=True):
+        assert a.tokens == b.tokens == c.tokens == d.tokens and len(a.tokens) == GREEDY.max_new_tokens
+        assert a.adapter == b.adapter == c.adapter == d.adapter
     assert [r.adapter for r in together[-4:]] == [DENSE, "base", "zero-shot", ROUTED[0]]
     assert len({tuple(r.tokens) for r in together}) >= 8, "adapters should change the outputs"
     assert engine.kv.n_active == 0 and len(engine.batch) == 0
@@ -72,8 +73,9 @@ def peft_greedy(model_path, lora, tmp_path, prompt_ids, max_new_tokens):
 
 @pytest.mark.filterwarnings("ignore:Found missing adapter keys")  # the dense LoRA covers half the modules
 @pytest.mark.parametrize("task", [ROUTED[1], DENSE, "unknown-task"])
-def test_tokens_equal_peft(task, make_engine, tiny_llama_path, tiny_tokenizer, tmp_path):
-    engine = make_engine()
+@pytest.mark.parametrize("max_prefill_tokens", [2048, 3])  # 3: every prompt prefilled in chunks
+def test_tokens_equal_peft(task, max_prefill_tokens, make_engine, tiny_llama_path, tiny_tokenizer, tmp_path):
+    engine = make_engine(max_prefill_tokens=max_prefill_tokens)
     bundle = engine.tasks.bundle
     lora = bundle.zero_shot_lora() if task == "unknown-task" else bundle.task_lora(task)
     prompts = [prompt(tiny_tokenizer, 5), prompt(tiny_tokenizer, 9, 3)]

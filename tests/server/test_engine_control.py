@@ -41,6 +41,42 @@ def test_more_tasks_than_slots_all_complete_correctly(make_engine, tiny_tokenize
     assert all(engine.cache.refs(s) == 0 for s in range(2, 5)) and engine.cache.refs(1) == 1  # only the pin
 
 
+def test_running_requests_decode_while_a_long_prompt_is_prefilled_in_chunks(make_engine, tiny_tokenizer):
+    engine = make_engine(max_prefill_tokens=4)
+    short = engine.submit(Request(prompt(tiny_tokenizer, 1), ROUTED[0], LONG))
+    engine.step()  # its prefill's token and one decoded
+    long_prompt = prompt(tiny_tokenizer, 12)
+    chunks = -(-len(long_prompt) // 4)
+    assert chunks >= 3
+    long = engine.submit(Request(long_prompt, ROUTED[3], GREEDY))
+    seen = []
+    for _ in range(chunks):
+        engine.step()
+        seen.append((len(engine.batch.seqs[0].tokens), engine.kv.n_active))
+    # the short request gained a token every step; the long one took a KV row with its last chunk only
+    assert [tokens for tokens, _ in seen] == list(range(3, 3 + chunks))
+    assert [rows for _, rows in seen] == [1] * (chunks - 1) + [2]
+    assert len(engine.batch.seqs[1].tokens) == 2 and not long.done and not short.done  # first token, one decoded
+    while not (long.done and short.done):
+        engine.step()
+    assert long.result().tokens == run_alone(make_engine(), [Request(long_prompt, ROUTED[3], GREEDY)])[0].tokens
+
+
+def test_cancelling_a_prompt_prefilled_in_chunks_frees_its_slot(make_engine, tiny_tokenizer):
+    engine = make_engine(max_prefill_tokens=2)
+    request = Request(prompt(tiny_tokenizer, 8), ROUTED[2], GREEDY)
+    handle = engine.submit(request)
+    engine.step()
+    slot = engine.cache.slot_of(engine.tasks.resolve(ROUTED[2]))
+    assert engine.cache.refs(slot) == 1 and engine.has_work and engine.stats().running == 1
+    assert engine.cancel(request.request_id)
+    assert engine.cache.refs(slot) == 0 and not engine.has_work and engine.kv.n_active == 0
+    result = handle.result(timeout=0)
+    assert result.finish_reason == "cancelled" and result.tokens == []
+    after = engine.generate([Request(request.prompt, ROUTED[2], GREEDY)])[0]  # the staging row is reusable
+    assert after.tokens == run_alone(make_engine(), [request])[0].tokens
+
+
 def test_cancel_mid_generation_frees_slot_and_kv_row(make_engine, tiny_tokenizer):
     engine = make_engine()
     requests = task_requests(tiny_tokenizer, [ROUTED[0], ROUTED[3], ROUTED[0]], LONG)

@@ -1,4 +1,5 @@
-"""KV rows: taking and freeing rows, the last row moving into a hole, and the masks of each step kind."""
+"""KV rows: taking and freeing rows, the last row moving into a hole, the masks of each step kind, and a
+prompt staged in chunks."""
 
 import pytest
 import torch
@@ -37,3 +38,23 @@ def test_masks_and_positions():
     assert keys.shape == (2, 1, 4, 2) and keys[1, 0, 1].tolist() == [1.0, 1.0]
     kv.end_decode()
     assert kv.lengths == [4, 2]
+
+
+def test_a_prompt_in_chunks_is_staged_then_adopted_into_a_running_row():
+    kv = cache(rows=2)
+    kv.add_rows(1)
+    kv.lengths = [2]
+    mask, pos = kv.begin_chunk(0, 3)
+    assert mask.shape == (1, 1, 3, 3) and pos.tolist() == [[0, 1, 2]]
+    first = torch.arange(6.0).view(1, 1, 3, 2)
+    keys, _ = kv.update(first, first, 0)
+    assert torch.equal(keys, first)
+    mask, pos = kv.begin_chunk(3, 2)
+    assert pos.tolist() == [[3, 4]]
+    assert mask[0, 0].tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+    second = torch.full((1, 1, 2, 2), 9.0)
+    keys, _ = kv.update(second, second, 0)                     # the chunk attends to the one before it
+    assert torch.equal(keys, torch.cat([first, second], dim=2))
+    assert kv.n_active == 1                                    # the running rows are untouched meanwhile
+    assert kv.adopt_staged(5) == 1 and kv.lengths == [2, 5]
+    assert torch.equal(kv.keys[0][1, :, :5], keys[0]) and torch.equal(kv.values[0][1, :, :5], keys[0])

@@ -1,0 +1,97 @@
+"""A long prompt arriving while requests decode: their longest wait for a token, whole prefill vs. chunks.
+
+    python -m bench.bench_chunked [--long 224] [--chunk 32] [--rounds 3] [--threads 2]
+
+On the REFERENCE.md workload (the same backbone and tasks as `bench_engine`): 8 requests start decoding,
+then a prompt of `--long` tokens arrives. With `max_prefill_tokens` above its length the engine prefills
+it in one step; with `--chunk` it takes one chunk a step (docs/engine.md, "Long prompts, in chunks").
+Prints, per setting, the longest step while the long prompt was prefilled (the running requests' longest
+wait for their next token) and the long prompt's time to its first token, medians over rounds (the two
+settings take turns), and the chunked / whole ratios. Never asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import mhr
+from bench.workload import Workload, build, load_backbone
+from server.batch import Request, SamplingParams
+from server.config import ServerConfig
+from server.engine import Engine
+from server.outputs import TokenEvent
+
+RUNNING = 8
+LONG_NEW_TOKENS = 4
+
+
+def engine_with_budget(w: Workload, max_prefill_tokens: int, long: int) -> Engine:
+    """The engine for `RUNNING` of the workload's requests and one prompt of `long` tokens."""
+    max_seq_len = max(long + LONG_NEW_TOKENS, max(map(len, w.prompts)) + w.new_tokens)
+    config = ServerConfig(n_slots=RUNNING + 3, max_running=RUNNING + 1, max_seq_len=max_seq_len,
+                          max_prefill_tokens=max_prefill_tokens)
+    return Engine(load_backbone(w), mhr.Bundle.load(w.bundle_dir), config)
+
+
+def long_prompt_round(engine: Engine, w: Workload, long: list[int]) -> tuple[float, float]:
+    """(longest step in ms while the long prompt was prefilled, its time to first token in ms)."""
+    params = SamplingParams(max_new_tokens=w.new_tokens, ignore_eos=True)
+    answered: set[str] = set()  # requests that have a token (or have ended)
+
+    def on_event(event: TokenEvent) -> None:
+        answered.add(event.request_id)
+
+    running = [engine.submit(Request(p, t, params), on_event)
+               for p, t in zip(w.prompts[:RUNNING], w.tasks, strict=False)]
+    while not answered.issuperset(h.request_id for h in running):  # prompts over the budget start one a step
+        engine.step()
+    handle = engine.submit(Request(long, w.tasks[RUNNING], SamplingParams(max_new_tokens=LONG_NEW_TOKENS,
+                                                                         ignore_eos=True)), on_event)
+    start, steps = time.perf_counter(), []
+    while handle.request_id not in answered:
+        step_start = time.perf_counter()
+        engine.step()
+        steps.append(time.perf_counter() - step_start)
+    first_token = time.perf_counter() - start
+    for h in [*running, handle]:
+        engine.cancel(h.request_id)
+    return max(steps) * 1e3, first_token * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--long", type=int, default=224, help="tokens of the long prompt")
+    parser.add_argument("--chunk", type=int, default=32, help="max_prefill_tokens of the chunked setting")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="mhr-bench-") as tmp:
+        w = build(Path(tmp))
+        long = torch.randint(3, 8192, (args.long,), generator=torch.Generator().manual_seed(1)).tolist()
+        engines = {"whole prompt in one step": engine_with_budget(w, args.long, args.long),
+                   f"chunks of {args.chunk} tokens": engine_with_budget(w, args.chunk, args.long)}
+        results: dict[str, list[tuple[float, float]]] = {name: [] for name in engines}
+        for _ in range(args.rounds + 1):               # the first round warms up and is dropped
+            for name, engine in engines.items():
+                results[name].append(long_prompt_round(engine, w, long))
+        print(f"\n{'setting':<28}{'longest step, ms':>18}{'long prompt TTFT, ms':>22}")
+        medians = {}
+        for name, rounds in results.items():
+            gap, ttft = (statistics.median(values) for values in zip(*rounds[1:], strict=True))
+            medians[name] = gap, ttft
+            print(f"{name:<28}{gap:>18.1f}{ttft:>22.1f}")
+        (whole_gap, whole_ttft), (chunk_gap, chunk_ttft) = medians.values()
+        print(f"\nchunked / whole: longest step {chunk_gap / whole_gap:.2f}, long prompt TTFT "
+              f"{chunk_ttft / whole_ttft:.2f}   ({RUNNING} requests decoding, a {args.long}-token prompt, "
+              f"{args.rounds} rounds, medians, {torch.get_num_threads()} threads)")
+
+
+if __name__ == "__main__":
+    main()

@@ -35,8 +35,8 @@ from mhr.bundle_check import (
     BundleError,
     check_dense_lora,
     check_manifest,
-    check_routing_row,
     check_task_name,
+    checked_routing_row,
     read_checked,
     stored_name,
 )
@@ -201,8 +201,7 @@ class Bundle:
                         metadata: dict[str, Any] | None = None) -> None:
         """Add (or, with `replace`, overwrite) a task given by routing logits [h, K] per module."""
         self._check_new_name(name, replace)
-        for module in self.modules:
-            check_routing_row(logits.get(module), module, self.config, where=f"routing logits of task {name!r}")
+        row = checked_routing_row(logits, list(self.modules), self.config, where=f"routing logits of task {name!r}")
         extra = sorted(set(logits) - set(self.modules))
         if extra:
             raise BundleError(f"routing logits of task {name!r} name modules not in the bundle: {extra}")
@@ -215,8 +214,7 @@ class Bundle:
             if n:
                 grown[:n] = self._routing_table
             rows = grown
-        # a copy: no row aliases the caller's tensor (a router still training)
-        rows[n] = torch.stack([logits[m].detach().reshape(logits[m].shape[-2:]).cpu() for m in self.modules])
+        rows[n] = row  # a copy: no row aliases the caller's tensor (a router still training)
         self._set_routing(rows, n + 1)
         task = Task(name, TaskKind.ROUTED, metadata=dict(metadata or {}))
         self.tasks.append(task)

@@ -50,18 +50,32 @@ def check_task_name(name: Any, where: str) -> None:
 
 def check_tensor(t: Tensor, shape: tuple[int, ...], where: str) -> None:
     """Shape, float dtype and finite values of one tensor; `where` names it in the error."""
-    if tuple(t.shape) != tuple(shape):
-        raise BundleError(f"{where}: expected shape {list(shape)}, found {list(t.shape)}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise BundleError(f"{where}: dtype {t.dtype} is not one of float32, bfloat16, float16")
+    check_layout(t, shape, where)
     if not torch.isfinite(t).all():
         raise BundleError(f"{where}: contains NaN or Inf values")
 
 
-def check_routing_row(logits: Tensor | None, module: str, config: MHRConfig, where: str) -> None:
-    if logits is None:
-        raise BundleError(f"{where}: no logits for module {module!r}")
-    check_tensor(logits, (config.n_heads, config.n_skills), f"{where}, module {module!r}")
+def check_layout(t: Tensor, shape: tuple[int, ...], where: str) -> None:
+    """Shape and float dtype of one tensor (not its values); `where` names it in the error."""
+    if tuple(t.shape) != tuple(shape):
+        raise BundleError(f"{where}: expected shape {list(shape)}, found {list(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise BundleError(f"{where}: dtype {t.dtype} is not one of float32, bfloat16, float16")
+
+
+def checked_routing_row(logits: Mapping[str, Tensor], modules: list[str], config: MHRConfig, where: str) -> Tensor:
+    """One task's logits [h, K] for each of `modules` (checked: present, shape, float dtype, finite) as a new
+    CPU tensor [M, h, K] in `modules` order. Values are checked once for the whole row (one op, not one per
+    module); an error still names the module."""
+    for module in modules:
+        if logits.get(module) is None:
+            raise BundleError(f"{where}: no logits for module {module!r}")
+        check_layout(logits[module], (config.n_heads, config.n_skills), f"{where}, module {module!r}")
+    row = torch.stack([logits[m].detach() for m in modules]).cpu()
+    if not torch.isfinite(row).all():
+        bad = next(m for m, values in zip(modules, row, strict=True) if not torch.isfinite(values).all())
+        raise BundleError(f"{where}, module {bad!r}: contains NaN or Inf values")
+    return row
 
 
 def check_dense_lora(lora: LoRA, modules: Mapping[str, tuple[int, int]], where: str) -> None:

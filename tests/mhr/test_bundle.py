@@ -732,7 +732,8 @@ def test_routing_logits_of_a_dense_task(bundle):
     (lambda d: d.__setitem__(V0, torch.zeros(2, 4)), f"module '{V0}': expected shape [2, 3], found [2, 4]"),
     (lambda d: d.__setitem__(V0, torch.zeros(1, 2, 3)), "expected shape [2, 3], found [1, 2, 3]"),
     (lambda d: d.__setitem__("model.lm_head", torch.zeros(2, 3)), "not in the bundle: ['model.lm_head']"),
-    (lambda d: d[Q0].fill_(math.nan), "NaN or Inf"),
+    (lambda d: d[Q0].fill_(math.nan), f"module '{Q0}': contains NaN or Inf"),
+    (lambda d: d[V0].fill_(math.inf), f"module '{V0}': contains NaN or Inf"),
     (lambda d: d.__setitem__(Q0, torch.zeros(2, 3, dtype=torch.long)), "dtype torch.int64"),
 ])
 def test_invalid_routing_logits_are_refused(bundle, built, change, words):

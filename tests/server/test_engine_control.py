@@ -1,5 +1,6 @@
-"""The engine under pressure and change: more tasks than slots, cancellation, the bounded queue,
-zero-shot policy, and tasks added, replaced and removed while requests run."""
+"""The engine under pressure and change: more tasks than slots, long prompts prefilled in chunks while
+others decode, cancellation, the bounded queue, zero-shot policy, and tasks added, replaced and removed
+while requests run."""
 
 import pytest
 

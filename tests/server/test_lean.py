@@ -1,4 +1,5 @@
-"""The lean Llama forward against transformers' forward on the same wrapped model, and when it is chosen."""
+"""The lean Llama forward against transformers' forward on the same wrapped model, and when it is chosen;
+a bfloat16 model attending in a float32 KV cache; the compiled op's bfloat16 logits against torch ops'."""
 
 import pytest
 import torch

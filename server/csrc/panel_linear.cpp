@@ -211,20 +211,7 @@ void by_rank(int64_t r, F&& f) {
 template <int R, typename T>
 void token_down(const float* x, const T* A, float* z, int64_t d_in) {
   typedef float row __attribute__((vector_size(R * sizeof(float))));
-  typedef T stored_row __attribute__((vector_size(R * sizeof(T))));
-  const auto load_row = [](const T* p) {  // (a vector type cannot be a template argument: its size is lost)
-    stored_row s;
-    std::memcpy(&s, p, sizeof(s));
-    row v;
-    if constexpr (std::is_same_v<T, float>) {
-      v = s;
-    } else {  // bfloat16: its bits are the float's high half
-      typedef uint32_t row_words __attribute__((vector_size(R * sizeof(uint32_t))));
-      const row_words w = __builtin_convertvector(s, row_words) << 16;
-      std::memcpy(&v, &w, sizeof(v));
-    }
-    return v;
-  };
+  const auto load_row = [](const T* p) { return mhr_simd::load_n<R>(p); };
   row acc[4] = {};
   int64_t d = 0;
   for (; d + 4 <= d_in; d += 4) {
@@ -350,13 +337,8 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& panels, const at:
          const std::optional<at::Tensor>& slots) {
   const int64_t M = x.size(0), K = x.size(1), N = y.size(1), P = panels.size(0);
   std::vector<float> x_float;  // a bfloat16 x, converted once (the tiles broadcast its elements)
-  if constexpr (!std::is_same_v<T, float>) {
-    const T* xs = data<T>(x);
-    x_float.resize(M * K);
-    for (int64_t i = 0; i < M * K; ++i) x_float[i] = to_float(xs[i]);
-  }
-  Call<T> call{std::is_same_v<T, float> ? x.const_data_ptr<float>() : x_float.data(),
-               M, K, N, data<T>(panels), bias.numel() > 0 ? data<T>(bias) : nullptr,
+  Call<T> call{widened(data<T>(x), M * K, x_float), M, K, N, data<T>(panels),
+               bias.numel() > 0 ? data<T>(bias) : nullptr,
                reinterpret_cast<T*>(y.data_ptr()), nullptr, nullptr, 0};
   std::vector<float> z;
   std::vector<const T*> B_of;

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace mhr_simd {
 
@@ -20,20 +21,28 @@ typedef uint16_t halves __attribute__((vector_size(kLanes * sizeof(uint16_t))));
 
 using bf16 = uint16_t;  // a bfloat16's bits
 
-inline vec load(const float* p) {
-  vec v;
-  std::memcpy(&v, p, sizeof(v));
+// N floats from N float32 or bfloat16 values at p, as a vector of N lanes (a vec when N = kLanes). A vector
+// type cannot be a template argument (its size is lost), so the types are declared here for each N.
+template <int N, typename T>
+inline auto load_n(const T* p) {
+  typedef float floats __attribute__((vector_size(N * sizeof(float))));
+  typedef T stored __attribute__((vector_size(N * sizeof(T))));
+  stored s;
+  std::memcpy(&s, p, sizeof(s));
+  floats v;
+  if constexpr (std::is_same_v<T, float>) {
+    v = s;
+  } else {  // bfloat16: its bits are the float's high half
+    typedef uint32_t bits __attribute__((vector_size(N * sizeof(uint32_t))));
+    const bits w = __builtin_convertvector(s, bits) << 16;
+    std::memcpy(&v, &w, sizeof(v));
+  }
   return v;
 }
 
-inline vec load(const bf16* p) {
-  halves h;
-  std::memcpy(&h, p, sizeof(h));
-  const words w = __builtin_convertvector(h, words) << 16;
-  vec v;
-  std::memcpy(&v, &w, sizeof(v));
-  return v;
-}
+inline vec load(const float* p) { return load_n<kLanes>(p); }
+
+inline vec load(const bf16* p) { return load_n<kLanes>(p); }
 
 inline void store(float* p, const vec& v) { std::memcpy(p, &v, sizeof(v)); }
 

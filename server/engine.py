@@ -71,7 +71,7 @@ class Engine:
         elif self.device.type == "cpu" and dtype == torch.float32:  # measured: bf16 no gain, fp16 ~12x slower
             column_major_weights(model)
         self.tasks = TaskRegistry(bundle, self._inventory(bundle), config.allow_zero_shot)
-        self.cache = AdapterCache(config.n_slots, self.slots.write)
+        self.cache = AdapterCache(config.n_slots, self.slots.write_many)
         self.scheduler = Scheduler(config.max_waiting, config.max_running, config.max_prefill_tokens)
         # Llama-family models run our own decoder forward (same weights, same math); others transformers'.
         # Set to None to force the transformers forward (the benchmark compares both).
@@ -96,7 +96,9 @@ class Engine:
         if not self.config.allow_zero_shot:
             return None
         key = self.tasks.zero_shot_key
-        return self.cache.acquire(key, lambda: self.tasks.load(key))
+        slot = self.cache.acquire(key, lambda: self.tasks.load(key))
+        self.cache.write_pending()
+        return slot
 
     def _inventory(self, bundle: Bundle) -> ServingInventory:
         """`bundle`'s skills laid out for this model's slot groups."""
@@ -206,6 +208,7 @@ class Engine:
             return Start.STARTED
 
         self.scheduler.admit(len(self.batch), try_start)
+        self.cache.write_pending()  # the cold tasks admitted in this step, materialized together
         return new
 
     def _prefill(self, seqs: list[Sequence]) -> None:

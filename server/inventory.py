@@ -80,7 +80,7 @@ class MixedLoRA:
     """A task's adapter as mixing weights over a `ServingInventory`'s skills, [M, h, K] in slot-group order.
 
     Both sides of a head mix with the same weights (the inventory's B skills carry the LoRA scaling).
-    Written into a slot by `SlotWeights.write` (which calls `write_into`); `tensors()` materializes it.
+    Written into slots by `SlotWeights.write_many` (which calls `write_all`); `tensors()` materializes it.
     """
 
     def __init__(self, inventory: ServingInventory, weights: Tensor) -> None:
@@ -99,17 +99,28 @@ class MixedLoRA:
             out.append((A, B.transpose(1, 2).reshape(G, self.rank, -1)))
         return out
 
-    def write_into(self, views: GroupedLoRA) -> None:
-        """Store the adapter in one slot's views, per group A [G, d_in, r] and B [G, r, d_out] (any strides)."""
-        inv = self.inventory
-        if inv.mix_op is None:
-            copy_into(views, self.tensors())
-            return
-        outs, skills, weights = [], [], []
-        for (A_view, B_view), A_skills, B_skills, w in zip(views, inv.A_skills, inv.B_skills, self.weights,
-                                                           strict=True):
-            G, h, K, _, r = A_skills.shape
-            outs += [A_view.view(G, h, -1, r), B_view.view(G, r, h, -1).transpose(1, 2)]  # per head: rows, columns
-            skills += [A_skills, B_skills]
-            weights += [w, w]
-        inv.mix_op(outs, skills, weights)
+    @staticmethod
+    def write_all(items: list[tuple[GroupedLoRA, MixedLoRA]]) -> None:
+        """Store each adapter in its slot's views, per group A [G, d_in, r] and B [G, r, d_out] (any strides).
+
+        With the compiled op, one call mixes every adapter of an inventory: the inventory is read once for all
+        of them (a burst of cold tasks costs one read plus their writes), and each adapter's sums are the same
+        bits as when it is mixed alone. Torch ops mix one adapter at a time.
+        """
+        by_inventory: dict[int, list[tuple[GroupedLoRA, MixedLoRA]]] = {}
+        for views, adapter in items:
+            by_inventory.setdefault(id(adapter.inventory), []).append((views, adapter))
+        for group in by_inventory.values():
+            inv = group[0][1].inventory
+            if inv.mix_op is None:
+                for views, adapter in group:
+                    copy_into(views, adapter.tensors())
+                continue
+            outs, skills, weights = [], [], []  # per source (a group's A or B skills): every adapter's out and w
+            for g, (A_skills, B_skills) in enumerate(zip(inv.A_skills, inv.B_skills, strict=True)):
+                G, h, K, _, r = A_skills.shape
+                outs += [views[g][0].view(G, h, -1, r) for views, _ in group]                   # per head: rows
+                outs += [views[g][1].view(G, r, h, -1).transpose(1, 2) for views, _ in group]   # per head: columns
+                skills += [A_skills, B_skills]
+                weights += [adapter.weights[g] for _, adapter in group] * 2
+            inv.mix_op(outs, skills, weights)

@@ -26,16 +26,18 @@ GroupedLoRA = list[tuple[Tensor, Tensor]]
 
 
 class SlotWriter(Protocol):
-    """An adapter that stores itself into a slot, e.g. mixed from the skills straight into slot storage."""
+    """An adapter that stores itself into slots, e.g. mixed from the skills straight into slot storage."""
 
     rank: int
 
-    def write_into(self, views: GroupedLoRA) -> None:
-        """`views`: per shape group the slot's A [G, d_in, rank] and B [G, rank, d_out] (strided views)."""
+    @staticmethod
+    def write_all(items: list[tuple[GroupedLoRA, SlotWriter]]) -> None:
+        """Each adapter into its slot's `views`: per shape group A [G, d_in, rank] and B [G, rank, d_out]
+        (strided views). Called once for all adapters of one class written together."""
 
 
 def copy_into(views: GroupedLoRA, adapter: GroupedLoRA) -> None:
-    """Copy `adapter`'s tensors into a slot's `views` (as `SlotWriter.write_into` receives them)."""
+    """Copy `adapter`'s tensors into a slot's `views` (as `SlotWriter.write_all` receives them)."""
     for (A_view, B_view), (A, B) in zip(views, adapter, strict=True):
         A_view.copy_(A)
         B_view.copy_(B)
@@ -104,25 +106,39 @@ class SlotWeights:
 
     def write(self, slot: int, adapter: GroupedLoRA | SlotWriter) -> None:
         """Put an adapter into `slot` of every layer; ranks below r_max are zero-padded (exact zeros)."""
-        if not 0 < slot < self.n_slots:
-            raise ValueError(f"slot {slot} is not a writable slot (1..{self.n_slots - 1})")
-        rank = adapter[0][0].shape[-1] if isinstance(adapter, list) else adapter.rank
-        if rank > self.max_rank:
-            raise ValueError(f"adapter rank {rank} exceeds the slots' max rank {self.max_rank}")
-        views = self._views.get((slot, rank))
-        if views is None:
-            views = self._views[slot, rank] = [(g.A[:, slot, :, :rank], g.B[:, slot, :rank]) for g in self.groups]
+        self.write_many([(slot, adapter)])
+
+    def write_many(self, items: list[tuple[int, GroupedLoRA | SlotWriter]]) -> None:
+        """Put adapters into their (distinct) slots of every layer, as `write`. Adapters that write themselves
+        are handed to their class together (`SlotWriter.write_all`): routed tasks mix in one pass over the
+        skills. Every item is checked before any slot is touched."""
+        ranks = [adapter[0][0].shape[-1] if isinstance(adapter, list) else adapter.rank for _, adapter in items]
+        for (slot, _), rank in zip(items, ranks, strict=True):
+            if not 0 < slot < self.n_slots:
+                raise ValueError(f"slot {slot} is not a writable slot (1..{self.n_slots - 1})")
+            if rank > self.max_rank:
+                raise ValueError(f"adapter rank {rank} exceeds the slots' max rank {self.max_rank}")
+        if len({slot for slot, _ in items}) < len(items):
+            raise ValueError(f"two adapters for one slot: {[slot for slot, _ in items]}")
+        writers: dict[type, list[tuple[GroupedLoRA, SlotWriter]]] = {}
         with torch.no_grad():
-            end = self._zero_from[slot]
-            if rank < end:  # ranks of what the slot held before, above this adapter's: zero them
-                for group in self.groups:
-                    group.A[:, slot, :, rank:end].zero_()
-                    group.B[:, slot, rank:end].zero_()
-            self._zero_from[slot] = rank
-            if isinstance(adapter, list):
-                copy_into(views, adapter)
-            else:
-                adapter.write_into(views)
+            for (slot, adapter), rank in zip(items, ranks, strict=True):
+                views = self._views.get((slot, rank))
+                if views is None:
+                    views = self._views[slot, rank] = [(g.A[:, slot, :, :rank], g.B[:, slot, :rank])
+                                                       for g in self.groups]
+                end = self._zero_from[slot]
+                if rank < end:  # ranks of what the slot held before, above this adapter's: zero them
+                    for group in self.groups:
+                        group.A[:, slot, :, rank:end].zero_()
+                        group.B[:, slot, rank:end].zero_()
+                self._zero_from[slot] = rank
+                if isinstance(adapter, list):
+                    copy_into(views, adapter)
+                else:
+                    writers.setdefault(type(adapter), []).append((views, adapter))
+            for kind, group in writers.items():
+                kind.write_all(group)
 
     def clear(self, slot: int) -> None:
         with torch.no_grad():

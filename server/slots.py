@@ -2,8 +2,10 @@
 
 Slot 0 is the empty adapter and is never handed out. A slot referenced by a running request is never
 evicted; when every slot is referenced, `acquire` returns None and the caller waits for a release
-(no failure, no thrash). Loading an adapter (materializing it) and writing it into the layers are
-callbacks, so this module holds no tensors and knows neither bundles nor models.
+(no failure, no thrash). Loading an adapter and writing adapters into the layers are callbacks, so this
+module holds no tensors and knows neither bundles nor models. A miss loads its adapter at once; the writes
+wait for `write_pending`, which hands every adapter loaded since the last call to one `write`, so that
+cold tasks admitted together are materialized together (routed tasks: one pass over the skills).
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ class AdapterCache:
 
     Args:
         n_slots: slots per layer, slot 0 included (usable slots are 1..n_slots-1).
-        write: puts an adapter (whatever `load` returns) into a slot of every layer.
+        write: puts adapters (whatever `load` returns) into their slots of every layer, [(slot, adapter)].
     """
 
-    def __init__(self, n_slots: int, write: Callable[[int, Any], None]) -> None:
+    def __init__(self, n_slots: int, write: Callable[[list[tuple[int, Any]]], None]) -> None:
         self._write = write
+        self._pending: list[tuple[int, Any]] = []  # loaded, not yet written: (slot, adapter)
         self._free = list(range(n_slots - 1, 0, -1))   # pop() hands out low slots first
         self._slot: dict[Hashable, int] = {}
         self._key: dict[int, Hashable] = {}
@@ -46,7 +49,9 @@ class AdapterCache:
         self.stats = CacheStats()
 
     def acquire(self, key: Hashable, load: Callable[[], Any]) -> int | None:
-        """A slot holding `key`'s adapter, with one more reference; None when no slot can be had."""
+        """A slot for `key`'s adapter, with one more reference; None when no slot can be had. On a miss the
+        adapter is loaded now and in the slot after the next `write_pending`, which must come before the
+        slot is read."""
         self.stats.lookups += 1
         slot = self._slot.get(key)
         if slot is not None:
@@ -59,15 +64,31 @@ class AdapterCache:
             self.stats.misses += 1
             start = time.perf_counter()
             try:
-                self._write(slot, load())
+                adapter = load()
             except BaseException:
                 self._free.append(slot)
                 raise
             self.stats.load_seconds += time.perf_counter() - start
+            self._pending.append((slot, adapter))
             self._slot[key], self._key[slot], self._refs[slot] = slot, key, 0
         self._refs[slot] += 1
         self._idle.pop(slot, None)
         return slot
+
+    def write_pending(self) -> None:
+        """Write every adapter loaded since the last call into its slot, in one call of `write`. If that fails,
+        their keys are forgotten and their slots freed (their references with them), and the error raised."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        start = time.perf_counter()
+        try:
+            self._write(pending)
+        except BaseException:
+            for slot, _ in pending:
+                self._drop(slot)
+            raise
+        self.stats.load_seconds += time.perf_counter() - start
 
     def release(self, slot: int) -> None:
         """Drop one reference; an unreferenced slot becomes evictable, or free if its key went stale."""
@@ -112,10 +133,16 @@ class AdapterCache:
         victim, _ = self._idle.popitem(last=False)
         self.stats.evictions += 1
         del self._slot[self._key.pop(victim)], self._refs[victim]
+        self._unqueue(victim)
         return victim
 
     def _drop(self, slot: int) -> None:
         key = self._key.pop(slot)
         del self._slot[key], self._refs[slot]
         self._stale.discard(key)
+        self._unqueue(slot)
         self._free.append(slot)
+
+    def _unqueue(self, slot: int) -> None:
+        """Its adapter left the slot before being written: do not write it."""
+        self._pending = [(s, adapter) for s, adapter in self._pending if s != slot]

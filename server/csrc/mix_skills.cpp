@@ -1,15 +1,17 @@
-// Materializing a routed task on CPU: out[g, h] = sum_k w[g, h, k] * skills[g, h, k], written straight
-// into the strided slot storage, one pass over the skill inventory. Float32 or bfloat16 tensors (one
-// dtype per call), float32 sums rounded once.
+// Materializing routed tasks on CPU: out[t][g, h] = sum_k w[t][g, h, k] * skills[g, h, k], written straight
+// into the strided slot storage, one pass over the skill inventory for every task of the call. Float32 or
+// bfloat16 tensors (one dtype per call), float32 sums rounded once.
 //
 // Why a kernel: a cold task is bound by reading the whole inventory (K skills of every module). As torch
 // ops it is a batched matmul per shape group and side into a temporary, then a copy into the slot; here
-// every source row is read once, in K sequential streams, and the sum lands in the slot. A head block's K
-// skills are one contiguous region and the next block's follows it: the region is prefetched one block
-// ahead, at the pace the current one is read, since the hardware prefetcher stops at each block's page
-// ends (bfloat16, whose blocks are half as long: a cold task inside serving 1.34 -> 0.98 ms; float32,
-// bound by the memory's bandwidth, unchanged) (server/inventory.py decides when the op is used;
-// docs/engine.md has the measurements).
+// every source row is read once, in K sequential streams, and the sums land in the slots. Tasks mixed in
+// one call share that read: each 64-element chunk of the K skills is summed for every task while it is in
+// L1, so a burst of cold tasks (admitted in one step) costs one read of the inventory plus its writes. A
+// head block's K skills are one contiguous region and the next block's follows it: the region is
+// prefetched one block ahead, at the pace the current one is read, since the hardware prefetcher stops at
+// each block's page ends (bfloat16, whose blocks are half as long: a cold task inside serving 1.34 -> 0.98
+// ms; float32, bound by the memory's bandwidth, unchanged) (server/inventory.py decides when the op is
+// used; docs/engine.md has the measurements).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -55,47 +57,60 @@ __attribute__((always_inline)) inline void chunk_sum(float* acc, const T* s, con
   }
 }
 
-// One head's block: out's R rows of C elements (row stride stride_r) = sum_k w[k] * src[k], where src[k]
-// is R * C contiguous elements, summed in k order. The block is summed 64 elements at a time, across row
-// boundaries, so short rows (C = a rank, when slots are wider than the task) cost no more than long ones.
+// acc[:n] into R rows of C elements (row stride stride_r) from (row, col) on, crossing row ends.
 template <typename T>
-void mix_block(T* out, int64_t stride_r, int64_t C, const T* src, const float* w, int64_t K, int64_t L) {
-  int64_t row = 0, col = 0;  // where the next chunk lands in out
+inline void store_chunk(T* out, int64_t stride_r, int64_t C, int64_t row, int64_t col, const float* acc, int64_t n) {
+  for (int64_t i = 0; i < n;) {  // the chunk's pieces of out's rows
+    const int64_t m = std::min(C - col, n - i);
+    T* o = out + row * stride_r + col;
+    int64_t j = 0;
+    for (; j + kLanes <= m; j += kLanes) store(o + j, load(acc + i + j));
+    for (; j < m; ++j) o[j] = from_float<T>(acc[i + j]);
+    i += m, col += m;
+    if (col == C) row += 1, col = 0;
+  }
+}
+
+// One head's block for every task t < n: out[t]'s R rows of C elements (row stride stride_r) = sum_k
+// w[t * w_stride + k] * src[k], where src[k] is R * C contiguous elements, summed in k order. The block is
+// summed 64 elements at a time, across row boundaries, so short rows (C = a rank, when slots are wider than
+// the task) cost no more than long ones; each chunk is read from memory once and summed for every task.
+template <typename T>
+void mix_block(T* const* out, int64_t n, int64_t stride_r, int64_t C, const T* src, const float* w, int64_t w_stride,
+               int64_t K, int64_t L) {
   const T* next = src + K * L;  // the next head block's skills (contiguous with these)
   for (int64_t c = 0; c < L; c += kChunk) {
     const int64_t len = std::min(kChunk, L - c);
     for (int64_t e = c * K; e < (c + len) * K; e += kLineBytes / sizeof(T)) __builtin_prefetch(next + e);
     float acc[kChunk];
-    chunk_sum(acc, src + c, w, K, L, len);
-    for (int64_t i = 0; i < len;) {  // the chunk's pieces of out's rows
-      const int64_t n = std::min(C - col, len - i);
-      T* o = out + row * stride_r + col;
-      int64_t j = 0;
-      for (; j + kLanes <= n; j += kLanes) store(o + j, load(acc + i + j));
-      for (; j < n; ++j) o[j] = from_float<T>(acc[i + j]);
-      i += n, col += n;
-      if (col == C) row += 1, col = 0;
+    for (int64_t t = 0; t < n; ++t) {
+      chunk_sum(acc, src + c, w + t * w_stride, K, L, len);
+      store_chunk(out[t], stride_r, C, c / C, c % C, acc, len);
     }
   }
 }
 
-// One output tensor's mixing: out [G, H, R, C] (any strides but a contiguous last dim) = the sum over k
-// of w [G, H, K] * src [G, H, K, R, C].
+// One source's mixing into n outputs: out[t] [G, H, R, C] (any strides, equal for every t, but a contiguous
+// last dim) = the sum over k of w[t] [G, H, K] * src [G, H, K, R, C].
 template <typename T>
 struct Mix {
-  T* out;
+  std::vector<T*> out;
   const T* src;
-  std::vector<float> w;  // the weights as float32
+  std::vector<float> w;  // the weights as float32, task after task: [n][G * H * K]
   int64_t H, R, C, K, stride_g, stride_h, stride_r;
   int64_t blocks, first;  // G * H head blocks; where the first one starts in the work of the whole call
 
-  Mix(at::Tensor& o, const at::Tensor& s, const at::Tensor& wt, int64_t begin) {
+  Mix(at::TensorList outs, const at::Tensor& s, at::TensorList ws, int64_t begin) {
+    const at::Tensor& o = outs[0];
     const int64_t G = o.size(0);
     H = o.size(1), R = o.size(2), C = o.size(3), K = s.size(2);
-    out = reinterpret_cast<T*>(o.data_ptr()), src = reinterpret_cast<const T*>(s.const_data_ptr());
-    const T* wp = reinterpret_cast<const T*>(wt.const_data_ptr());
-    w.resize(G * H * K);
-    for (int64_t i = 0; i < G * H * K; ++i) w[i] = to_float(wp[i]);
+    src = reinterpret_cast<const T*>(s.const_data_ptr());
+    w.resize(outs.size() * G * H * K);
+    for (size_t t = 0; t < outs.size(); ++t) {
+      out.push_back(reinterpret_cast<T*>(outs[t].data_ptr()));
+      const T* wp = reinterpret_cast<const T*>(ws[t].const_data_ptr());
+      for (int64_t i = 0; i < G * H * K; ++i) w[t * G * H * K + i] = to_float(wp[i]);
+    }
     stride_g = o.stride(0), stride_h = o.stride(1), stride_r = o.stride(2);
     blocks = G * H, first = begin;
     if (stride_r == C) C *= R, R = 1;  // a block's rows are contiguous in out: copy them as one
@@ -107,14 +122,18 @@ struct Mix {
     const int64_t per_block = K * R * C;
     const int64_t lo = std::clamp<int64_t>((begin - first + per_block - 1) / per_block, 0, blocks);
     const int64_t hi = std::clamp<int64_t>((end - first + per_block - 1) / per_block, 0, blocks);
+    std::vector<T*> block_out(out.size());
     for (int64_t gh = lo; gh < hi; ++gh) {
       const int64_t h = gh % H, g = gh / H;
-      mix_block(out + g * stride_g + h * stride_h, stride_r, C, src + gh * per_block, w.data() + gh * K, K, R * C);
+      for (size_t t = 0; t < out.size(); ++t) block_out[t] = out[t] + g * stride_g + h * stride_h;
+      mix_block(block_out.data(), block_out.size(), stride_r, C, src + gh * per_block, w.data() + gh * K,
+                blocks * K, K, R * C);
     }
   }
 };
 
-void check(const at::Tensor& o, const at::Tensor& s, const at::Tensor& wt, at::ScalarType dtype) {
+void check(const at::Tensor& o, const at::Tensor& s, const at::Tensor& wt, const at::Tensor& first,
+           at::ScalarType dtype) {
   TORCH_CHECK(o.dim() == 4 && s.dim() == 5 && wt.dim() == 3,
               "mix_skills: expected out [G, H, R, C], src [G, H, K, R, C], w [G, H, K]");
   TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && o.scalar_type() == dtype &&
@@ -126,16 +145,18 @@ void check(const at::Tensor& o, const at::Tensor& s, const at::Tensor& wt, at::S
               "mix_skills: shapes do not match");
   TORCH_CHECK(s.is_contiguous() && wt.is_contiguous() && o.stride(3) == 1,
               "mix_skills: src and w must be contiguous, out's rows contiguous");
+  TORCH_CHECK(o.strides() == first.strides(), "mix_skills: the outs of one src must have the same strides");
 }
 
-// Every (out, src, w) triple in one parallel pass, split over threads by inventory elements read.
+// Every source's mixes in one parallel pass, split over threads by inventory elements read. Source i's n
+// outputs and weights are out[i * n + t] and w[i * n + t], t < n.
 template <typename T>
 void mix_all(at::TensorList out, at::TensorList src, at::TensorList w) {
+  const size_t n = out.size() / src.size();
   std::vector<Mix<T>> mixes;
   int64_t total = 0;
-  for (size_t i = 0; i < out.size(); ++i) {
-    at::Tensor o = out[i];
-    mixes.emplace_back(o, src[i], w[i], total);
+  for (size_t i = 0; i < src.size(); ++i) {
+    mixes.emplace_back(out.slice(i * n, n), src[i], w.slice(i * n, n), total);
     total += mixes.back().work();
   }
   at::parallel_for(0, total, kMinFloatsPerThread, [&](int64_t begin, int64_t end) {
@@ -144,10 +165,12 @@ void mix_all(at::TensorList out, at::TensorList src, at::TensorList w) {
 }
 
 void mix_skills(at::TensorList out, at::TensorList src, at::TensorList w) {
-  TORCH_CHECK(out.size() == src.size() && out.size() == w.size(), "mix_skills: out, src and w differ in length");
-  if (out.empty()) return;
+  TORCH_CHECK(out.size() == w.size() && !src.empty() && out.size() % src.size() == 0 && !out.empty(),
+              "mix_skills: out and w need one entry per src and task (length a multiple of src's), src at least "
+              "one; they differ in length");
+  const size_t n = out.size() / src.size();
   const at::ScalarType dtype = out[0].scalar_type();
-  for (size_t i = 0; i < out.size(); ++i) check(out[i], src[i], w[i], dtype);
+  for (size_t i = 0; i < out.size(); ++i) check(out[i], src[i / n], w[i], out[i / n * n], dtype);
   if (dtype == at::kFloat) {
     mix_all<float>(out, src, w);
   } else {

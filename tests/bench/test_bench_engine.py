@@ -1,12 +1,21 @@
 """The engine benchmark's ratios, from made-up timings whose ratios are known by hand, what its cold-task
-timing leaves in the slot it writes, that its in-serving cold-task timing times every task cold, and the
-size of the memory read it compares them with."""
+timing leaves in the slot it writes, that its in-serving cold-task timings time every task cold (one a
+step, or all in one step), the size of the memory read it compares them with, and what the cold-burst
+benchmark leaves in the slots it writes."""
 
 import pytest
 import torch
 
 import mhr
-from bench.bench_engine import cold_task_ms, cold_task_serving_ms, engine_for, inventory_read_ms, ratios
+from bench.bench_cold import burst_ms
+from bench.bench_engine import (
+    cold_burst_serving_ms,
+    cold_task_ms,
+    cold_task_serving_ms,
+    engine_for,
+    inventory_read_ms,
+    ratios,
+)
 from bench.workload import build
 
 SECONDS = {"engine, 16 tasks": 3.0, "engine, 1 task": 2.5, "engine, no adapter": 2.0, "HF generate, bare": 6.0,
@@ -52,6 +61,33 @@ def test_cold_tasks_while_serving_are_each_one_miss_admitted_between_steps(tmp_p
         times = cold_task_serving_ms(engine, w)
         assert len(times) == 3 == engine.cache.stats.misses - before and all(ms > 0 for ms in times)
         assert not engine.has_work and not engine.batch
+
+
+def test_a_burst_while_serving_materializes_every_task_in_its_first_step(tmp_path):
+    w = build(tmp_path, shape="small", n_prompts=3, new_tokens=4)
+    engine = engine_for(w, 5)
+    calls = []
+    engine.cache._write = lambda items, write=engine.cache._write: (calls.append(len(items)), write(items))
+    for _ in range(2):  # the second time, the tasks the first left in slots are evicted first
+        before = engine.cache.stats.misses
+        assert cold_burst_serving_ms(engine, w) > 0
+        assert engine.cache.stats.misses - before == 3 and calls[-1] == 3
+        assert not engine.has_work and not engine.batch
+    assert calls == [3, 3]
+
+
+@pytest.mark.parametrize("together", [False, True])
+def test_cold_burst_timing_writes_every_task_into_its_slot(tmp_path, together):
+    w = build(tmp_path, shape="small", n_prompts=3)
+    engine = engine_for(w, 5)
+    assert burst_ms(engine, w.tasks, together) > 0
+    bundle = mhr.Bundle.load(w.bundle_dir)
+    for slot, task in enumerate(w.tasks, start=2):
+        want = bundle.task_lora(task)
+        for group in engine.slots.groups:
+            for i, name in enumerate(group.names):
+                assert torch.allclose(group.A[i, slot], want.A[name], atol=1e-6)
+                assert torch.allclose(group.B[i, slot], want.B[name] * want.scaling, atol=1e-6)
 
 
 def test_the_memory_floor_reads_as_many_bytes_as_the_skill_inventory_holds(tmp_path):

@@ -24,11 +24,11 @@ def test_more_tasks_than_slots_all_complete_correctly(make_engine, tiny_tokenize
     engine = make_engine(n_slots=5)                  # slot 0, the zero-shot pin, 3 for 7 tasks
     written = []
 
-    def guarded_write(slot, lora, write=engine.slots.write):
+    def guarded_write(items, write=engine.slots.write_many):
         running = {s.slot for s in engine.batch.seqs}
-        assert slot not in running, "a slot read by a running request was overwritten"
-        written.append(slot)
-        write(slot, lora)
+        assert not running & {slot for slot, _ in items}, "a slot read by a running request was overwritten"
+        written.extend(slot for slot, _ in items)
+        write(items)
 
     engine.cache._write = guarded_write
     pinned_misses = engine.cache.stats.misses          # the zero-shot adapter, loaded at start
@@ -40,6 +40,25 @@ def test_more_tasks_than_slots_all_complete_correctly(make_engine, tiny_tokenize
     assert stats.evictions == len(written) - 3        # the first three misses found free slots
     assert stats.waits > 0                           # some requests had to wait for a slot
     assert all(engine.cache.refs(s) == 0 for s in range(2, 5)) and engine.cache.refs(1) == 1  # only the pin
+
+
+def test_cold_tasks_admitted_together_are_written_in_one_call_with_the_tokens_of_each_alone(make_engine,
+                                                                                           tiny_tokenizer):
+    tasks = [*ROUTED[:5], DENSE, ROUTED[0]]              # six tasks for the six free slots
+    requests = task_requests(tiny_tokenizer, tasks)
+    want = run_alone(make_engine(), requests)                # each task materialized alone
+    engine = make_engine()
+    calls = []
+
+    def recorded_write(items, write=engine.slots.write_many):
+        calls.append(sorted(slot for slot, _ in items))
+        write(items)
+
+    engine.cache._write = recorded_write
+    results = engine.generate(requests)
+    assert [r.tokens for r in results] == [w.tokens for w in want]
+    slots = {engine.cache.slot_of(engine.tasks.resolve(t)) for t in tasks}
+    assert calls == [sorted(slots)] and len(slots) == len(set(tasks))  # one burst, each task once
 
 
 def test_running_requests_decode_while_a_long_prompt_is_prefilled_in_chunks(make_engine, tiny_tokenizer):

@@ -118,3 +118,63 @@ def test_bfloat16_layout_and_mixing_into_slots(bundle, mix_op):
             # the same bfloat16 skills and weights; torch's bmm rounds as the op does, up to one unit
             torch.testing.assert_close(g.A[:, 1], A, rtol=2**-7, atol=1e-6)
             torch.testing.assert_close(g.B[:, 1], B, rtol=2**-7, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_mix_of_several_tasks_equals_each_mixed_alone(mix_op, dtype):
+    """One call for three tasks and two sources (each source read once) writes each task's sums, the same bits
+    as a call for that task alone, into strided rows; two threads split the work mid-way."""
+    g = torch.Generator().manual_seed(7)
+    srcs = [torch.randn(2, 3, 5, 8, 344, generator=g).to(dtype), torch.randn(1, 4, 5, 300, 8, generator=g).to(dtype)]
+    ws = [[torch.rand(*src.shape[:3], generator=g).to(dtype) for src in srcs] for _ in range(3)]  # [task][src]
+
+    def storage(src):
+        G, H, _, R, C = src.shape
+        return torch.full((G, H, R, C + 3), float("nan"), dtype=dtype)
+
+    together = [[storage(src) for src in srcs] for _ in range(3)]
+    mix_op([together[t][i][..., :-3] for i in range(2) for t in range(3)], srcs,
+           [ws[t][i] for i in range(2) for t in range(3)])
+    for t in range(3):
+        alone = [storage(src) for src in srcs]
+        mix_op([out[..., :-3] for out in alone], srcs, ws[t])
+        for i, src in enumerate(srcs):
+            assert torch.equal(together[t][i][..., :-3], alone[i][..., :-3]), f"task {t}, source {i}"
+            assert together[t][i][..., -3:].isnan().all(), "the op wrote past its rows"
+            want = torch.einsum("ghk,ghkrc->ghrc", ws[t][i].double(), src.double()).to(dtype)
+            torch.testing.assert_close(together[t][i][..., :-3], want, rtol=2**-8, atol=1e-5)
+
+
+def test_compiled_mix_refuses_outs_of_one_source_with_different_strides(mix_op):
+    src, w = torch.ones(1, 2, 3, 4, 5), torch.ones(1, 2, 3)
+    with pytest.raises(RuntimeError, match="same strides"):
+        mix_op([torch.zeros(1, 2, 4, 5), torch.zeros(1, 2, 4, 6)[..., :5]], [src], [w, w])
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_adapters_written_together_equal_each_written_alone(bundle, mix_op, compiled):
+    """`write_many` (a burst of cold tasks: routed, the average, a dense LoRA) leaves every slot as `write`
+    does one adapter at a time, bit for bit, and refuses a bad burst before touching any slot."""
+    groups = grouped(bundle)
+    inventory = ServingInventory(bundle, groups, "cpu", torch.float32, mix_op if compiled else None)
+
+    def storage():
+        return [SlotGroup(names, torch.full((len(names), 6, bundle.modules[names[0]][0], 6), float("nan")),
+                          torch.full((len(names), 6, 6, bundle.modules[names[0]][1]), float("nan")))
+                for names in groups]
+
+    adapters = [inventory.routed(bundle.routing_row(task)) for task in ROUTED[:3]]
+    adapters += [inventory.average(), inventory.dense(bundle.adapters[DENSE])]
+    together, alone = storage(), storage()
+    SlotWeights(together, {}).write_many(list(zip(range(1, 6), adapters, strict=True)))
+    for slot, adapter in zip(range(1, 6), adapters, strict=True):
+        SlotWeights(alone, {}).write(slot, adapter)
+    for t, a in zip(together, alone, strict=True):
+        assert torch.equal(t.A[:, 1:], a.A[:, 1:]) and torch.equal(t.B[:, 1:], a.B[:, 1:])
+    assert not torch.equal(together[0].A[:, 1], together[0].A[:, 2]), "two tasks wrote the same adapter"
+    slots = SlotWeights(storage(), {})
+    for bad, says in [([(1, adapters[0]), (1, adapters[1])], "two adapters for one slot"),
+                      ([(1, adapters[0]), (6, adapters[1])], "not a writable slot")]:
+        with pytest.raises(ValueError, match=says):
+            slots.write_many(bad)
+        assert all(g.A.isnan().all() and g.B.isnan().all() for g in slots.groups), "a refused burst wrote a slot"

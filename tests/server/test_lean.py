@@ -47,7 +47,9 @@ def step_logits(engine, slots: list[int]) -> list[torch.Tensor]:
 def slots_of(engine, tasks: list[str]) -> list[int]:
     """The slots `tasks`' adapters are loaded into (held for the rest of the test)."""
     keys = [engine.tasks.resolve(t) for t in tasks]
-    return [engine.cache.acquire(key, lambda key=key: engine.tasks.load(key)) for key in keys]
+    slots = [engine.cache.acquire(key, lambda key=key: engine.tasks.load(key)) for key in keys]
+    engine.cache.write_pending()
+    return slots
 
 
 def test_lean_logits_equal_transformers_forward_on_a_mixed_batch(make_engine):

@@ -1,4 +1,5 @@
-"""The slot table: hits, misses, LRU eviction of idle slots only, waiting when all are busy, stale keys."""
+"""The slot table: hits, misses, LRU eviction of idle slots only, waiting when all are busy, stale keys, and
+misses written together by `write_pending`."""
 
 import pytest
 
@@ -9,10 +10,11 @@ class Loads:
     """Records every slot write, standing in for the model's slot storage."""
 
     def __init__(self):
-        self.writes = []
+        self.writes, self.calls = [], 0
 
-    def write(self, slot, lora):
-        self.writes.append((slot, lora))
+    def write(self, items):
+        self.writes += items
+        self.calls += 1
 
 
 def lookups_add_up(cache):
@@ -25,10 +27,13 @@ def test_hits_misses_and_lru_eviction():
     cache = AdapterCache(3, loads.write)  # usable slots 1, 2
     a = cache.acquire("a", lambda: "A")
     b = cache.acquire("b", lambda: "B")
-    assert {a, b} == {1, 2} and loads.writes == [(a, "A"), (b, "B")]
+    cache.write_pending()
+    assert {a, b} == {1, 2} and loads.writes == [(a, "A"), (b, "B")] and loads.calls == 1
     assert cache.acquire("a", lambda: pytest.fail("a hit must not load")) == a
     cache.release(a), cache.release(a), cache.release(b)   # "a" goes idle before "b"
     c = cache.acquire("c", lambda: "C")
+    cache.write_pending()
+    assert loads.writes[-1] == (c, "C") and loads.calls == 2
     assert c == a                     # "a" became idle first, so it is the least recently used
     assert cache.resident() == {"b": b, "c": c}
     s = cache.stats
@@ -72,3 +77,42 @@ def test_failed_load_gives_the_slot_back():
         cache.acquire("a", broken)
     assert cache.n_free == 1 and cache.resident() == {}
     assert cache.acquire("a", lambda: "A") == 1
+
+
+def test_misses_are_written_together_and_only_while_they_hold_their_slot():
+    loads = Loads()
+    cache = AdapterCache(4, loads.write)
+    cache.write_pending()
+    assert loads.calls == 0                                   # nothing loaded: no write
+    a, b = cache.acquire("a", lambda: "A"), cache.acquire("b", lambda: "B")
+    assert cache.acquire("a", lambda: pytest.fail("a pending adapter is a hit")) == a
+    assert loads.writes == []                                 # nothing written before write_pending
+    cache.release(b)
+    cache.invalidate("b")                                     # gone before it was written: never written
+    c = cache.acquire("c", lambda: "C")
+    cache.write_pending()
+    assert loads.calls == 1 and sorted(loads.writes) == sorted([(a, "A"), (c, "C")])
+    cache.write_pending()
+    assert loads.calls == 1                                   # each adapter written once
+
+
+def test_a_pending_adapter_evicted_before_its_write_is_not_written():
+    loads = Loads()
+    cache = AdapterCache(2, loads.write)                      # one usable slot
+    a = cache.acquire("a", lambda: "A")
+    cache.release(a)
+    assert cache.acquire("b", lambda: "B") == a               # evicts "a", not yet written
+    cache.write_pending()
+    assert loads.writes == [(a, "B")] and cache.resident() == {"b": a}
+
+
+def test_a_failed_write_forgets_its_adapters_and_frees_their_slots():
+    def broken(items):
+        raise RuntimeError("writing failed")
+
+    cache = AdapterCache(3, broken)
+    cache.acquire("a", lambda: "A"), cache.acquire("b", lambda: "B")
+    with pytest.raises(RuntimeError, match="writing failed"):
+        cache.write_pending()
+    assert cache.resident() == {} and cache.n_free == 2
+    assert cache.stats.misses == 2 and lookups_add_up(cache)

@@ -57,9 +57,11 @@ __attribute__((always_inline)) inline void chunk_sum(float* acc, const T* s, con
   }
 }
 
-// acc[:n] into R rows of C elements (row stride stride_r) from (row, col) on, crossing row ends.
+// acc[:n] into rows of C elements (row stride stride_r) from (row, col) on, crossing row ends; (row, col)
+// move past what was written.
 template <typename T>
-inline void store_chunk(T* out, int64_t stride_r, int64_t C, int64_t row, int64_t col, const float* acc, int64_t n) {
+inline void store_chunk(T* out, int64_t stride_r, int64_t C, int64_t& row, int64_t& col, const float* acc,
+                        int64_t n) {
   for (int64_t i = 0; i < n;) {  // the chunk's pieces of out's rows
     const int64_t m = std::min(C - col, n - i);
     T* o = out + row * stride_r + col;
@@ -79,14 +81,18 @@ template <typename T>
 void mix_block(T* const* out, int64_t n, int64_t stride_r, int64_t C, const T* src, const float* w, int64_t w_stride,
                int64_t K, int64_t L) {
   const T* next = src + K * L;  // the next head block's skills (contiguous with these)
+  int64_t row = 0, col = 0;     // where the next chunk lands in every out
   for (int64_t c = 0; c < L; c += kChunk) {
     const int64_t len = std::min(kChunk, L - c);
     for (int64_t e = c * K; e < (c + len) * K; e += kLineBytes / sizeof(T)) __builtin_prefetch(next + e);
     float acc[kChunk];
+    int64_t next_row = row, next_col = col;
     for (int64_t t = 0; t < n; ++t) {
       chunk_sum(acc, src + c, w + t * w_stride, K, L, len);
-      store_chunk(out[t], stride_r, C, c / C, c % C, acc, len);
+      next_row = row, next_col = col;
+      store_chunk(out[t], stride_r, C, next_row, next_col, acc, len);
     }
+    row = next_row, col = next_col;
   }
 }
 

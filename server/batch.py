@@ -16,7 +16,10 @@ import torch
 from torch import Tensor
 
 from server.lora_ops import SlotPlan
+from server.outputs import TokenLogprobs
 from server.tasks import Mixture
+
+MAX_LOGPROBS = 20  # most likely alternatives a request may ask for at each position
 
 
 class InvalidRequest(ValueError):
@@ -25,7 +28,11 @@ class InvalidRequest(ValueError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request generates. temperature 0 is greedy; top_p 1 keeps the whole distribution."""
+    """How one request generates. temperature 0 is greedy; top_p 1 keeps the whole distribution.
+
+    logprobs: give each generated token's log-probability and this many likeliest alternatives (None: none).
+    prompt_logprobs: the same for every prompt token after the first (scoring a text: max_new_tokens 0).
+    """
 
     max_new_tokens: int = 16
     temperature: float = 0.0
@@ -33,17 +40,23 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         errors = []
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            errors.append(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            errors.append(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
         if not self.temperature >= 0:
             errors.append(f"temperature must be >= 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             errors.append(f"top_p must be in (0, 1], got {self.top_p!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             errors.append(f"stop strings must be non-empty strings, got {self.stop!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS):
+                errors.append(f"{name} must be an integer in [0, {MAX_LOGPROBS}] or None, got {value!r}")
         if errors:
             raise InvalidRequest("; ".join(errors))
 
@@ -89,6 +102,8 @@ class Sequence:
     finish_reason: str | None = None   # "length", "stop", "eos" or "cancelled" once finished
     started: float = field(default_factory=time.monotonic)     # when it joined the running batch
     first_token_at: float | None = None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)                # when asked: one per token
+    prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)  # when asked: one per prompt token
     _prefix: int = 0                   # the text of tokens[:_read] is in `text`; decoding restarts at _prefix
     _read: int = 0
 
@@ -115,6 +130,15 @@ class Sequence:
             elif len(self.tokens) >= params.max_new_tokens:
                 self.finish_reason = "length"
         return delta
+
+    def score_prompt(self, logits: Tensor, start: int) -> None:
+        """Record the log-probabilities of the prompt tokens that `logits` [L, vocab], at prompt positions start,
+        start + 1, ..., predict (the next token of each, within the prompt); the first prompt token gets None."""
+        if start == 0:
+            self.prompt_logprobs.append(None)
+        targets = self.request.prompt[start + 1:start + 1 + len(logits)]
+        if targets:
+            self.prompt_logprobs += token_logprobs(logits[:len(targets)], targets, self.request.params.prompt_logprobs)
 
     def _new_text(self, decode: Callable[[list[int]], str]) -> str:
         """The text the tokens since `_read` add (TGI's and vLLM's prefix/read offsets): decode the window
@@ -178,6 +202,18 @@ def next_tokens(logits: Tensor, seqs: list[Sequence]) -> list[int]:
         if seq.generator is not None:
             tokens[i] = _sample(logits[i], seq.request.params, seq.generator)
     return tokens
+
+
+def token_logprobs(logits: Tensor, tokens: list[int], top: int) -> list[TokenLogprobs]:
+    """Each row's log-probability of `tokens[i]` and its `top` likeliest tokens; logits [n, vocab]. A row's values
+    depend on that row alone (the same bits in any batch)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
+    if not top:
+        return [TokenLogprobs(t, lp) for t, lp in zip(tokens, chosen, strict=True)]
+    values, ids = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1)
+    return [TokenLogprobs(t, lp, tuple(zip(i, v, strict=True)))
+            for t, lp, i, v in zip(tokens, chosen, ids.tolist(), values.tolist(), strict=True)]
 
 
 def _sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> int:

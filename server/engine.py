@@ -31,6 +31,7 @@ from server.batch import (
     make_generator,
     next_tokens,
     prefill_groups,
+    token_logprobs,
 )
 from server.config import ServerConfig
 from server.inventory import ServingInventory
@@ -38,7 +39,7 @@ from server.kv_cache import RowKVCache, kv_dtype
 from server.lean import lean_decoder_for
 from server.lora_ops import SlotPlan
 from server.model import PANEL_DTYPES, column_major_weights, panel_linears, wrap_model
-from server.outputs import EngineStats, RequestHandle, Result, TokenEvent
+from server.outputs import EngineStats, RequestHandle, Result, TokenEvent, TokenLogprobs
 from server.scheduler import Scheduler, Start
 from server.slots import AdapterCache
 from server.tasks import BASE, ZERO_SHOT, TaskRegistry, UnknownTask
@@ -179,8 +180,10 @@ class Engine:
             new = self._admit() if self._staged is None else []
             if len(new) == 1 and new[0].request.prompt_len > self.config.max_prefill_tokens:
                 self._staged, self._staged_len, new = new[0], 0, []  # the scheduler starts such a prompt alone
-            for group in prefill_groups([s.request.prompt_len for s in new]):
-                self._prefill([new[i] for i in group])
+            scoring = [s for s in new if s.request.params.prompt_logprobs is not None]  # all positions' logits
+            for part in (scoring, [s for s in new if s.request.params.prompt_logprobs is None]):
+                for group in prefill_groups([s.request.prompt_len for s in part]):
+                    self._prefill([part[i] for i in group])
             staged = self._staged is not None
             if staged:
                 self._prefill_chunk()
@@ -212,20 +215,24 @@ class Engine:
         return new
 
     def _prefill(self, seqs: list[Sequence]) -> None:
-        """Run new prompts together (right-padded), giving each its first token."""
+        """Run new prompts together (right-padded), giving each its first token; scoring its prompt too when
+        asked (the group then keeps every position's logits: the engine groups such requests apart)."""
         lengths = [s.request.prompt_len for s in seqs]
         width = max(lengths)
         ids = torch.tensor([s.request.prompt + [0] * (width - n) for s, n in zip(seqs, lengths, strict=True)],
                            device=self.device)                                      # [m, L]
         mask, positions = self.kv.begin_prefill(self.kv.add_rows(len(seqs)), lengths)
-        keep = sorted(set(n - 1 for n in lengths))                                 # last prompt positions
+        scoring = seqs[0].request.params.prompt_logprobs is not None
+        keep = list(range(width)) if scoring else sorted(set(n - 1 for n in lengths))  # last prompt positions
         plan = SlotPlan.of([s.slot for s in seqs], self.device)
-        logits = self._forward(ids, mask, positions, plan, torch.tensor(keep, device=self.device))  # [m, |keep|, V]
+        logits = self._forward(ids, mask, positions, plan, width if scoring else torch.tensor(keep, device=self.device))
+        if scoring:                                                                 # [m, L, V], else [m, |keep|, V]
+            for seq, row_logits, n in zip(seqs, logits, lengths, strict=True):
+                seq.score_prompt(row_logits[:n], 0)
         rows = torch.arange(len(seqs), device=self.device)
         cols = torch.tensor([keep.index(n - 1) for n in lengths], device=self.device)
-        last = logits[rows, cols]                                                   # [m, V]
         self.batch.extend(seqs)
-        self._record(range(len(self.batch) - len(seqs), len(self.batch)), next_tokens(last, seqs))
+        self._record(range(len(self.batch) - len(seqs), len(self.batch)), logits[rows, cols])
 
     def _prefill_chunk(self) -> None:
         """Prefill the staged prompt's next `max_prefill_tokens` positions; once it is whole, it joins the
@@ -235,20 +242,24 @@ class Engine:
         end = min(len(prompt), start + self.config.max_prefill_tokens)
         mask, positions = self.kv.begin_chunk(start, end - start)
         ids = torch.tensor([prompt[start:end]], device=self.device)                   # [1, L]
-        logits = self._forward(ids, mask, positions, SlotPlan.of([seq.slot], self.device), 1)  # [1, 1, V]
+        scoring = seq.request.params.prompt_logprobs is not None
+        keep = end - start if scoring else 1
+        logits = self._forward(ids, mask, positions, SlotPlan.of([seq.slot], self.device), keep)  # [1, keep, V]
+        if scoring:
+            seq.score_prompt(logits[0], start)
         self._staged_len = end
         if end < len(prompt):
             return
         self._staged = None
         self.kv.adopt_staged(len(prompt))
         self.batch.extend([seq])
-        self._record(range(len(self.batch) - 1, len(self.batch)), next_tokens(logits[:, -1], [seq]))
+        self._record(range(len(self.batch) - 1, len(self.batch)), logits[:, -1])
 
     def _decode(self) -> None:
         mask, positions = self.kv.begin_decode()
         logits = self._forward(self.batch.last_tokens(), mask, positions, self.batch.plan(), 1)  # [n, 1, V]
         self.kv.end_decode()
-        self._record(range(len(self.batch)), next_tokens(logits[:, -1], self.batch.seqs))
+        self._record(range(len(self.batch)), logits[:, -1])
 
     def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, plan: SlotPlan,
                  keep: int | Tensor) -> Tensor:
@@ -261,14 +272,22 @@ class Engine:
         finally:
             self.context.plan = None
 
-    def _record(self, rows: range, tokens: list[int]) -> None:
-        """Append each row's token, stream it, and retire the rows that finished."""
+    def _record(self, rows: range, logits: Tensor) -> None:
+        """Choose each row's next token from its logits [n, V], append and stream it (with its log-probabilities
+        when asked), and retire the rows that finished. A request for no tokens (a scored prompt) ends here."""
+        seqs = self.batch.seqs[rows.start:rows.stop]
+        tokens = next_tokens(logits, seqs)
+        logprobs = _chosen_logprobs(logits, tokens, seqs)
         decode = self._decode_text if self.tokenizer is not None else None
         finished = {}
-        for row, token in zip(rows, tokens, strict=True):
-            seq = self.batch.seqs[row]
+        for row, seq, token, logprob in zip(rows, seqs, tokens, logprobs, strict=True):
+            if seq.request.params.max_new_tokens == 0:
+                seq.finish_reason, finished[row] = "length", None
+                continue
+            if logprob is not None:
+                seq.logprobs.append(logprob)
             event = TokenEvent(seq.request.request_id, token, seq.append(token, self.eos_ids, decode),
-                               seq.finish_reason)
+                               seq.finish_reason, logprob)
             if seq.finish_reason is None:
                 self._handles[seq.request.request_id].emit(event)
             else:
@@ -292,8 +311,11 @@ class Engine:
             self.cache.release(seq.slot)
         request, arrived = seq.request, seq.request.arrived
         first = None if seq.first_token_at is None else seq.first_token_at - arrived
+        params = request.params
         self._finish(Result(request.request_id, seq.adapter, list(seq.tokens), seq.text, seq.finish_reason,
-                            request.prompt_len, queue_seconds=seq.started - arrived, first_token_seconds=first),
+                            request.prompt_len, queue_seconds=seq.started - arrived, first_token_seconds=first,
+                            logprobs=None if params.logprobs is None else list(seq.logprobs),
+                            prompt_logprobs=None if params.prompt_logprobs is None else list(seq.prompt_logprobs)),
                      last)
 
     def _finish(self, result: Result, last: TokenEvent | None = None) -> None:
@@ -362,6 +384,19 @@ class Engine:
                 await asyncio.to_thread(self.step)
         finally:
             self._wake = lambda: None
+
+
+def _chosen_logprobs(logits: Tensor, tokens: list[int], seqs: list[Sequence]) -> list[TokenLogprobs | None]:
+    """The log-probabilities of the chosen tokens (with each row's likeliest alternatives) for the rows that asked;
+    None for the others. logits [n, V]."""
+    asked = [i for i, seq in enumerate(seqs) if seq.request.params.logprobs is not None]
+    out: list[TokenLogprobs | None] = [None] * len(seqs)
+    if asked:
+        top = max(seqs[i].request.params.logprobs for i in asked)
+        index = torch.tensor(asked, device=logits.device)
+        for i, logprob in zip(asked, token_logprobs(logits[index], [tokens[i] for i in asked], top), strict=True):
+            out[i] = dataclasses.replace(logprob, top=logprob.top[:seqs[i].request.params.logprobs])
+    return out
 
 
 def _kv_cache_for(model: nn.Module, config: ServerConfig, device: torch.device, dtype: torch.dtype) -> RowKVCache:

@@ -16,13 +16,24 @@ from server.slots import CacheStats
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """A token's log-probability under the model at its position (the log-softmax of the logits, before
+    temperature and top-p), and the `top` most likely tokens there as (token, log-probability), likeliest first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """One generated token; `finish_reason` is set on the request's last event."""
 
     request_id: str
-    token: int | None          # None only on a last event that carries no token (cancelled, error)
+    token: int | None          # None only on a last event that carries no token (cancelled, error, no tokens asked)
     text: str                  # text this token adds (empty without a tokenizer, or held back)
     finish_reason: str | None = None
+    logprobs: TokenLogprobs | None = None   # when the request asked for them (`SamplingParams.logprobs`)
 
 
 @dataclass
@@ -38,6 +49,8 @@ class Result:
     error: str | None = None
     queue_seconds: float | None = None        # arrival -> joining the running batch (None: never ran)
     first_token_seconds: float | None = None  # arrival -> first generated token
+    logprobs: list[TokenLogprobs] | None = None  # one per token, when asked (`SamplingParams.logprobs`)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # one per prompt token (the first: None), when asked
 
 
 @dataclass(frozen=True)

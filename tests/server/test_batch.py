@@ -20,8 +20,9 @@ def seq(params=None, slot=1):
 
 
 def test_params_are_validated_all_at_once():
-    with pytest.raises(InvalidRequest, match="max_new_tokens.*temperature.*top_p"):
-        SamplingParams(max_new_tokens=0, temperature=-1, top_p=0)
+    with pytest.raises(InvalidRequest, match="max_new_tokens.*temperature.*top_p.*logprobs.*prompt_logprobs"):
+        SamplingParams(max_new_tokens=-1, temperature=-1, top_p=0, logprobs=21, prompt_logprobs=-1)
+    SamplingParams(max_new_tokens=0, logprobs=0, prompt_logprobs=20)  # a prompt scored, nothing generated
 
 
 def test_finish_reasons():

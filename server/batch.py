@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from server.lora_ops import SlotPlan
-from server.outputs import TokenLogprobs
+from server.outputs import Result, TokenLogprobs
 from server.tasks import Mixture
 
 MAX_LOGPROBS = 20  # most likely alternatives a request may ask for at each position
@@ -130,6 +130,17 @@ class Sequence:
             elif len(self.tokens) >= params.max_new_tokens:
                 self.finish_reason = "length"
         return delta
+
+    def result(self, finish_reason: str | None = None, error: str | None = None, started: bool = True) -> Result:
+        """The request's result: what it generated, why it ended (`finish_reason`, else the sequence's own, else
+        "error"), its latencies (queue time only if it `started` running) and the log-probabilities it asked for."""
+        request, params = self.request, self.request.params
+        first = None if self.first_token_at is None else self.first_token_at - request.arrived
+        return Result(request.request_id, self.adapter, list(self.tokens), self.text,
+                      finish_reason or self.finish_reason or "error", request.prompt_len, error=error,
+                      queue_seconds=self.started - request.arrived if started else None, first_token_seconds=first,
+                      logprobs=None if params.logprobs is None else list(self.logprobs),
+                      prompt_logprobs=None if params.prompt_logprobs is None else list(self.prompt_logprobs))
 
     def score_prompt(self, logits: Tensor, start: int) -> None:
         """Record the log-probabilities of the prompt tokens that `logits` [L, vocab], at prompt positions start,

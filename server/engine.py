@@ -309,14 +309,7 @@ class Engine:
         """Free a finished or cancelled sequence's slot reference and hand out its result."""
         if seq.slot:
             self.cache.release(seq.slot)
-        request, arrived = seq.request, seq.request.arrived
-        first = None if seq.first_token_at is None else seq.first_token_at - arrived
-        params = request.params
-        self._finish(Result(request.request_id, seq.adapter, list(seq.tokens), seq.text, seq.finish_reason,
-                            request.prompt_len, queue_seconds=seq.started - arrived, first_token_seconds=first,
-                            logprobs=None if params.logprobs is None else list(seq.logprobs),
-                            prompt_logprobs=None if params.prompt_logprobs is None else list(seq.prompt_logprobs)),
-                     last)
+        self._finish(seq.result(), last)
 
     def _finish(self, result: Result, last: TokenEvent | None = None) -> None:
         """Hand out the result with the last event (a token-less one when the request ends without a token)."""

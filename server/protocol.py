@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from server.batch import MAX_LOGPROBS
+
 MAX_STOP = 4
 MAX_BATCH_INPUTS = 64
 
@@ -95,7 +97,6 @@ def _unsupported(value: Any, default: Any, name: str, why: str) -> None:
 
 class OpenAISampling(Sampling):
     n: int | None = 1
-    logprobs: Any = None
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
     logit_bias: dict[str, float] | None = None
@@ -106,7 +107,6 @@ class OpenAISampling(Sampling):
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> OpenAISampling:
         _unsupported(self.n, 1, "n", "one choice per request; send several requests instead")
-        _unsupported(self.logprobs, False, "logprobs", "log-probabilities are not returned")
         _unsupported(self.presence_penalty, 0.0, "presence_penalty", "penalties are not implemented")
         _unsupported(self.frequency_penalty, 0.0, "frequency_penalty", "penalties are not implemented")
         _unsupported(self.logit_bias, {}, "logit_bias", "logit biases are not implemented")
@@ -122,16 +122,22 @@ class StreamOptions(Strict):
 # ----- /v1/completions --------------------------------------------------------------------------------
 
 class CompletionRequest(OpenAISampling):
+    """logprobs: each token's log-probability and this many likeliest alternatives; echo: the prompt comes
+    back before the completion (with its tokens' log-probabilities when `logprobs` is set; max_tokens 0 scores
+    a prompt without generating)."""
+
     model: str = Field(min_length=1, max_length=256)
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> CompletionRequest:
-        _unsupported(self.echo, False, "echo", "the prompt is not echoed back")
+        if self.echo and self.stream:
+            raise ValueError("'echo' is not supported with 'stream': ask for the echoed prompt without streaming")
         _unsupported(self.best_of, 1, "best_of", "one candidate per request")
         _unsupported(self.suffix, None, "suffix", "insertion is not implemented")
         prompts = self.prompt if isinstance(self.prompt, list) else [self.prompt]
@@ -142,11 +148,21 @@ class CompletionRequest(OpenAISampling):
         return self
 
 
+class CompletionLogprobs(BaseModel):
+    """Per token of `text`: its text, log-probability (None for a prompt's first token), likeliest
+    alternatives (token text -> log-probability) and character offset in `text`."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Usage(BaseModel):
@@ -190,14 +206,16 @@ class ChatCompletionRequest(OpenAISampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    top_logprobs: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
-        _unsupported(self.top_logprobs, None, "top_logprobs", "log-probabilities are not returned")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("'top_logprobs' needs 'logprobs': true")
         _unsupported(self.tools, [], "tools", "tool calling is not implemented")
         _unsupported(self.tool_choice, "none", "tool_choice", "tool calling is not implemented")
         if self.response_format not in (None, {"type": "text"}):
@@ -216,11 +234,25 @@ class ChatResponseMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]   # the token's text as UTF-8
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatResponseMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -242,7 +274,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -8,6 +8,7 @@ refusals to API errors with a status code. Knows nothing of routes: `server.api`
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import uuid
@@ -22,7 +23,8 @@ from mhr.functional import routing_weights
 from server.batch import InvalidRequest, Request, SamplingParams
 from server.engine import Engine
 from server.metrics import ServerMetrics
-from server.outputs import RequestHandle, Result
+from server.openai_logprobs import chat_logprobs, completion_logprobs
+from server.outputs import RequestHandle, Result, TokenEvent
 from server.protocol import (
     AdapterInfo,
     ChatChoice,
@@ -78,6 +80,7 @@ class Serving:
         if engine.tokenizer is None:
             raise ValueError("serving text needs the engine's tokenizer")
         self.engine, self.tokenizer, self.metrics = engine, engine.tokenizer, metrics
+        self.token_text = functools.lru_cache(maxsize=2**16)(lambda token: self.tokenizer.decode([token]))
 
     # ----- requests -> engine -----------------------------------------------------------------------
 
@@ -132,7 +135,7 @@ class Serving:
         return Mixture.of(mixed)
 
     def prepare(self, task: str, prompts: list[list[int]], sampling: Sampling, max_tokens: int | None,
-                param: str) -> Prepared:
+                param: str, logprobs: int | None = None, prompt_logprobs: int | None = None) -> Prepared:
         """Engine requests for `prompts`, checked against the context limit."""
         mixture = self.mixture(sampling.mhr) if sampling.mhr is not None else None
         adapter = mixture.name if mixture is not None else self.adapter_for(task)
@@ -140,7 +143,7 @@ class Serving:
         requests = []
         for ids in prompts:
             budget = limit - len(ids)
-            if budget < 1:
+            if budget < (1 if max_tokens is None else 0):
                 raise APIError(400, f"the prompt has {len(ids)} tokens; the context limit is {limit}: "
                                     "shorten the prompt", param=param, code="context_length_exceeded")
             wanted = budget if max_tokens is None else max_tokens
@@ -150,7 +153,8 @@ class Serving:
                                     "or shorten the prompt", param="max_tokens", code="context_length_exceeded")
             try:
                 params = SamplingParams(max_new_tokens=wanted, temperature=sampling.temperature,
-                                        top_p=sampling.top_p, seed=sampling.seed, stop=tuple(sampling.stop))
+                                        top_p=sampling.top_p, seed=sampling.seed, stop=tuple(sampling.stop),
+                                        logprobs=logprobs, prompt_logprobs=prompt_logprobs)
             except InvalidRequest as e:
                 raise APIError(400, str(e)) from None
             requests.append(Request(ids, task, params, mixture=mixture))
@@ -201,10 +205,11 @@ class Serving:
         return results
 
     async def stream(self, prepared: Prepared, handles: list[RequestHandle],
-                     render: Callable[[int, str, str | None], str],
+                     render: Callable[[int, TokenEvent, str | None], str],
                      usage: Callable[[Usage], str] | None) -> AsyncIterator[str]:
-        """SSE lines for submitted requests: `render(index, text, finish_reason)` per event, then usage, then
-        [DONE]. The requests are cancelled in the engine when the consumer stops iterating (client gone).
+        """SSE lines for submitted requests: `render(index, event, finish_reason)` per event that brings text,
+        log-probabilities or the end, then usage, then [DONE]. The requests are cancelled in the engine when
+        the consumer stops iterating (client gone).
         """
         started = time.monotonic()
         queue: asyncio.Queue = asyncio.Queue()
@@ -229,8 +234,8 @@ class Serving:
                                                          "param": None, "code": error.code}}))
                         return
                     reason = FINISH_REASONS.get(event.finish_reason, event.finish_reason)
-                if event.text or reason is not None:
-                    yield _sse(render(index, event.text, reason))
+                if event.text or event.logprobs is not None or reason is not None:
+                    yield _sse(render(index, event, reason))
             if usage is not None:
                 results = [await h.wait() for h in handles]
                 yield _sse(usage(_usage(results)))
@@ -243,29 +248,43 @@ class Serving:
     # ----- protocol -> response ---------------------------------------------------------------------
 
     def completion_inputs(self, request: CompletionRequest) -> Prepared:
-        prompt = request.prompt
-        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
-            prompts = [self.tokenize(prompt)]
-        else:
-            prompts = [self.tokenize(p) for p in prompt]
-        return self.prepare(request.model, prompts, request, request.max_tokens, "prompt")
+        scored = request.logprobs if request.echo else None
+        return self.prepare(request.model, [self.tokenize(p) for p in _prompts(request)], request, request.max_tokens,
+                            "prompt", request.logprobs, scored)
 
     async def completion(self, request: CompletionRequest, disconnected: Disconnected) -> CompletionResponse:
         prepared = self.completion_inputs(request)
         results = await self.results(prepared, disconnected)
-        return CompletionResponse(
-            model=request.model, mhr=AdapterInfo(adapter=_served_by(results, prepared)), usage=_usage(results),
-            choices=[CompletionChoice(index=i, text=r.text, finish_reason=FINISH_REASONS.get(r.finish_reason))
-                     for i, r in enumerate(results)])
+        pairs = zip(_prompts(request), prepared.requests, results, strict=True)
+        choices = [self._completion_choice(request, i, prompt, engine_request.prompt, result)
+                   for i, (prompt, engine_request, result) in enumerate(pairs)]
+        return CompletionResponse(model=request.model, mhr=AdapterInfo(adapter=_served_by(results, prepared)),
+                                  usage=_usage(results), choices=choices)
+
+    def _completion_choice(self, request: CompletionRequest, index: int, prompt: str | list[int], ids: list[int],
+                           result: Result) -> CompletionChoice:
+        """The completion, after its prompt (as given, or decoded from ids) when echoed, with the log-probabilities
+        asked for: the generated tokens', and with echo the prompt's first."""
+        text, tokens, logprobs = result.text, list(result.tokens), list(result.logprobs or [])
+        if request.echo:
+            text = (prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)) + text
+            tokens, logprobs = ids + tokens, list(result.prompt_logprobs or []) + logprobs
+        return CompletionChoice(index=index, text=text, finish_reason=FINISH_REASONS.get(result.finish_reason),
+                                logprobs=None if request.logprobs is None else
+                                completion_logprobs(tokens, logprobs, self.token_text))
 
     def completion_stream(self, request: CompletionRequest, prepared: Prepared,
                           handles: list[RequestHandle]) -> AsyncIterator[str]:
         head = CompletionResponse(model=request.model, mhr=AdapterInfo(adapter=prepared.adapter), choices=[])
+        offsets = [0] * len(handles)  # characters of each choice's tokens so far
 
-        def render(index: int, text: str, reason: str | None) -> str:
-            chunk = head.model_copy(update={"choices": [CompletionChoice(index=index, text=text,
-                                                                         finish_reason=reason)]})
-            return chunk.model_dump_json(exclude_none=False)
+        def render(index: int, event: TokenEvent, reason: str | None) -> str:
+            logprobs = None
+            if event.logprobs is not None:
+                logprobs = completion_logprobs([event.token], [event.logprobs], self.token_text, offsets[index])
+                offsets[index] += len(logprobs.tokens[0])
+            choice = CompletionChoice(index=index, text=event.text, finish_reason=reason, logprobs=logprobs)
+            return head.model_copy(update={"choices": [choice]}).model_dump_json(exclude_none=False)
 
         def usage(u: Usage) -> str:
             return head.model_copy(update={"usage": u}).model_dump_json()
@@ -274,15 +293,18 @@ class Serving:
         return self.stream(prepared, handles, render, usage if include_usage else None)
 
     def chat_inputs(self, request: ChatCompletionRequest) -> Prepared:
-        return self.prepare(request.model, [self.chat_prompt(request)], request, request.token_limit, "messages")
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        return self.prepare(request.model, [self.chat_prompt(request)], request, request.token_limit, "messages",
+                            logprobs)
 
     async def chat(self, request: ChatCompletionRequest, disconnected: Disconnected) -> ChatCompletionResponse:
         prepared = self.chat_inputs(request)
         (result,) = await self.results(prepared, disconnected)
+        logprobs = chat_logprobs(result.logprobs, self.token_text) if result.logprobs is not None else None
         return ChatCompletionResponse(
             model=request.model, mhr=AdapterInfo(adapter=_served_by([result], prepared)), usage=_usage([result]),
             choices=[ChatChoice(index=0, message=ChatResponseMessage(content=result.text),
-                                finish_reason=FINISH_REASONS.get(result.finish_reason))])
+                                finish_reason=FINISH_REASONS.get(result.finish_reason), logprobs=logprobs)])
 
     def chat_stream(self, request: ChatCompletionRequest, prepared: Prepared,
                     handles: list[RequestHandle]) -> AsyncIterator[str]:
@@ -290,10 +312,11 @@ class Serving:
                                    model=request.model, choices=[], mhr=AdapterInfo(adapter=prepared.adapter))
         first = [True]
 
-        def render(index: int, text: str, reason: str | None) -> str:
-            delta = ChatDelta(role="assistant" if first[0] else None, content=text or None)
+        def render(index: int, event: TokenEvent, reason: str | None) -> str:
+            delta = ChatDelta(role="assistant" if first[0] else None, content=event.text or None)
             first[0] = False
-            choice = ChatChunkChoice(index=index, delta=delta, finish_reason=reason)
+            logprobs = None if event.logprobs is None else chat_logprobs([event.logprobs], self.token_text)
+            choice = ChatChunkChoice(index=index, delta=delta, finish_reason=reason, logprobs=logprobs)
             return head.model_copy(update={"choices": [choice]}).model_dump_json()
 
         def usage(u: Usage) -> str:
@@ -307,8 +330,8 @@ class Serving:
         return self.prepare(task, [self.tokenize(i) for i in inputs], request, request.max_new_tokens, "inputs")
 
     def generate_stream(self, prepared: Prepared, handles: list[RequestHandle]) -> AsyncIterator[str]:
-        def render(index: int, text: str, reason: str | None) -> str:
-            return json.dumps({"text": text, "finish_reason": reason, "adapter": prepared.adapter})
+        def render(index: int, event: TokenEvent, reason: str | None) -> str:
+            return json.dumps({"text": event.text, "finish_reason": reason, "adapter": prepared.adapter})
 
         return self.stream(prepared, handles, render, None)
 
@@ -318,6 +341,12 @@ class Serving:
         return GenerateResponse(task=task, adapter=_served_by(results, prepared), outputs=[
             GeneratedText(text=r.text, finish_reason=FINISH_REASONS.get(r.finish_reason, r.finish_reason),
                           prompt_tokens=r.prompt_tokens, completion_tokens=len(r.tokens)) for r in results])
+
+
+def _prompts(request: CompletionRequest) -> list[str | list[int]]:
+    """A completion request's prompts: one text or token list, or a list of them."""
+    prompt = request.prompt
+    return [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else list(prompt)
 
 
 def _unavailable(result: Result) -> APIError:

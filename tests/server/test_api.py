@@ -27,17 +27,6 @@ def expected_text(engine, tokenizer, task, prompt=PROMPT, max_tokens=MAX_TOKENS)
     return result.text, result.adapter
 
 
-@pytest.fixture
-def server(make_engine):
-    with serve_app(create_app(make_engine())) as url:
-        yield url
-
-
-@pytest.fixture
-def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
-
-
 def test_completions_match_the_engine_for_every_kind_of_task(server, client, make_engine, tiny_tokenizer):
     reference = make_engine()
     texts = {}

@@ -4,14 +4,11 @@ same request (the engine is checked against PEFT in test_logprobs.py); this chec
 
 from __future__ import annotations
 
-import openai
 import pytest
 
-from server.api import create_app
 from server.batch import Request, SamplingParams
 from tests.server import http
 from tests.server.conftest import DENSE, ROUTED
-from tests.server.http import serve_app
 
 PROMPT = "The quiet river copies the stone"
 
@@ -19,17 +16,6 @@ PROMPT = "The quiet river copies the stone"
 @pytest.fixture
 def reference(make_engine):
     return make_engine()
-
-
-@pytest.fixture
-def server(make_engine):
-    with serve_app(create_app(make_engine())) as url:
-        yield url
-
-
-@pytest.fixture
-def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
 
 
 def engine_result(engine, ids, task, **params):

@@ -6,17 +6,14 @@ ordinary LoRA, which an engine serves as a dense task.
 
 from __future__ import annotations
 
-import openai
 import pytest
 import torch
 
 import mhr
-from server.api import create_app
 from server.batch import Request, SamplingParams
 from server.tasks import Mixture
 from tests.server import http
 from tests.server.conftest import DENSE, ROUTED
-from tests.server.http import serve_app
 
 GREEDY = SamplingParams(max_new_tokens=8, ignore_eos=True)
 PROMPT = "The quiet river copies the stone"
@@ -70,14 +67,7 @@ def test_equal_mixtures_share_a_name_and_a_slot(make_engine):
     assert engine.stats().cache.misses == misses, "the same mixture is served from its slot"
 
 
-@pytest.fixture
-def server(make_engine):
-    with serve_app(create_app(make_engine())) as url:
-        yield url
-
-
-def test_mixing_over_http_with_the_openai_client(server, make_engine, tiny_tokenizer):
-    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+def test_mixing_over_http_with_the_openai_client(server, client, make_engine, tiny_tokenizer):
     out = client.completions.create(model=ROUTED[0], prompt=PROMPT, max_tokens=8, temperature=0,
                                     extra_body={"mhr": {"mix": {ROUTED[0]: 0.7, ROUTED[1]: 0.3}}})
     bundle = make_engine().tasks.bundle

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from server.batch import MAX_LOGPROBS
 
 MAX_STOP = 4
-MAX_BATCH_INPUTS = 64
+MAX_BATCH_INPUTS = 64  # engine requests one HTTP request may make: prompts x choices
 
 
 class Strict(BaseModel):
@@ -96,7 +96,7 @@ def _unsupported(value: Any, default: Any, name: str, why: str) -> None:
 
 
 class OpenAISampling(Sampling):
-    n: int | None = 1
+    n: int | None = Field(1, ge=1, le=MAX_BATCH_INPUTS)   # choices per prompt, each its own engine request
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
     logit_bias: dict[str, float] | None = None
@@ -106,7 +106,6 @@ class OpenAISampling(Sampling):
 
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> OpenAISampling:
-        _unsupported(self.n, 1, "n", "one choice per request; send several requests instead")
         _unsupported(self.presence_penalty, 0.0, "presence_penalty", "penalties are not implemented")
         _unsupported(self.frequency_penalty, 0.0, "frequency_penalty", "penalties are not implemented")
         _unsupported(self.logit_bias, {}, "logit_bias", "logit biases are not implemented")
@@ -140,9 +139,10 @@ class CompletionRequest(OpenAISampling):
             raise ValueError("'echo' is not supported with 'stream': ask for the echoed prompt without streaming")
         _unsupported(self.best_of, 1, "best_of", "one candidate per request")
         _unsupported(self.suffix, None, "suffix", "insertion is not implemented")
-        prompts = self.prompt if isinstance(self.prompt, list) else [self.prompt]
-        if not prompts or len(prompts) > MAX_BATCH_INPUTS:
-            raise ValueError(f"'prompt' needs 1 to {MAX_BATCH_INPUTS} prompts")
+        one = isinstance(self.prompt, str) or bool(self.prompt) and isinstance(self.prompt[0], int)
+        prompts = [self.prompt] if one else self.prompt
+        if not prompts or len(prompts) * (self.n or 1) > MAX_BATCH_INPUTS:
+            raise ValueError(f"'prompt' needs 1 to {MAX_BATCH_INPUTS} prompts, times 'n' (choices per prompt)")
         if any(p == "" or p == [] for p in prompts):
             raise ValueError("'prompt' must not be empty")
         return self

@@ -68,9 +68,10 @@ Disconnected = Callable[[], Awaitable[bool]]
 class Prepared:
     """Engine requests ready to submit, with the adapter that will serve them."""
 
-    requests: list[Request]
+    requests: list[Request]   # n a prompt, prompt after prompt
     adapter: str
     label: str  # the adapter's metrics label: mixtures share one, so clients cannot mint new series
+    n: int = 1  # choices per prompt
 
 
 class Serving:
@@ -135,8 +136,9 @@ class Serving:
         return Mixture.of(mixed)
 
     def prepare(self, task: str, prompts: list[list[int]], sampling: Sampling, max_tokens: int | None,
-                param: str, logprobs: int | None = None, prompt_logprobs: int | None = None) -> Prepared:
-        """Engine requests for `prompts`, checked against the context limit."""
+                param: str, logprobs: int | None = None, prompt_logprobs: int | None = None, n: int = 1) -> Prepared:
+        """Engine requests for `prompts`, `n` each (a seed gives choice j seed + j), checked against the context
+        limit."""
         mixture = self.mixture(sampling.mhr) if sampling.mhr is not None else None
         adapter = mixture.name if mixture is not None else self.adapter_for(task)
         limit = self.engine.config.max_seq_len
@@ -151,14 +153,16 @@ class Serving:
                 raise APIError(400, f"the prompt has {len(ids)} tokens and max_tokens is {wanted}; together "
                                     f"they exceed the context limit of {limit}: lower max_tokens to {budget} "
                                     "or shorten the prompt", param="max_tokens", code="context_length_exceeded")
-            try:
-                params = SamplingParams(max_new_tokens=wanted, temperature=sampling.temperature,
-                                        top_p=sampling.top_p, seed=sampling.seed, stop=tuple(sampling.stop),
-                                        logprobs=logprobs, prompt_logprobs=prompt_logprobs)
-            except InvalidRequest as e:
-                raise APIError(400, str(e)) from None
-            requests.append(Request(ids, task, params, mixture=mixture))
-        return Prepared(requests, adapter, "mix" if mixture is not None else adapter)
+            for choice in range(n):
+                try:
+                    params = SamplingParams(max_new_tokens=wanted, temperature=sampling.temperature,
+                                            top_p=sampling.top_p, stop=tuple(sampling.stop),
+                                            seed=None if sampling.seed is None else sampling.seed + choice,
+                                            logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                except InvalidRequest as e:
+                    raise APIError(400, str(e)) from None
+                requests.append(Request(ids, task, params, mixture=mixture))
+        return Prepared(requests, adapter, "mix" if mixture is not None else adapter, n)
 
     def submit(self, prepared: Prepared) -> list[RequestHandle]:
         handles: list[RequestHandle] = []
@@ -238,7 +242,7 @@ class Serving:
                     yield _sse(render(index, event, reason))
             if usage is not None:
                 results = [await h.wait() for h in handles]
-                yield _sse(usage(_usage(results)))
+                yield _sse(usage(_usage(results, prepared.n)))
             yield "data: [DONE]\n\n"
         finally:
             for p in pumps:
@@ -250,16 +254,17 @@ class Serving:
     def completion_inputs(self, request: CompletionRequest) -> Prepared:
         scored = request.logprobs if request.echo else None
         return self.prepare(request.model, [self.tokenize(p) for p in _prompts(request)], request, request.max_tokens,
-                            "prompt", request.logprobs, scored)
+                            "prompt", request.logprobs, scored, request.n or 1)
 
     async def completion(self, request: CompletionRequest, disconnected: Disconnected) -> CompletionResponse:
         prepared = self.completion_inputs(request)
         results = await self.results(prepared, disconnected)
-        pairs = zip(_prompts(request), prepared.requests, results, strict=True)
+        prompts = [prompt for prompt in _prompts(request) for _ in range(prepared.n)]
+        pairs = zip(prompts, prepared.requests, results, strict=True)
         choices = [self._completion_choice(request, i, prompt, engine_request.prompt, result)
                    for i, (prompt, engine_request, result) in enumerate(pairs)]
         return CompletionResponse(model=request.model, mhr=AdapterInfo(adapter=_served_by(results, prepared)),
-                                  usage=_usage(results), choices=choices)
+                                  usage=_usage(results, prepared.n), choices=choices)
 
     def _completion_choice(self, request: CompletionRequest, index: int, prompt: str | list[int], ids: list[int],
                            result: Result) -> CompletionChoice:
@@ -295,26 +300,28 @@ class Serving:
     def chat_inputs(self, request: ChatCompletionRequest) -> Prepared:
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         return self.prepare(request.model, [self.chat_prompt(request)], request, request.token_limit, "messages",
-                            logprobs)
+                            logprobs, n=request.n or 1)
 
     async def chat(self, request: ChatCompletionRequest, disconnected: Disconnected) -> ChatCompletionResponse:
         prepared = self.chat_inputs(request)
-        (result,) = await self.results(prepared, disconnected)
-        logprobs = chat_logprobs(result.logprobs, self.token_text) if result.logprobs is not None else None
+        results = await self.results(prepared, disconnected)
         return ChatCompletionResponse(
-            model=request.model, mhr=AdapterInfo(adapter=_served_by([result], prepared)), usage=_usage([result]),
-            choices=[ChatChoice(index=0, message=ChatResponseMessage(content=result.text),
-                                finish_reason=FINISH_REASONS.get(result.finish_reason), logprobs=logprobs)])
+            model=request.model, mhr=AdapterInfo(adapter=_served_by(results, prepared)),
+            usage=_usage(results, prepared.n),
+            choices=[ChatChoice(index=i, message=ChatResponseMessage(content=r.text),
+                                finish_reason=FINISH_REASONS.get(r.finish_reason),
+                                logprobs=None if r.logprobs is None else chat_logprobs(r.logprobs, self.token_text))
+                     for i, r in enumerate(results)])
 
     def chat_stream(self, request: ChatCompletionRequest, prepared: Prepared,
                     handles: list[RequestHandle]) -> AsyncIterator[str]:
         head = ChatCompletionChunk(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
                                    model=request.model, choices=[], mhr=AdapterInfo(adapter=prepared.adapter))
-        first = [True]
+        begun: set[int] = set()  # choices whose first chunk (with the role) has gone out
 
         def render(index: int, event: TokenEvent, reason: str | None) -> str:
-            delta = ChatDelta(role="assistant" if first[0] else None, content=event.text or None)
-            first[0] = False
+            delta = ChatDelta(role=None if index in begun else "assistant", content=event.text or None)
+            begun.add(index)
             logprobs = None if event.logprobs is None else chat_logprobs([event.logprobs], self.token_text)
             choice = ChatChunkChoice(index=index, delta=delta, finish_reason=reason, logprobs=logprobs)
             return head.model_copy(update={"choices": [choice]}).model_dump_json()
@@ -361,8 +368,9 @@ def _served_by(results: list[Result], prepared: Prepared) -> str:
     return served.pop() if len(served) == 1 else prepared.adapter
 
 
-def _usage(results: list[Result]) -> Usage:
-    prompt = sum(r.prompt_tokens for r in results)
+def _usage(results: list[Result], n: int = 1) -> Usage:
+    """Token counts of a response: each prompt once (its `n` choices share it), every choice's completion."""
+    prompt = sum(r.prompt_tokens for r in results[::n])
     completion = sum(len(r.tokens) for r in results)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 

@@ -51,6 +51,30 @@ def test_a_batch_of_prompts_gets_one_choice_per_prompt_in_order(client, make_eng
                                              for p in prompts]
 
 
+def test_n_choices_per_prompt_are_seeded_one_apart_and_share_the_prompt_tokens(client, make_engine, tiny_tokenizer):
+    prompts = [PROMPT, "old house"]
+    out = client.completions.create(model=ROUTED[1], prompt=prompts, max_tokens=MAX_TOKENS, temperature=1.0,
+                                    seed=7, n=3)
+    reference = make_engine()
+    want = [reference.generate([Request(tiny_tokenizer(p).input_ids, ROUTED[1],
+                                        SamplingParams(max_new_tokens=MAX_TOKENS, temperature=1.0, seed=7 + j))])[0]
+            for p in prompts for j in range(3)]                     # choices grouped by prompt, in order
+    assert [c.index for c in out.choices] == list(range(6))
+    assert [c.text for c in out.choices] == [w.text for w in want]
+    assert len({c.text for c in out.choices[:3]}) > 1, "sampled choices with different seeds should differ"
+    assert out.usage.prompt_tokens == sum(len(tiny_tokenizer(p).input_ids) for p in prompts)   # once a prompt
+    assert out.usage.completion_tokens == sum(len(w.tokens) for w in want)
+    messages = [{"role": "user", "content": "hello there"}]
+    chat = client.chat.completions.create(model=DENSE, messages=messages, max_tokens=4, temperature=0, n=2)
+    assert [c.index for c in chat.choices] == [0, 1] and chat.choices[0].message == chat.choices[1].message
+    streamed = list(client.chat.completions.create(model=DENSE, messages=messages, max_tokens=4, temperature=0,
+                                                   n=2, stream=True))
+    for i in (0, 1):
+        mine = [c.choices[0].delta for c in streamed if c.choices[0].index == i]
+        assert mine[0].role == "assistant" and all(d.role is None for d in mine[1:])
+        assert "".join(d.content or "" for d in mine) == chat.choices[i].message.content
+
+
 def test_streaming_gives_the_same_text_and_ends_with_done(server, client):
     task = ROUTED[2]
     whole = client.completions.create(model=task, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0)
@@ -115,7 +139,8 @@ def test_zero_shot_fallback_off_answers_404(make_engine):
 
 
 @pytest.mark.parametrize("body, status, says", [
-    ({"model": ROUTED[0], "prompt": PROMPT, "n": 2}, 400, "'n' is not supported"),
+    ({"model": ROUTED[0], "prompt": [PROMPT] * 33, "n": 2}, 400, "times 'n'"),
+    ({"model": ROUTED[0], "prompt": PROMPT, "n": 0}, 400, "n"),
     ({"model": ROUTED[0], "prompt": PROMPT, "logprobs": 21}, 400, "logprobs"),
     ({"model": ROUTED[0], "prompt": PROMPT, "echo": True, "stream": True}, 400, "'echo' is not supported"),
     ({"model": ROUTED[0], "prompt": PROMPT, "max_tokens": -1}, 400, "max_tokens"),
@@ -160,7 +185,7 @@ def test_api_key_guards_inference_routes_but_not_health(make_engine):
 def test_metrics_count_requests_and_tokens_by_adapter(server, client):
     client.completions.create(model=ROUTED[0], prompt=PROMPT, max_tokens=4, temperature=0)
     client.completions.create(model="unseen-task", prompt=PROMPT, max_tokens=4, temperature=0)
-    http.post(f"{server}/v1/completions", json={"model": ROUTED[0], "prompt": PROMPT, "n": 3})
+    http.post(f"{server}/v1/completions", json={"model": ROUTED[0], "prompt": PROMPT, "best_of": 3})
     text = http.get(f"{server}/metrics").text
     samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
                for line in text.splitlines() if line and not line.startswith("#")}

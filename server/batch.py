@@ -32,6 +32,10 @@ class SamplingParams:
 
     logprobs: give each generated token's log-probability and this many likeliest alternatives (None: none).
     prompt_logprobs: the same for every prompt token after the first (scoring a text: max_new_tokens 0).
+    presence_penalty, frequency_penalty: subtracted from a token's logit once if the request has generated it,
+    and once per time it has (OpenAI's penalties, over the generated tokens as vLLM counts them).
+    logit_bias: (token, bias) pairs added to those tokens' logits at every step.
+    Penalties and biases change the choice of tokens, not the log-probabilities reported (the model's).
     """
 
     max_new_tokens: int = 16
@@ -42,6 +46,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         errors = []
@@ -57,6 +64,11 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS):
                 errors.append(f"{name} must be an integer in [0, {MAX_LOGPROBS}] or None, got {value!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                errors.append(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        if any(not isinstance(t, int) or not -100 <= b <= 100 for t, b in self.logit_bias):
+            errors.append(f"logit_bias must be (token id, bias in [-100, 100]) pairs, got {self.logit_bias!r}")
         if errors:
             raise InvalidRequest("; ".join(errors))
 
@@ -77,11 +89,16 @@ class Request:
         return len(self.prompt)
 
 
-def check_request(request: Request, max_seq_len: int, ids_in_use) -> None:
-    """Refuse a request no engine could serve: empty, longer than a sequence may be, or a reused id."""
+def check_request(request: Request, max_seq_len: int, ids_in_use, vocab_size: int) -> None:
+    """Refuse a request no engine could serve: empty, longer than a sequence may be, a token id (in the prompt
+    or a logit bias) outside the vocabulary, or a reused id."""
     n = request.prompt_len
     if n == 0:
         raise InvalidRequest("the prompt is empty")
+    tokens = [*request.prompt, *(t for t, _ in request.params.logit_bias)]
+    if not all(0 <= t < vocab_size for t in tokens):
+        raise InvalidRequest(f"token ids must be in [0, {vocab_size}) (the model's vocabulary), got "
+                             f"{[t for t in tokens if not 0 <= t < vocab_size][:5]}")
     if n + request.params.max_new_tokens > max_seq_len:
         raise InvalidRequest(f"prompt ({n} tokens) + max_new_tokens ({request.params.max_new_tokens}) "
                              f"exceeds max_seq_len {max_seq_len}")
@@ -204,15 +221,34 @@ def make_generator(params: SamplingParams, device: torch.device | str) -> torch.
 
 
 def next_tokens(logits: Tensor, seqs: list[Sequence]) -> list[int]:
-    """One token per row: greedy rows by argmax, sampled rows from their own generators.
+    """One token per row: greedy rows by argmax, sampled rows from their own generators, each after its own
+    logit biases and penalties.
 
     logits [n, vocab] (row i belongs to seqs[i]).
     """
     tokens = logits.argmax(dim=-1).tolist()
     for i, seq in enumerate(seqs):
+        params = seq.request.params
+        shaped = bool(params.logit_bias or seq.tokens and (params.presence_penalty or params.frequency_penalty))
+        row = _shaped(logits[i], seq) if shaped else logits[i]
         if seq.generator is not None:
-            tokens[i] = _sample(logits[i], seq.request.params, seq.generator)
+            tokens[i] = _sample(row, params, seq.generator)
+        elif shaped:
+            tokens[i] = int(row.argmax())
     return tokens
+
+
+def _shaped(logits: Tensor, seq: Sequence) -> Tensor:
+    """A row's logits [vocab] (as float32, a copy) with the request's logit biases added and its presence and
+    frequency penalties subtracted for the tokens it has generated."""
+    params, row = seq.request.params, logits.float().clone()
+    if params.logit_bias:
+        ids, biases = zip(*params.logit_bias, strict=True)
+        row[list(ids)] += torch.tensor(biases, device=row.device)
+    if seq.tokens and (params.presence_penalty or params.frequency_penalty):
+        counts = torch.bincount(torch.tensor(seq.tokens, device=row.device), minlength=row.numel()).float()
+        row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
+    return row
 
 
 def token_logprobs(logits: Tensor, tokens: list[int], top: int) -> list[TokenLogprobs]:

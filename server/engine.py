@@ -128,7 +128,7 @@ class Engine:
 
     def submit(self, request: Request, on_event: Callable[[TokenEvent], None] | None = None) -> RequestHandle:
         """Queue a request; returns its handle. Raises QueueFull, UnknownTask or InvalidRequest at once."""
-        check_request(request, self.config.max_seq_len, self._handles)
+        check_request(request, self.config.max_seq_len, self._handles, self.model.config.vocab_size)
         self.tasks.resolve(request.task, request.mixture)  # fail fast; resolved again at admission (tasks change)
         handle = RequestHandle(request.request_id, on_event)
         self._handles[request.request_id] = handle

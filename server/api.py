@@ -26,6 +26,8 @@ from server.protocol import (
     ErrorResponse,
     GenerateRequest,
     ModelList,
+    SlotsRequest,
+    SlotsResponse,
     TaskInfo,
     TaskList,
 )
@@ -112,8 +114,14 @@ def create_app(engine: Engine, *, api_key: str | None = None, admin_key: str | N
         result = await serving.chat(body, request.is_disconnected)
         return _json(result, result.mhr.adapter)
 
+    admin = Depends(_bearer_guard(admin_key, "admin key", required=True))
+
+    @app.put("/admin/slots", dependencies=[admin])
+    async def slots(body: SlotsRequest) -> SlotsResponse:
+        return await serving.resize_slots(body.n_slots)
+
     if deployer is not None:
-        app.include_router(deployer.router(Depends(_bearer_guard(admin_key, "admin key", required=True))))
+        app.include_router(deployer.router(admin))
     return app
 
 

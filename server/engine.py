@@ -354,6 +354,16 @@ class Engine:
                 self.cache.release(self._zero_shot_slot)
             self._zero_shot_slot = self._pin_zero_shot()
 
+    def resize_slots(self, n_slots: int) -> None:
+        """Hold `n_slots` adapter slots per layer from now on (between steps; the empty slot, the zero-shot pin
+        and at least one task: n_slots >= 3). Adapters in the slots kept stay; shrinking evicts the idle ones
+        in the slots dropped and raises SlotsBusy, changing nothing, if a running request reads one."""
+        if not isinstance(n_slots, int) or n_slots < 3:
+            raise ValueError(f"n_slots must be an integer >= 3 (the empty slot, the zero-shot slot and at least one "
+                             f"task), got {n_slots!r}")
+        with self._lock:
+            self.cache.resize(n_slots, self.slots.resize)
+
     def stats(self) -> EngineStats:
         """A snapshot of load and counters (cheap; for metrics scrapes)."""
         with self._lock:

@@ -140,6 +140,26 @@ class SlotWeights:
             for kind, group in writers.items():
                 kind.write_all(group)
 
+    def resize(self, n_slots: int) -> None:
+        """Hold `n_slots` slots per layer from now on: the slots below both sizes keep their adapters, new ones
+        are empty, and every layer reads the new storage (the old is freed). All of it is allocated before
+        anything changes, so a failed allocation leaves the slots as they were."""
+        keep = min(n_slots, self.n_slots)
+        new = []
+        for group in self.groups:
+            A = group.A.new_zeros(group.A.shape[0], n_slots, *group.A.shape[2:])
+            B = group.B.new_zeros(group.B.shape[0], n_slots, *group.B.shape[2:])
+            new.append((A, B))
+        with torch.no_grad():
+            for group, (A, B) in zip(self.groups, new, strict=True):
+                A[:, :keep], B[:, :keep] = group.A[:, :keep], group.B[:, :keep]
+                group.A, group.B = A, B
+                for i, name in enumerate(group.names):
+                    self.layers[name].lora_A, self.layers[name].lora_B = A[i], B[i]
+        self._views.clear()
+        self._zero_from = self._zero_from[:keep] + [0] * (n_slots - keep)
+        self.n_slots = n_slots
+
     def clear(self, slot: int) -> None:
         with torch.no_grad():
             for group in self.groups:

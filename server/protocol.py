@@ -19,6 +19,7 @@ from server.batch import MAX_LOGPROBS
 MAX_STOP = 4
 MAX_BATCH_INPUTS = 64  # engine requests one HTTP request may make: prompts x choices
 MAX_LOGIT_BIAS = 300   # tokens one request may bias, as OpenAI allows
+MAX_SLOTS = 4096       # adapter slots per layer an admin may ask for (each holds one adapter on the device)
 
 
 class Strict(BaseModel):
@@ -359,6 +360,19 @@ class TaskInfo(BaseModel):
 class TaskList(BaseModel):
     tasks: list[TaskInfo]
     zero_shot: str | None                      # the id serving unknown tasks, None when fallback is off
+
+
+# ----- admin: engine capacity ------------------------------------------------------------------------
+
+class SlotsRequest(Strict):
+    """PUT /admin/slots: adapter slots per layer from now on, the empty slot and the zero-shot slot included."""
+
+    n_slots: int = Field(ge=3, le=MAX_SLOTS)
+
+
+class SlotsResponse(BaseModel):
+    n_slots: int
+    slots_in_use: int
 
 
 OpenAISampling.model_rebuild()

@@ -42,9 +42,11 @@ from server.protocol import (
     GenerateResponse,
     Sampling,
     SkillMix,
+    SlotsResponse,
     Usage,
 )
 from server.scheduler import QueueFull
+from server.slots import SlotsBusy
 from server.tasks import ZERO_SHOT, Mixture, UnknownTask
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
@@ -247,6 +249,19 @@ class Serving:
             for p in pumps:
                 p.cancel()
             self._cancel([h for h in handles if not h.done])
+
+    async def resize_slots(self, n_slots: int) -> SlotsResponse:
+        """Give the engine `n_slots` adapter slots per layer (between steps), or say why not (nothing changes)."""
+        resize = getattr(self.engine, "resize_slots", None)
+        if resize is None:
+            raise APIError(400, "this engine's adapter count is fixed at start (the vLLM engine: "
+                                "the vllm_max_cpu_loras setting)", param="n_slots", code="not_supported")
+        try:
+            await asyncio.to_thread(resize, n_slots)
+        except SlotsBusy as e:
+            raise APIError(409, f"{e}; nothing changed", param="n_slots", code="slots_busy") from None
+        stats = self.engine.stats()
+        return SlotsResponse(n_slots=stats.slots, slots_in_use=stats.slots_in_use)
 
     # ----- protocol -> response ---------------------------------------------------------------------
 

@@ -17,6 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 
+class SlotsBusy(RuntimeError):
+    """Slots a resize would drop hold adapters that running requests (or the zero-shot pin) still read."""
+
+
 @dataclass
 class CacheStats:
     """Counters of the slot table; lookups = hits + misses + waits."""
@@ -38,6 +42,7 @@ class AdapterCache:
     """
 
     def __init__(self, n_slots: int, write: Callable[[list[tuple[int, Any]]], None]) -> None:
+        self.n_slots = n_slots
         self._write = write
         self._pending: list[tuple[int, Any]] = []  # loaded, not yet written: (slot, adapter)
         self._free = list(range(n_slots - 1, 0, -1))   # pop() hands out low slots first
@@ -110,6 +115,26 @@ class AdapterCache:
         else:
             self._idle.pop(slot)
             self._drop(slot)
+
+    def resize(self, n_slots: int, resize_storage: Callable[[int], None]) -> None:
+        """Use slots 1..n_slots-1 from now on: growing adds free slots; shrinking evicts the adapters idle in the
+        slots it drops. `resize_storage(n_slots)` resizes the slots themselves, after the table has checked the
+        change and before it applies it: if that fails, or a slot to drop is referenced (SlotsBusy), nothing
+        changes."""
+        dropped = range(n_slots, self.n_slots)
+        busy = [slot for slot in dropped if self._refs.get(slot)]
+        if busy:
+            raise SlotsBusy(f"slots {busy} are in use by running requests or the zero-shot adapter: retry when "
+                            f"they finish, or keep at least {max(busy) + 1} slots")
+        resize_storage(n_slots)
+        for slot in dropped:
+            if slot in self._idle:
+                del self._idle[slot]
+                self.stats.evictions += 1
+                del self._slot[self._key.pop(slot)], self._refs[slot]
+                self._unqueue(slot)
+        self._free = sorted({*(s for s in self._free if s < n_slots), *range(self.n_slots, n_slots)}, reverse=True)
+        self.n_slots = n_slots
 
     def slot_of(self, key: Hashable) -> int | None:
         return self._slot.get(key)

@@ -357,3 +357,30 @@ def test_a_corrupt_bundle_is_refused_on_reload_and_the_old_one_keeps_serving(dam
     r = http.post(f"{server}/admin/tasks/another", content=upload, headers=ADMIN)
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_adapter", r.text
     assert snapshot(bundle_dir) == damaged and "another" not in engine.tasks.task_names
+
+
+# ----- capacity -----------------------------------------------------------------------------------
+
+def test_adapter_slots_are_resized_live_and_refused_while_in_use(server, engine, bundle_dir):
+    text = served(server, ROUTED[0])
+    r = http.put(f"{server}/admin/slots", headers=ADMIN, json={"n_slots": 20})
+    assert r.status_code == 200 and r.json() == {"n_slots": 20, "slots_in_use": engine.stats().slots_in_use}
+    assert served(server, ROUTED[0]) == text and engine.stats().slots == 20
+    metrics = http.get(f"{server}/metrics").text
+    assert "mhr_adapter_slots 20.0" in metrics
+    with engine._lock:  # between steps, as the engine admits: held as running requests hold them
+        held = [engine.cache.acquire(key, lambda key=key: engine.tasks.load(key))
+                for key in (engine.tasks.resolve(t) for t in ROUTED[1:4])]
+        engine.cache.write_pending()
+    r = http.put(f"{server}/admin/slots", headers=ADMIN, json={"n_slots": 3})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "slots_busy", r.text
+    assert "nothing changed" in r.json()["error"]["message"] and engine.stats().slots == 20
+    with engine._lock:
+        for slot in held:
+            engine.cache.release(slot)
+    assert http.put(f"{server}/admin/slots", headers=ADMIN, json={"n_slots": 3}).json()["n_slots"] == 3
+    assert served(server, ROUTED[2]) == served(server, ROUTED[2]) and served(server, ROUTED[0]) == text
+    for body, status in (({"n_slots": 2}, 400), ({"n_slots": "many"}, 400), ({}, 400), ({"n_slots": 10**6}, 400)):
+        assert http.put(f"{server}/admin/slots", headers=ADMIN, json=body).status_code == status
+    assert http.put(f"{server}/admin/slots", json={"n_slots": 8}).status_code == 401
+    assert engine.stats().slots == 3

@@ -6,6 +6,7 @@ import pytest
 
 from server.batch import InvalidRequest, Request, SamplingParams
 from server.scheduler import QueueFull
+from server.slots import SlotsBusy
 from server.tasks import UnknownTask
 from tests.server.conftest import DENSE, ROUTED, random_logits, random_lora
 from tests.server.test_engine import GREEDY, prompt, run_alone
@@ -59,6 +60,35 @@ def test_cold_tasks_admitted_together_are_written_in_one_call_with_the_tokens_of
     assert [r.tokens for r in results] == [w.tokens for w in want]
     slots = {engine.cache.slot_of(engine.tasks.resolve(t)) for t in tasks}
     assert calls == [sorted(slots)] and len(slots) == len(set(tasks))  # one burst, each task once
+
+
+def test_slots_resized_while_requests_run_keep_every_output(make_engine, tiny_tokenizer):
+    tasks = [*ROUTED[:4], DENSE] * 2                 # 5 tasks, 10 requests
+    requests = task_requests(tiny_tokenizer, tasks)
+    want = [r.tokens for r in run_alone(make_engine(), requests)]
+    engine = make_engine(n_slots=4)                  # two task slots for five tasks: requests wait
+    handles = [engine.submit(r) for r in requests]
+    engine.step()
+    assert engine.cache.stats.waits > 0
+    engine.resize_slots(9)                           # grown mid-run: the waiting tasks get the new slots
+    while engine.has_work:
+        engine.step()
+    assert [h.result().tokens for h in handles] == want
+    assert engine.stats().slots == 9 and engine.slots.groups[0].A.shape[1] == 9
+    engine.resize_slots(3)                           # every task idle: the dropped slots' adapters are evicted
+    assert set(engine.cache.resident().values()) <= {1, 2}
+    assert [r.tokens for r in engine.generate(requests)] == want  # materialized again, one slot at a time
+    engine.resize_slots(5)
+    running = [engine.submit(r) for r in requests[:2]]  # two tasks: the new slots 3 and 4
+    engine.step()
+    with pytest.raises(SlotsBusy, match="slots \\[3, 4\\] are in use.*keep at least 5"):
+        engine.resize_slots(3)
+    with pytest.raises(ValueError, match="n_slots must be an integer >= 3"):
+        engine.resize_slots(2)
+    assert engine.stats().slots == 5
+    while engine.has_work:
+        engine.step()
+    assert [h.result().tokens for h in running] == want[:2]
 
 
 def test_running_requests_decode_while_a_long_prompt_is_prefilled_in_chunks(make_engine, tiny_tokenizer):

@@ -1,9 +1,9 @@
-"""The slot table: hits, misses, LRU eviction of idle slots only, waiting when all are busy, stale keys, and
-misses written together by `write_pending`."""
+"""The slot table: hits, misses, LRU eviction of idle slots only, waiting when all are busy, stale keys,
+misses written together by `write_pending`, and resizing."""
 
 import pytest
 
-from server.slots import AdapterCache
+from server.slots import AdapterCache, SlotsBusy
 
 
 class Loads:
@@ -116,3 +116,35 @@ def test_a_failed_write_forgets_its_adapters_and_frees_their_slots():
         cache.write_pending()
     assert cache.resident() == {} and cache.n_free == 2
     assert cache.stats.misses == 2 and lookups_add_up(cache)
+
+
+def test_resize_grows_and_shrinks_the_table_only_after_the_storage():
+    loads, sizes = Loads(), []
+    cache = AdapterCache(4, loads.write)
+    a, b, c = (cache.acquire(k, lambda k=k: k.upper()) for k in "abc")
+    cache.write_pending()
+    assert (a, b, c) == (1, 2, 3)
+    cache.release(c)
+    cache.resize(6, sizes.append)                         # grow: slots 4 and 5 are new and free
+    assert sizes == [6] and cache.n_free == 2 and cache.resident() == {"a": 1, "b": 2, "c": 3}
+    assert cache.acquire("d", lambda: "D") == 4           # low slots first, as before
+    cache.release(4)
+    cache.resize(3, sizes.append)                         # shrink: idle "c" (3) and "d" (4) are evicted
+    assert sizes == [6, 3] and cache.resident() == {"a": 1, "b": 2} and cache.n_free == 0
+    assert cache.stats.evictions == 2 and lookups_add_up(cache)
+    assert cache.acquire("e", lambda: "E") is None        # both slots referenced: waits, as at any size
+
+
+def test_resize_changes_nothing_when_a_dropped_slot_is_referenced_or_the_storage_fails():
+    cache = AdapterCache(4, Loads().write)
+    cache.acquire("a", lambda: "A"), cache.acquire("b", lambda: "B"), cache.acquire("c", lambda: "C")
+    cache.release(3)                                      # "c" idle: a shrink to 3 would evict it
+
+    def fail(n):
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(SlotsBusy, match=r"slots \[2\] are in use.*keep at least 3"):
+        cache.resize(2, pytest.fail)                      # the storage is never touched
+    with pytest.raises(RuntimeError, match="out of memory"):
+        cache.resize(3, fail)
+    assert cache.n_slots == 4 and cache.resident() == {"a": 1, "b": 2, "c": 3} and cache.stats.evictions == 0

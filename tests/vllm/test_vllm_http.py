@@ -1,4 +1,5 @@
-"""The HTTP API over the vLLM engine, on real loopback: completions (plain and streamed) and /metrics."""
+"""The HTTP API over the vLLM engine, on real loopback: completions (plain and streamed), /metrics, and the
+slot resize it refuses (vLLM's adapter count is fixed at start)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ PROMPT = "The quiet river copies the stone"
 def test_completions_and_metrics_over_the_vllm_engine(vllm_engine, make_torch_engine, tiny_tokenizer):
     reference = make_torch_engine()
     ids = tiny_tokenizer(PROMPT).input_ids
-    with serve_app(create_app(vllm_engine)) as url:
+    with serve_app(create_app(vllm_engine, admin_key="vllm-admin-key")) as url:
         for task in [ROUTED[0], DENSE, "a-task-nobody-trained"]:
             r = httpx.post(f"{url}/v1/completions", timeout=60,
                            json={"model": task, "prompt": PROMPT, "max_tokens": 8, "temperature": 0})
@@ -39,6 +40,9 @@ def test_completions_and_metrics_over_the_vllm_engine(vllm_engine, make_torch_en
                       if line.startswith("data: ") and line != "data: [DONE]"]
         (want,) = reference.generate([Request(ids, ROUTED[0], SamplingParams(max_new_tokens=8))])
         assert "".join(c["choices"][0]["text"] for c in chunks) == want.text
+
+        r = http.put(f"{url}/admin/slots", headers={"Authorization": "Bearer vllm-admin-key"}, json={"n_slots": 9})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "not_supported", r.text
 
         models = {m["id"] for m in http.get(f"{url}/v1/models").json()["data"]}
         assert {*ROUTED, DENSE, "zero-shot"} <= models

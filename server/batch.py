@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +17,7 @@ from torch import Tensor
 
 from server.lora_ops import SlotPlan
 from server.outputs import Result, TokenLogprobs
+from server.prefix_cache import PrefixKV
 from server.tasks import Mixture
 
 MAX_LOGPROBS = 20  # most likely alternatives a request may ask for at each position
@@ -121,6 +122,9 @@ class Sequence:
     first_token_at: float | None = None
     logprobs: list[TokenLogprobs] = field(default_factory=list)                # when asked: one per token
     prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)  # when asked: one per prompt token
+    cache_key: Hashable = None         # the adapter's key, under which its prompt prefixes are cached
+    prefix: PrefixKV | None = None     # a cached prefix of the prompt to load into its KV row, until prefilled
+    reused: int = 0                    # prompt positions that prefix covers (not prefilled)
     _prefix: int = 0                   # the text of tokens[:_read] is in `text`; decoding restarts at _prefix
     _read: int = 0
 

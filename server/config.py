@@ -39,6 +39,9 @@ class ServerConfig(BaseSettings):
         max_waiting: requests queued for admission; one more fails fast (HTTP 429).
         max_prefill_tokens: prompt tokens prefilled in one step; a longer prompt is started alone and
             prefilled that many tokens a step while the running requests keep decoding.
+        prefix_cache_mb: MiB of prompt prefixes' keys and values kept for reuse (`server.prefix_cache`): a
+            prompt that starts like an earlier one under the same adapter skips prefilling the shared whole
+            blocks of 16 tokens. 0: off (the torch engine's).
         allow_zero_shot: serve tasks the bundle lacks with the zero-shot adapter (else refuse them).
         host, port: where the HTTP server listens.
         api_key: when set, inference routes need "Authorization: Bearer <api_key>".
@@ -75,6 +78,7 @@ class ServerConfig(BaseSettings):
     max_seq_len: int = Field(512, ge=2)
     max_waiting: int = Field(256, ge=1)
     max_prefill_tokens: int = Field(2048, ge=1)
+    prefix_cache_mb: float = Field(0.0, ge=0, allow_inf_nan=False)
     allow_zero_shot: bool = True
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

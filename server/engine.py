@@ -40,6 +40,7 @@ from server.lean import lean_decoder_for
 from server.lora_ops import SlotPlan
 from server.model import PANEL_DTYPES, column_major_weights, panel_linears, wrap_model
 from server.outputs import EngineStats, RequestHandle, Result, TokenEvent, TokenLogprobs
+from server.prefix_cache import PrefixCache
 from server.scheduler import Scheduler, Start
 from server.slots import AdapterCache
 from server.tasks import BASE, ZERO_SHOT, TaskRegistry, UnknownTask
@@ -74,6 +75,7 @@ class Engine:
         self.tasks = TaskRegistry(bundle, self._inventory(bundle), config.allow_zero_shot)
         self.cache = AdapterCache(config.n_slots, self.slots.write_many)
         self.scheduler = Scheduler(config.max_waiting, config.max_running, config.max_prefill_tokens)
+        self.prefixes = PrefixCache(int(config.prefix_cache_mb * 2**20)) if config.prefix_cache_mb else None
         # Llama-family models run our own decoder forward (same weights, same math); others transformers'.
         # Set to None to force the transformers forward (the benchmark compares both).
         self.lean = lean_decoder_for(model, config.max_seq_len)
@@ -182,7 +184,7 @@ class Engine:
                 self._staged, self._staged_len, new = new[0], 0, []  # the scheduler starts such a prompt alone
             scoring = [s for s in new if s.request.params.prompt_logprobs is not None]  # all positions' logits
             for part in (scoring, [s for s in new if s.request.params.prompt_logprobs is None]):
-                for group in prefill_groups([s.request.prompt_len for s in part]):
+                for group in prefill_groups([s.request.prompt_len - s.reused for s in part]):
                     self._prefill([part[i] for i in group])
             staged = self._staged is not None
             if staged:
@@ -206,8 +208,13 @@ class Engine:
             if slot is None:
                 return Start.WAIT
             adapter = BASE if key is None else (ZERO_SHOT if key == self.tasks.zero_shot_key else key.name)
-            generator = make_generator(request.params, self.device)
-            new.append(Sequence(request, slot, adapter, generator))
+            seq = Sequence(request, slot, adapter, make_generator(request.params, self.device), cache_key=key)
+            if (self.prefixes is not None and request.params.prompt_logprobs is None  # scoring needs every position
+                    and request.prompt_len <= self.config.max_prefill_tokens):         # chunked prompts: not reused
+                found = self.prefixes.lookup(key, request.prompt)
+                if found is not None:
+                    seq.prefix, seq.reused = found
+            new.append(seq)
             return Start.STARTED
 
         self.scheduler.admit(len(self.batch), try_start)
@@ -215,24 +222,38 @@ class Engine:
         return new
 
     def _prefill(self, seqs: list[Sequence]) -> None:
-        """Run new prompts together (right-padded), giving each its first token; scoring its prompt too when
-        asked (the group then keeps every position's logits: the engine groups such requests apart)."""
-        lengths = [s.request.prompt_len for s in seqs]
-        width = max(lengths)
-        ids = torch.tensor([s.request.prompt + [0] * (width - n) for s, n in zip(seqs, lengths, strict=True)],
+        """Run new prompts together (right-padded; a prompt with a cached prefix from where it ends), giving
+        each its first token; scoring its prompt too when asked (the group then keeps every position's
+        logits: the engine groups such requests apart). Prompts' prefixes go to the prefix cache."""
+        lengths, starts = [s.request.prompt_len for s in seqs], [s.reused for s in seqs]
+        sizes = [n - start for n, start in zip(lengths, starts, strict=True)]       # positions to prefill
+        width = max(sizes)
+        ids = torch.tensor([s.request.prompt[s.reused:] + [0] * (width - m) for s, m in zip(seqs, sizes, strict=True)],
                            device=self.device)                                      # [m, L]
-        mask, positions = self.kv.begin_prefill(self.kv.add_rows(len(seqs)), lengths)
+        rows = self.kv.add_rows(len(seqs))
+        if any(starts):
+            for row, seq in zip(rows, seqs, strict=True):
+                if seq.prefix is not None:
+                    self.kv.load_prefix(row, *seq.prefix)
+                    seq.prefix = None
+            mask, positions = self.kv.begin_prefill_after(rows, lengths, starts)
+        else:
+            mask, positions = self.kv.begin_prefill(rows, lengths)
         scoring = seqs[0].request.params.prompt_logprobs is not None
-        keep = list(range(width)) if scoring else sorted(set(n - 1 for n in lengths))  # last prompt positions
+        keep = list(range(width)) if scoring else sorted(set(m - 1 for m in sizes))  # last prompt positions
         plan = SlotPlan.of([s.slot for s in seqs], self.device)
         logits = self._forward(ids, mask, positions, plan, width if scoring else torch.tensor(keep, device=self.device))
         if scoring:                                                                 # [m, L, V], else [m, |keep|, V]
             for seq, row_logits, n in zip(seqs, logits, lengths, strict=True):
                 seq.score_prompt(row_logits[:n], 0)
-        rows = torch.arange(len(seqs), device=self.device)
-        cols = torch.tensor([keep.index(n - 1) for n in lengths], device=self.device)
+        if self.prefixes is not None:
+            for row, seq in zip(rows, seqs, strict=True):
+                self.prefixes.store(seq.cache_key, seq.request.prompt,
+                                    lambda length, row=row: self.kv.read_prefix(row, length))
+        batch_rows = torch.arange(len(seqs), device=self.device)
+        cols = torch.tensor([keep.index(m - 1) for m in sizes], device=self.device)
         self.batch.extend(seqs)
-        self._record(range(len(self.batch) - len(seqs), len(self.batch)), logits[rows, cols])
+        self._record(range(len(self.batch) - len(seqs), len(self.batch)), logits[batch_rows, cols])
 
     def _prefill_chunk(self) -> None:
         """Prefill the staged prompt's next `max_prefill_tokens` positions; once it is whole, it joins the
@@ -368,9 +389,10 @@ class Engine:
         """A snapshot of load and counters (cheap; for metrics scrapes)."""
         with self._lock:
             running = len(self.batch) + (self._staged is not None)
+            prefix = None if self.prefixes is None else dataclasses.replace(self.prefixes.stats)
             return EngineStats(running, self.scheduler.n_waiting, self.slots.n_slots,
                                len(self.cache.resident()), len(self.tasks), self._steps,
-                               self._batch_rows, dataclasses.replace(self.cache.stats))
+                               self._batch_rows, dataclasses.replace(self.cache.stats), prefix)
 
     # ----- asyncio ----------------------------------------------------------------------------------
 

@@ -8,7 +8,9 @@ buffers' dtype may differ from the model's (`kv_dtype`): `update` answers in the
 
 A prompt longer than a step's prefill budget is prefilled in chunks into one more row, the staging row
 (`begin_chunk`), each chunk attending to the ones before it, and moves into a running row once whole
-(`adopt_staged`); the running rows never hold a half-prefilled prompt.
+(`adopt_staged`); the running rows never hold a half-prefilled prompt. A prompt whose prefix is cached
+(`server.prefix_cache`) gets it copied into its row (`load_prefix`) and prefills the rest
+(`begin_prefill_after`).
 
 Buffers per layer: keys, values [max_rows + 1, kv_heads, max_len, head_dim]. The model calls `update`
 (the transformers Cache method) once per layer and forward; what it does depends on whether the
@@ -95,6 +97,33 @@ class RowKVCache:
         self._write = ("prefill", rows.start, rows.stop)
         return mask[:, None], pos.expand(len(lengths), L)
 
+    def begin_prefill_after(self, rows: range, lengths: list[int], starts: list[int]) -> tuple[Tensor, Tensor]:
+        """Set up a forward of prompts whose first `starts[i]` positions are in their rows already (a cached
+        prefix, `load_prefix`): positions [s, n) of each, right-padded to L = max(n - s), attending to all
+        positions before them.
+
+        Returns (attention mask [m, 1, L, K] bool over K = min(max_len, max(s) + L), position ids [m, L]).
+        """
+        if max(lengths) > self.max_len:
+            raise ValueError(f"prompt of {max(lengths)} tokens exceeds the cache length {self.max_len}")
+        for row, n in zip(rows, lengths, strict=True):
+            self.lengths[row] = n
+        L = max(n - s for n, s in zip(lengths, starts, strict=True))
+        K = min(self.max_len, max(starts) + L)
+        pos = torch.tensor(starts, device=self.device)[:, None] + torch.arange(L, device=self.device)  # [m, L]
+        mask = torch.arange(K, device=self.device)[None, None, :] <= pos[:, :, None]                  # [m, L, K]
+        self._write = ("after", rows.start, starts, K)
+        return mask[:, None], pos
+
+    def load_prefix(self, row: int, keys: list[Tensor], values: list[Tensor]) -> None:
+        """Write a cached prefix (per layer [kv_heads, p, head_dim]) into positions [0, p) of `row`."""
+        for buf, t in zip((*self.keys, *self.values), (*keys, *values), strict=True):
+            buf[row, :, :t.shape[1]].copy_(t)
+
+    def read_prefix(self, row: int, length: int) -> tuple[list[Tensor], list[Tensor]]:
+        """A copy of positions [0, length) of `row`, per layer [kv_heads, length, head_dim]."""
+        return ([k[row, :, :length].clone() for k in self.keys], [v[row, :, :length].clone() for v in self.values])
+
     def begin_chunk(self, start: int, length: int) -> tuple[Tensor, Tensor]:
         """Set up a forward of positions [start, start + length) of one prompt into the staging row, attending
         to its positions before `start` (written by earlier chunks).
@@ -150,6 +179,15 @@ class RowKVCache:
             keys[first:stop, :, :L] = key_states
             values[first:stop, :, :L] = value_states
             return key_states, value_states
+        if self._write[0] == "after":
+            _, first, starts, K = self._write
+            L = key_states.shape[2]
+            for i, s in enumerate(starts):  # each row after its own prefix (padding past the cache dropped)
+                end = min(s + L, self.max_len)
+                keys[first + i, :, s:end] = key_states[i, :, :end - s]
+                values[first + i, :, s:end] = value_states[i, :, :end - s]
+            stop, dtype = first + len(starts), key_states.dtype
+            return keys[first:stop, :, :K].to(dtype), values[first:stop, :, :K].to(dtype)
         if self._write[0] == "chunk":
             _, start, L = self._write
             stage, end = self.max_rows, start + L

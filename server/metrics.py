@@ -89,5 +89,14 @@ class _EngineCollector:
             "mhr_batch_rows": ("Running rows summed over decode steps (divide by steps: mean batch size).",
                                s.batch_rows),
         }
+        if s.prefix is not None:
+            counters |= {
+                "mhr_prefix_cache_lookups": ("Prompts looked up in the prefix cache.", s.prefix.lookups),
+                "mhr_prefix_cache_hits": ("Prompts that found a cached prefix.", s.prefix.hits),
+                "mhr_prefix_cache_hit_tokens": ("Prompt tokens not prefilled, their prefix cached.",
+                                                s.prefix.hit_tokens),
+            }
+            yield GaugeMetricFamily("mhr_prefix_cache_bytes", "Bytes of cached prefixes' keys and values.",
+                                    value=s.prefix.bytes)
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)

@@ -12,6 +12,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from server.prefix_cache import PrefixStats
 from server.slots import CacheStats
 
 
@@ -65,6 +66,7 @@ class EngineStats:
     steps: int            # engine steps that did work
     batch_rows: int       # running rows summed over decode steps (/ steps: mean batch size)
     cache: CacheStats     # a copy of the adapter cache's counters
+    prefix: PrefixStats | None = None  # a copy of the prefix cache's counters, when it is on
 
 
 class RequestHandle:

@@ -30,3 +30,9 @@ def test_a_bad_kv_dtype_on_the_command_line_is_refused_by_name(tmp_path):
     out = subprocess.run([sys.executable, "-m", "server", "--kv-dtype", "fp8", "--bundle", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "kv_dtype" in out.stderr and "fp8" in out.stderr
+
+
+def test_a_negative_prefix_cache_on_the_command_line_is_refused_by_name(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "server", "--prefix-cache-mb", "-1", "--bundle", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "prefix_cache_mb" in out.stderr and "-1" in out.stderr

@@ -5,9 +5,12 @@ with and without a cached prefix prefilled together, adapters (and task versions
 import pytest
 import torch
 
+from server.api import create_app
 from server.batch import Request, SamplingParams
 from server.prefix_cache import PrefixCache
+from tests.server import http
 from tests.server.conftest import DENSE, ROUTED, random_logits
+from tests.server.http import serve_app
 from tests.server.test_engine import peft_greedy
 
 GREEDY = SamplingParams(max_new_tokens=10, ignore_eos=True)
@@ -98,3 +101,14 @@ def test_the_transformers_forward_reuses_prefixes_too(make_engine):
     assert engine.stats().prefix.hits == 2
     assert [r.tokens for r in got] == [r.tokens for r in plain.generate([Request(p, ROUTED[0], GREEDY)
                                                                          for p in prompts])]
+
+
+def test_prefix_reuse_is_counted_in_the_metrics(make_engine):
+    with serve_app(create_app(make_engine(prefix_cache_mb=8))) as url:
+        for suffix in (61, 62):
+            r = http.post(f"{url}/v1/completions", json={"model": ROUTED[0], "prompt": SHARED + [suffix],
+                                                          "max_tokens": 2})
+            assert r.status_code == 200, r.text
+        text = http.get(f"{url}/metrics").text
+    assert "mhr_prefix_cache_hit_tokens_total 32.0" in text and "mhr_prefix_cache_hits_total 1.0" in text
+    assert "mhr_prefix_cache_lookups_total 2.0" in text and "mhr_prefix_cache_bytes " in text

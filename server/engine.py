@@ -181,7 +181,7 @@ class Engine:
         with self._lock, torch.inference_mode():
             new = self._admit() if self._staged is None else []
             if len(new) == 1 and new[0].request.prompt_len > self.config.max_prefill_tokens:
-                self._staged, self._staged_len, new = new[0], 0, []  # the scheduler starts such a prompt alone
+                self._stage(new.pop())  # the scheduler starts such a prompt alone
             scoring = [s for s in new if s.request.params.prompt_logprobs is not None]  # all positions' logits
             for part in (scoring, [s for s in new if s.request.params.prompt_logprobs is None]):
                 for group in prefill_groups([s.request.prompt_len - s.reused for s in part]):
@@ -209,8 +209,7 @@ class Engine:
                 return Start.WAIT
             adapter = BASE if key is None else (ZERO_SHOT if key == self.tasks.zero_shot_key else key.name)
             seq = Sequence(request, slot, adapter, make_generator(request.params, self.device), cache_key=key)
-            if (self.prefixes is not None and request.params.prompt_logprobs is None  # scoring needs every position
-                    and request.prompt_len <= self.config.max_prefill_tokens):         # chunked prompts: not reused
+            if self.prefixes is not None and request.params.prompt_logprobs is None:  # scoring needs every position
                 found = self.prefixes.lookup(key, request.prompt)
                 if found is not None:
                     seq.prefix, seq.reused = found
@@ -255,6 +254,13 @@ class Engine:
         self.batch.extend(seqs)
         self._record(range(len(self.batch) - len(seqs), len(self.batch)), logits[batch_rows, cols])
 
+    def _stage(self, seq: Sequence) -> None:
+        """Start prefilling a prompt over the step's budget in chunks, after its cached prefix if it has one."""
+        self._staged, self._staged_len = seq, seq.reused
+        if seq.prefix is not None:
+            self.kv.load_prefix(self.kv.staging_row, *seq.prefix)
+            seq.prefix = None
+
     def _prefill_chunk(self) -> None:
         """Prefill the staged prompt's next `max_prefill_tokens` positions; once it is whole, it joins the
         running batch with its first token."""
@@ -272,7 +278,9 @@ class Engine:
         if end < len(prompt):
             return
         self._staged = None
-        self.kv.adopt_staged(len(prompt))
+        row = self.kv.adopt_staged(len(prompt))
+        if self.prefixes is not None:
+            self.prefixes.store(seq.cache_key, prompt, lambda length: self.kv.read_prefix(row, length))
         self.batch.extend([seq])
         self._record(range(len(self.batch) - 1, len(self.batch)), logits[:, -1])
 

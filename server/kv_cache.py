@@ -58,6 +58,11 @@ class RowKVCache:
         return len(self.lengths)
 
     @property
+    def staging_row(self) -> int:
+        """The row chunked prompts are prefilled into (`begin_chunk`) before they run."""
+        return self.max_rows
+
+    @property
     def n_free(self) -> int:
         return self.max_rows - self.n_active
 

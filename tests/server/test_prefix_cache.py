@@ -112,3 +112,11 @@ def test_prefix_reuse_is_counted_in_the_metrics(make_engine):
         text = http.get(f"{url}/metrics").text
     assert "mhr_prefix_cache_hit_tokens_total 32.0" in text and "mhr_prefix_cache_hits_total 1.0" in text
     assert "mhr_prefix_cache_lookups_total 2.0" in text and "mhr_prefix_cache_bytes " in text
+
+
+def test_prompts_prefilled_in_chunks_store_and_reuse_prefixes(make_engine):
+    engine, plain = make_engine(prefix_cache_mb=8, max_prefill_tokens=12), make_engine(max_prefill_tokens=12)
+    prompts = [SHARED + [61, 62], SHARED + [71], SHARED[:20] + [81, 82, 83]]  # staged, then from the cache
+    got = [engine.generate([Request(p, ROUTED[2], GREEDY)])[0].tokens for p in prompts]
+    assert engine.stats().prefix.hit_tokens == 32 + 16   # the second after 32 tokens, the third after 16
+    assert got == [plain.generate([Request(p, ROUTED[2], GREEDY)])[0].tokens for p in prompts]

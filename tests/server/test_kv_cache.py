@@ -1,5 +1,5 @@
-"""KV rows: taking and freeing rows, the last row moving into a hole, the masks of each step kind, and a
-prompt staged in chunks."""
+"""KV rows: taking and freeing rows, the last row moving into a hole, the masks of each step kind, a prompt
+staged in chunks, and prompts prefilled after a cached prefix."""
 
 import pytest
 import torch
@@ -58,3 +58,22 @@ def test_a_prompt_in_chunks_is_staged_then_adopted_into_a_running_row():
     assert kv.n_active == 1                                    # the running rows are untouched meanwhile
     assert kv.adopt_staged(5) == 1 and kv.lengths == [2, 5]
     assert torch.equal(kv.keys[0][1, :, :5], keys[0]) and torch.equal(kv.values[0][1, :, :5], keys[0])
+
+
+def test_prompts_after_cached_prefixes_write_and_attend_from_where_their_prefix_ends():
+    kv = cache()
+    rows = kv.add_rows(2)
+    prefix = torch.full((1, 3, 2), 5.0)                        # 3 positions of one layer, one kv head
+    kv.load_prefix(rows[0], [prefix], [-prefix])
+    mask, pos = kv.begin_prefill_after(rows, [5, 2], [3, 0])   # row 0: positions 3, 4; row 1: 0, 1 (no prefix)
+    assert pos.tolist() == [[3, 4], [0, 1]] and mask.shape == (2, 1, 2, 5) and kv.lengths == [5, 2]
+    assert mask[0, 0].tolist() == [[True] * 4 + [False], [True] * 5]
+    assert mask[1, 0].tolist() == [[True] + [False] * 4, [True, True] + [False] * 3]
+    new = torch.arange(8.0).view(2, 1, 2, 2)
+    keys, values = kv.update(new, -new, 0)
+    assert keys.shape == (2, 1, 5, 2) and torch.equal(keys[0, 0, :3], prefix[0])
+    assert torch.equal(keys[0, 0, 3:], new[0, 0])
+    assert torch.equal(keys[1, 0, :2], new[1, 0]) and torch.equal(values[0, 0, :3], -prefix[0])
+    read_keys, read_values = kv.read_prefix(rows[0], 4)
+    assert torch.equal(read_keys[0], keys[0, :, :4]) and torch.equal(read_values[0], values[0, :, :4])
+    assert kv.staging_row == kv.max_rows == 3

@@ -179,6 +179,8 @@ def _install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
         message = first["msg"].removeprefix("Value error, ")
         if first["type"] == "json_invalid":
             message = f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})"
+        elif first["type"] == "model_attributes_type" and not where:  # a form, a string, no content type
+            message = "the request body must be a JSON object, sent with Content-Type: application/json"
         text = f"{where}: {message}" if where else message
         more = len(e.errors()) - 1
         if more:

@@ -186,6 +186,9 @@ def test_bad_requests_get_a_400_that_says_what_to_fix(server, body, status, says
 def test_malformed_json_and_unknown_routes_use_the_error_body(server):
     r = http.post(f"{server}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = http.post(f"{server}/v1/completions", content=b"model=x&prompt=y",
+                  headers={"content-type": "application/x-www-form-urlencoded"})   # curl -d without a JSON type
+    assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"]["message"], r.text
     r = http.get(f"{server}/v1/nothing-here")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
 

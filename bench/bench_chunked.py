@@ -35,7 +35,7 @@ def engine_with_budget(w: Workload, max_prefill_tokens: int, long: int) -> Engin
     """The engine for `RUNNING` of the workload's requests and one prompt of `long` tokens."""
     max_seq_len = max(long + LONG_NEW_TOKENS, max(map(len, w.prompts)) + w.new_tokens)
     config = ServerConfig(n_slots=RUNNING + 3, max_running=RUNNING + 1, max_seq_len=max_seq_len,
-                          max_prefill_tokens=max_prefill_tokens)
+                          max_prefill_tokens=max_prefill_tokens, prefix_cache_mb=0)  # each round prefills whole
     return Engine(load_backbone(w), mhr.Bundle.load(w.bundle_dir), config)
 
 

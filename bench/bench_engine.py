@@ -43,7 +43,7 @@ def engine_for(w: Workload, n_slots: int, device: str = "cpu", dtype: str = "flo
     config = ServerConfig(n_slots=n_slots, max_running=len(w.prompts), max_rank=max_rank, device=device,
                           dtype=dtype, kv_dtype="auto" if lean else dtype,  # transformers attends in `dtype`
                           max_seq_len=max(map(len, w.prompts)) + w.new_tokens, max_prefill_tokens=4096,
-                          cpu_kernel=cpu_kernel)
+                          cpu_kernel=cpu_kernel, prefix_cache_mb=0)  # repeated prompts must prefill every run
     engine = Engine(load_backbone(w, device, config.torch_dtype), mhr.Bundle.load(w.bundle_dir), config)
     if not lean:
         engine.lean = None

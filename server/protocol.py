@@ -152,13 +152,17 @@ class CompletionRequest(OpenAISampling):
             raise ValueError("'echo' is not supported with 'stream': ask for the echoed prompt without streaming")
         _unsupported(self.best_of, 1, "best_of", "one candidate per request")
         _unsupported(self.suffix, None, "suffix", "insertion is not implemented")
-        one = isinstance(self.prompt, str) or bool(self.prompt) and isinstance(self.prompt[0], int)
-        prompts = [self.prompt] if one else self.prompt
+        prompts = self.prompts()
         if not prompts or len(prompts) * (self.n or 1) > MAX_BATCH_INPUTS:
             raise ValueError(f"'prompt' needs 1 to {MAX_BATCH_INPUTS} prompts, times 'n' (choices per prompt)")
         if any(p == "" or p == [] for p in prompts):
             raise ValueError("'prompt' must not be empty")
         return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts: one text or token list, or a list of them."""
+        one = isinstance(self.prompt, str) or bool(self.prompt) and isinstance(self.prompt[0], int)
+        return [self.prompt] if one else list(self.prompt)
 
 
 class CompletionLogprobs(BaseModel):

@@ -267,13 +267,13 @@ class Serving:
 
     def completion_inputs(self, request: CompletionRequest) -> Prepared:
         scored = request.logprobs if request.echo else None
-        return self.prepare(request.model, [self.tokenize(p) for p in _prompts(request)], request, request.max_tokens,
+        return self.prepare(request.model, [self.tokenize(p) for p in request.prompts()], request, request.max_tokens,
                             "prompt", request.logprobs, scored, request.n or 1)
 
     async def completion(self, request: CompletionRequest, disconnected: Disconnected) -> CompletionResponse:
         prepared = self.completion_inputs(request)
         results = await self.results(prepared, disconnected)
-        prompts = [prompt for prompt in _prompts(request) for _ in range(prepared.n)]
+        prompts = [prompt for prompt in request.prompts() for _ in range(prepared.n)]
         pairs = zip(prompts, prepared.requests, results, strict=True)
         choices = [self._completion_choice(request, i, prompt, engine_request.prompt, result)
                    for i, (prompt, engine_request, result) in enumerate(pairs)]
@@ -362,12 +362,6 @@ class Serving:
         return GenerateResponse(task=task, adapter=_served_by(results, prepared), outputs=[
             GeneratedText(text=r.text, finish_reason=FINISH_REASONS.get(r.finish_reason, r.finish_reason),
                           prompt_tokens=r.prompt_tokens, completion_tokens=len(r.tokens)) for r in results])
-
-
-def _prompts(request: CompletionRequest) -> list[str | list[int]]:
-    """A completion request's prompts: one text or token list, or a list of them."""
-    prompt = request.prompt
-    return [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else list(prompt)
 
 
 def _unavailable(result: Result) -> APIError:

@@ -232,9 +232,7 @@ class Engine:
         rows = self.kv.add_rows(len(seqs))
         if any(starts):
             for row, seq in zip(rows, seqs, strict=True):
-                if seq.prefix is not None:
-                    self.kv.load_prefix(row, *seq.prefix)
-                    seq.prefix = None
+                self._load_prefix(row, seq)
             mask, positions = self.kv.begin_prefill_after(rows, lengths, starts)
         else:
             mask, positions = self.kv.begin_prefill(rows, lengths)
@@ -257,8 +255,12 @@ class Engine:
     def _stage(self, seq: Sequence) -> None:
         """Start prefilling a prompt over the step's budget in chunks, after its cached prefix if it has one."""
         self._staged, self._staged_len = seq, seq.reused
+        self._load_prefix(self.kv.staging_row, seq)
+
+    def _load_prefix(self, row: int, seq: Sequence) -> None:
+        """Copy `seq`'s cached prompt prefix, if it found one, into KV row `row` (and let go of it)."""
         if seq.prefix is not None:
-            self.kv.load_prefix(self.kv.staging_row, *seq.prefix)
+            self.kv.load_prefix(row, *seq.prefix)
             seq.prefix = None
 
     def _prefill_chunk(self) -> None:

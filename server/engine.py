@@ -36,7 +36,7 @@ from server.batch import (
 from server.config import ServerConfig
 from server.inventory import ServingInventory
 from server.kv_cache import RowKVCache, kv_dtype
-from server.lean import lean_decoder_for
+from server.lean import Part, lean_decoder_for
 from server.lora_ops import SlotPlan
 from server.model import PANEL_DTYPES, column_major_weights, panel_linears, wrap_model
 from server.outputs import EngineStats, RequestHandle, Result, TokenEvent, TokenLogprobs
@@ -176,23 +176,28 @@ class Engine:
         return bool(self.batch) or self._staged is not None or self.scheduler.n_waiting > 0
 
     def step(self) -> None:
-        """Admit and prefill what fits (or the next chunk of a prompt over the prefill budget), then decode
-        one token for every running request."""
+        """One forward for everything that moves: a token for every running request, the prompts admitted
+        now (each gets its first token), and the next chunk of a prompt over the prefill budget."""
         with self._lock, torch.inference_mode():
             new = self._admit() if self._staged is None else []
             if len(new) == 1 and new[0].request.prompt_len > self.config.max_prefill_tokens:
                 self._stage(new.pop())  # the scheduler starts such a prompt alone
+            work = [self._decode_part()] if self.batch else []  # before the new rows join
             scoring = [s for s in new if s.request.params.prompt_logprobs is not None]  # all positions' logits
             for part in (scoring, [s for s in new if s.request.params.prompt_logprobs is None]):
                 for group in prefill_groups([s.request.prompt_len - s.reused for s in part]):
-                    self._prefill([part[i] for i in group])
-            staged = self._staged is not None
-            if staged:
-                self._prefill_chunk()
-            self._steps += bool(new or staged or self.batch)  # counted before finished rows leave
-            if self.batch:
+                    work.append(self._prefill_part([part[i] for i in group]))
+            if self._staged is not None:
+                work.append(self._chunk_part())
+            if not work:
+                return
+            self._steps += 1
+            logits = self._forward([part for part, _ in work])
+            chosen = [row_logits for (_, done), out in zip(work, logits, strict=True)
+                      if (row_logits := done(out)) is not None]
+            if chosen:  # [rows, V] in row order: the running rows, then the new ones
                 self._batch_rows += len(self.batch)
-                self._decode()
+                self._record(torch.cat(chosen) if len(chosen) > 1 else chosen[0])
 
     def _admit(self) -> list[Sequence]:
         new: list[Sequence] = []
@@ -220,10 +225,20 @@ class Engine:
         self.cache.write_pending()  # the cold tasks admitted in this step, materialized together
         return new
 
-    def _prefill(self, seqs: list[Sequence]) -> None:
-        """Run new prompts together (right-padded; a prompt with a cached prefix from where it ends), giving
-        each its first token; scoring its prompt too when asked (the group then keeps every position's
-        logits: the engine groups such requests apart). Prompts' prefixes go to the prefix cache."""
+    def _decode_part(self) -> tuple[Part, Callable[[Tensor], Tensor]]:
+        """The running rows' next tokens."""
+        attention = self.kv.begin_decode()
+
+        def done(logits: Tensor) -> Tensor:  # [n, 1, V]
+            self.kv.end_decode(attention)
+            return logits[:, -1]
+        return Part(self.batch.last_tokens(), attention, self.batch.plan(), 1), done
+
+    def _prefill_part(self, seqs: list[Sequence]) -> tuple[Part, Callable[[Tensor], Tensor]]:
+        """New prompts together (right-padded; a prompt with a cached prefix from where it ends), each getting
+        its first token; scoring its prompt too when asked (the group then keeps every position's logits:
+        the engine groups such requests apart). They join the batch now; their prefixes go to the prefix
+        cache once computed."""
         lengths, starts = [s.request.prompt_len for s in seqs], [s.reused for s in seqs]
         sizes = [n - start for n, start in zip(lengths, starts, strict=True)]       # positions to prefill
         width = max(sizes)
@@ -233,24 +248,25 @@ class Engine:
         if any(starts):
             for row, seq in zip(rows, seqs, strict=True):
                 self._load_prefix(row, seq)
-            mask, positions = self.kv.begin_prefill_after(rows, lengths, starts)
+            attention = self.kv.begin_prefill_after(rows, lengths, starts)
         else:
-            mask, positions = self.kv.begin_prefill(rows, lengths)
+            attention = self.kv.begin_prefill(rows, lengths)
+        self.batch.extend(seqs)
         scoring = seqs[0].request.params.prompt_logprobs is not None
         keep = list(range(width)) if scoring else sorted(set(m - 1 for m in sizes))  # last prompt positions
+
+        def done(logits: Tensor) -> Tensor:  # [m, L, V] when scoring, else [m, |keep|, V]
+            if scoring:
+                for seq, row_logits, n in zip(seqs, logits, lengths, strict=True):
+                    seq.score_prompt(row_logits[:n], 0)
+            if self.prefixes is not None:
+                for row, seq in zip(rows, seqs, strict=True):
+                    self.prefixes.store(seq.cache_key, seq.request.prompt,
+                                        lambda length, row=row: self.kv.read_prefix(row, length))
+            cols = torch.tensor([keep.index(m - 1) for m in sizes], device=self.device)
+            return logits[torch.arange(len(seqs), device=self.device), cols]
         plan = SlotPlan.of([s.slot for s in seqs], self.device)
-        logits = self._forward(ids, mask, positions, plan, width if scoring else torch.tensor(keep, device=self.device))
-        if scoring:                                                                 # [m, L, V], else [m, |keep|, V]
-            for seq, row_logits, n in zip(seqs, logits, lengths, strict=True):
-                seq.score_prompt(row_logits[:n], 0)
-        if self.prefixes is not None:
-            for row, seq in zip(rows, seqs, strict=True):
-                self.prefixes.store(seq.cache_key, seq.request.prompt,
-                                    lambda length, row=row: self.kv.read_prefix(row, length))
-        batch_rows = torch.arange(len(seqs), device=self.device)
-        cols = torch.tensor([keep.index(m - 1) for m in sizes], device=self.device)
-        self.batch.extend(seqs)
-        self._record(range(len(self.batch) - len(seqs), len(self.batch)), logits[batch_rows, cols])
+        return Part(ids, attention, plan, width if scoring else torch.tensor(keep, device=self.device)), done
 
     def _stage(self, seq: Sequence) -> None:
         """Start prefilling a prompt over the step's budget in chunks, after its cached prefix if it has one."""
@@ -263,50 +279,53 @@ class Engine:
             self.kv.load_prefix(row, *seq.prefix)
             seq.prefix = None
 
-    def _prefill_chunk(self) -> None:
-        """Prefill the staged prompt's next `max_prefill_tokens` positions; once it is whole, it joins the
-        running batch with its first token."""
+    def _chunk_part(self) -> tuple[Part, Callable[[Tensor], Tensor | None]]:
+        """The staged prompt's next `max_prefill_tokens` positions; once it is whole, it joins the running batch
+        with its first token."""
         seq, start = self._staged, self._staged_len
         prompt = seq.request.prompt
         end = min(len(prompt), start + self.config.max_prefill_tokens)
-        mask, positions = self.kv.begin_chunk(start, end - start)
+        attention = self.kv.begin_chunk(start, end - start)
         ids = torch.tensor([prompt[start:end]], device=self.device)                   # [1, L]
         scoring = seq.request.params.prompt_logprobs is not None
-        keep = end - start if scoring else 1
-        logits = self._forward(ids, mask, positions, SlotPlan.of([seq.slot], self.device), keep)  # [1, keep, V]
-        if scoring:
-            seq.score_prompt(logits[0], start)
-        self._staged_len = end
-        if end < len(prompt):
-            return
-        self._staged = None
-        row = self.kv.adopt_staged(len(prompt))
-        if self.prefixes is not None:
-            self.prefixes.store(seq.cache_key, prompt, lambda length: self.kv.read_prefix(row, length))
-        self.batch.extend([seq])
-        self._record(range(len(self.batch) - 1, len(self.batch)), logits[:, -1])
 
-    def _decode(self) -> None:
-        mask, positions = self.kv.begin_decode()
-        logits = self._forward(self.batch.last_tokens(), mask, positions, self.batch.plan(), 1)  # [n, 1, V]
-        self.kv.end_decode()
-        self._record(range(len(self.batch)), logits[:, -1])
+        def done(logits: Tensor) -> Tensor | None:  # [1, keep, V]
+            if scoring:
+                seq.score_prompt(logits[0], start)
+            self._staged_len = end
+            if end < len(prompt):
+                return None
+            self._staged = None
+            row = self.kv.adopt_staged(len(prompt))
+            if self.prefixes is not None:
+                self.prefixes.store(seq.cache_key, prompt, lambda length: self.kv.read_prefix(row, length))
+            self.batch.extend([seq])
+            return logits[:, -1]
+        return Part(ids, attention, SlotPlan.of([seq.slot], self.device), end - start if scoring else 1), done
 
-    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, plan: SlotPlan,
-                 keep: int | Tensor) -> Tensor:
-        self.context.plan = plan
+    def _forward(self, parts: list[Part]) -> list[Tensor]:
+        """Each part's logits [n, keep, V]: one forward of them all (the lean decoder), else one each."""
         try:
             if self.lean is not None:
-                return self.lean(ids, positions, mask, self.kv, keep)
-            return self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                              past_key_values=self.kv, use_cache=True, logits_to_keep=keep).logits
+                self.context.plan = SlotPlan.packed([(part.ids.shape[1], part.plan) for part in parts])
+                return self.lean(parts, self.kv)
+            out = []
+            for part in parts:
+                self.context.plan = part.plan
+                self.kv.select(part.attention)
+                out.append(self.model(input_ids=part.ids, attention_mask=part.attention.mask,
+                                      position_ids=part.attention.positions, past_key_values=self.kv,
+                                      use_cache=True, logits_to_keep=part.keep).logits)
+            return out
         finally:
             self.context.plan = None
 
-    def _record(self, rows: range, logits: Tensor) -> None:
-        """Choose each row's next token from its logits [n, V], append and stream it (with its log-probabilities
-        when asked), and retire the rows that finished. A request for no tokens (a scored prompt) ends here."""
-        seqs = self.batch.seqs[rows.start:rows.stop]
+    def _record(self, logits: Tensor) -> None:
+        """Choose every running row's next token from its logits [n, V], append and stream it (with its
+        log-probabilities when asked), and retire the rows that finished. A request for no tokens (a scored
+        prompt) ends here."""
+        rows = range(len(self.batch))
+        seqs = self.batch.seqs
         tokens = next_tokens(logits, seqs)
         logprobs = _chosen_logprobs(logits, tokens, seqs)
         decode = self._decode_text if self.tokenizer is not None else None

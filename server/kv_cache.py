@@ -12,12 +12,16 @@ A prompt longer than a step's prefill budget is prefilled in chunks into one mor
 (`server.prefix_cache`) gets it copied into its row (`load_prefix`) and prefills the rest
 (`begin_prefill_after`).
 
-Buffers per layer: keys, values [max_rows + 1, kv_heads, max_len, head_dim]. The model calls `update`
-(the transformers Cache method) once per layer and forward; what it does depends on whether the
-engine began a prefill or a decode step.
+Buffers per layer: keys, values [max_rows + 1, kv_heads, max_len, head_dim]. Each `begin_*` call sets up
+one part of a forward (decode rows, a group of prompts, a chunk) and returns its `Attention`: the mask,
+the positions and where its keys and values go. One forward may hold several parts over disjoint rows:
+the lean forward stores each part's keys and values with `store`; transformers' forward calls `update`
+(the transformers Cache method) once per layer, which writes as the part last begun or `select`ed says.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -37,6 +41,14 @@ def kv_dtype(setting: str, device: torch.device, model_dtype: torch.dtype, lean:
     return model_dtype
 
 
+class Attention(NamedTuple):
+    """One part of a forward: mask [n, 1, L, K] bool, positions [n, L], and where its keys and values go."""
+
+    mask: Tensor
+    positions: Tensor
+    write: tuple
+
+
 class KVCacheFull(RuntimeError):
     """No free row: the engine admits no more sequences than `max_rows`."""
 
@@ -51,7 +63,7 @@ class RowKVCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.max_rows, self.max_len, self.device, self.dtype = max_rows, max_len, device, dtype
         self.lengths: list[int] = []         # filled positions of rows 0..n_active-1
-        self._write: tuple = ()              # what `update` does in the current forward
+        self._write: tuple = ()              # what `update` does: the part last begun or selected
 
     @property
     def n_active(self) -> int:
@@ -85,11 +97,11 @@ class RowKVCache:
         self.lengths.pop()
         return last if row != last else None
 
-    def begin_prefill(self, rows: range, lengths: list[int]) -> tuple[Tensor, Tensor]:
-        """Set up a forward of prompts [len(rows), L] right-padded to L = max(lengths), into `rows`.
+    def begin_prefill(self, rows: range, lengths: list[int]) -> Attention:
+        """Set up prompts [len(rows), L] right-padded to L = max(lengths), into `rows`: mask [m, 1, L, L].
 
-        Returns (attention mask [m, 1, L, L] bool, position ids [m, L]). Padded positions write
-        keys past a row's length, which stay masked and are overwritten by later decode steps.
+        Padded positions write keys past a row's length, which stay masked and are overwritten by later
+        decode steps.
         """
         L = max(lengths)
         if L > self.max_len:
@@ -99,15 +111,12 @@ class RowKVCache:
         pos = torch.arange(L, device=self.device)
         valid = pos[None, :] < torch.tensor(lengths, device=self.device)[:, None]    # [m, L]
         mask = (pos[None, :] <= pos[:, None])[None] & valid[:, None, :]              # [m, L(q), L(k)]
-        self._write = ("prefill", rows.start, rows.stop)
-        return mask[:, None], pos.expand(len(lengths), L)
+        return self._begin(mask[:, None], pos.expand(len(lengths), L), ("prefill", rows.start, rows.stop))
 
-    def begin_prefill_after(self, rows: range, lengths: list[int], starts: list[int]) -> tuple[Tensor, Tensor]:
-        """Set up a forward of prompts whose first `starts[i]` positions are in their rows already (a cached
-        prefix, `load_prefix`): positions [s, n) of each, right-padded to L = max(n - s), attending to all
-        positions before them.
-
-        Returns (attention mask [m, 1, L, K] bool over K = min(max_len, max(s) + L), position ids [m, L]).
+    def begin_prefill_after(self, rows: range, lengths: list[int], starts: list[int]) -> Attention:
+        """Set up prompts whose first `starts[i]` positions are in their rows already (a cached prefix,
+        `load_prefix`): positions [s, n) of each, right-padded to L = max(n - s), attending to all positions
+        before them: mask [m, 1, L, K] over K = min(max_len, max(s) + L).
         """
         if max(lengths) > self.max_len:
             raise ValueError(f"prompt of {max(lengths)} tokens exceeds the cache length {self.max_len}")
@@ -117,8 +126,7 @@ class RowKVCache:
         K = min(self.max_len, max(starts) + L)
         pos = torch.tensor(starts, device=self.device)[:, None] + torch.arange(L, device=self.device)  # [m, L]
         mask = torch.arange(K, device=self.device)[None, None, :] <= pos[:, :, None]                  # [m, L, K]
-        self._write = ("after", rows.start, starts, K)
-        return mask[:, None], pos
+        return self._begin(mask[:, None], pos, ("after", rows.start, starts, K))
 
     def load_prefix(self, row: int, keys: list[Tensor], values: list[Tensor]) -> None:
         """Write a cached prefix (per layer [kv_heads, p, head_dim]) into positions [0, p) of `row`."""
@@ -129,18 +137,15 @@ class RowKVCache:
         """A copy of positions [0, length) of `row`, per layer [kv_heads, length, head_dim]."""
         return ([k[row, :, :length].clone() for k in self.keys], [v[row, :, :length].clone() for v in self.values])
 
-    def begin_chunk(self, start: int, length: int) -> tuple[Tensor, Tensor]:
-        """Set up a forward of positions [start, start + length) of one prompt into the staging row, attending
-        to its positions before `start` (written by earlier chunks).
-
-        Returns (attention mask [1, 1, length, start + length] bool, position ids [1, length]).
+    def begin_chunk(self, start: int, length: int) -> Attention:
+        """Set up positions [start, start + length) of one prompt into the staging row, attending to its
+        positions before `start` (written by earlier chunks): mask [1, 1, length, start + length].
         """
         if start + length > self.max_len:
             raise ValueError(f"prompt of {start + length} tokens exceeds the cache length {self.max_len}")
         pos = torch.arange(start, start + length, device=self.device)
         mask = torch.arange(start + length, device=self.device)[None, :] <= pos[:, None]  # [L(q), start + L(k)]
-        self._write = ("chunk", start, length)
-        return mask[None, None], pos[None]
+        return self._begin(mask[None, None], pos[None], ("chunk", start, length))
 
     def adopt_staged(self, length: int) -> int:
         """Move the staging row's first `length` positions (a whole prompt) into a new running row; returns it."""
@@ -150,11 +155,9 @@ class RowKVCache:
         self.lengths[row] = length
         return row
 
-    def begin_decode(self) -> tuple[Tensor, Tensor]:
-        """Set up a forward of one new token per running row, written at each row's length.
-
-        Returns (attention mask [n, 1, 1, K] bool over K = max length + 1, position ids [n, 1]).
-        """
+    def begin_decode(self) -> Attention:
+        """Set up one new token for each of the rows running now, written at each row's length: mask
+        [n, 1, 1, K] over K = max length + 1. Rows added after this call are not part of it."""
         if max(self.lengths) >= self.max_len:
             raise ValueError("a running sequence reached the cache length")
         pos = torch.tensor(self.lengths, device=self.device)                         # [n]
@@ -166,26 +169,39 @@ class RowKVCache:
         n = self.n_active
         rows_heads = torch.arange(n * heads, device=self.device).view(n, heads)       # row * heads + head
         flat = (rows_heads * max_len + pos[:, None]).flatten()                        # [n * heads]
-        self._write = ("decode", flat, n, kv_len)
-        return mask[:, None, None, :], pos[:, None]
+        return self._begin(mask[:, None, None, :], pos[:, None], ("decode", flat, n, kv_len))
 
-    def end_decode(self) -> None:
-        """Count the token each running row just wrote."""
-        self.lengths = [n + 1 for n in self.lengths]
+    def end_decode(self, step: Attention) -> None:
+        """Count the token each row of the decode part `step` (from `begin_decode`) just wrote."""
+        n = step.write[2]
+        self.lengths[:n] = [length + 1 for length in self.lengths[:n]]
+
+    def _begin(self, mask: Tensor, positions: Tensor, write: tuple) -> Attention:
+        self._write = write
+        return Attention(mask, positions, write)
+
+    def select(self, part: Attention) -> None:
+        """Make `update` write as `part` says (for a forward through transformers, one part at a time)."""
+        self._write = part.write
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs
                ) -> tuple[Tensor, Tensor]:
-        """Store one layer's new keys/values [m, kv_heads, q_len, head_dim]; return what attention reads, in
-        the dtype of `key_states` (the buffers' own may differ: `kv_dtype`)."""
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        if self._write[0] == "prefill":
-            _, first, stop = self._write
+        """The transformers Cache method: `store` as the part last begun or selected says."""
+        return self.store(self._write, key_states, value_states, layer_idx)
+
+    def store(self, write: tuple, key_states: Tensor, value_states: Tensor, layer: int) -> tuple[Tensor, Tensor]:
+        """Store one layer's new keys/values [m, kv_heads, q_len, head_dim] as a part's `Attention.write` says;
+        return what that part attends to, in the dtype of `key_states` (the buffers' own may differ:
+        `kv_dtype`)."""
+        keys, values = self.keys[layer], self.values[layer]
+        if write[0] == "prefill":
+            _, first, stop = write
             L = key_states.shape[2]
             keys[first:stop, :, :L] = key_states
             values[first:stop, :, :L] = value_states
             return key_states, value_states
-        if self._write[0] == "after":
-            _, first, starts, K = self._write
+        if write[0] == "after":
+            _, first, starts, K = write
             L = key_states.shape[2]
             for i, s in enumerate(starts):  # each row after its own prefix (padding past the cache dropped)
                 end = min(s + L, self.max_len)
@@ -193,13 +209,13 @@ class RowKVCache:
                 values[first + i, :, s:end] = value_states[i, :, :end - s]
             stop, dtype = first + len(starts), key_states.dtype
             return keys[first:stop, :, :K].to(dtype), values[first:stop, :, :K].to(dtype)
-        if self._write[0] == "chunk":
-            _, start, L = self._write
+        if write[0] == "chunk":
+            _, start, L = write
             stage, end = self.max_rows, start + L
             keys[stage, :, start:end] = key_states[0]
             values[stage, :, start:end] = value_states[0]
             return keys[stage:, :, :end].to(key_states.dtype), values[stage:, :, :end].to(key_states.dtype)
-        _, flat, n, kv_len = self._write
+        _, flat, n, kv_len = write
         D = keys.shape[-1]                                # [n, kv_heads, head_dim] at each row's position:
         keys.view(-1, D).index_copy_(0, flat, key_states[:, :, 0].reshape(-1, D).to(self.dtype))
         values.view(-1, D).index_copy_(0, flat, value_states[:, :, 0].reshape(-1, D).to(self.dtype))

@@ -1,6 +1,7 @@
 """A lean decoder forward for the Llama family, over the engine's own KV cache.
 
-Owns computing a prefill or decode step's logits for models whose architecture is exactly Llama's
+Owns computing a step's logits (the running rows' next tokens, new prompts, a prompt's chunk: one
+forward for all) for models whose architecture is exactly Llama's
 (`LlamaForCausalLM`, and `MistralForCausalLM` / `Qwen2ForCausalLM` without sliding windows: Qwen2's
 q/k/v bias lives in its linears, which are called as they are) without transformers' per-layer
 machinery (mask preparation, attention-interface dispatch, keyword plumbing, output dataclasses). On a
@@ -13,12 +14,15 @@ The KV cache (`server.kv_cache`) and the slot plan (`server.model.SlotContext`) 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 
-from server.kv_cache import RowKVCache
+from server.kv_cache import Attention, RowKVCache
+from server.lora_ops import SlotPlan
 
 # Exact classes, not subclasses: a subclass may change the forward this module re-implements.
 LLAMA_FAMILY = (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)
@@ -37,8 +41,24 @@ def lean_decoder_for(model: nn.Module, max_seq_len: int) -> LeanDecoder | None:
     return LeanDecoder(model)
 
 
+class Part(NamedTuple):
+    """One group of rows in a step's forward: running rows' next tokens, prompts of one padded length, or a
+    prompt's chunk. ids [n, L]; `attention` from the KV cache's `begin_*`; `plan` the rows' slots; keep: the
+    positions whose logits are wanted (an index tensor), or an int: the last `keep`."""
+
+    ids: Tensor
+    attention: Attention
+    plan: SlotPlan
+    keep: int | Tensor
+
+
 class LeanDecoder:
-    """Logits of `model` (one of `LLAMA_FAMILY`) for the step the KV cache was set up for."""
+    """Logits of `model` (one of `LLAMA_FAMILY`) for the parts of a step, all in one forward.
+
+    The parts' tokens are packed into one [tokens, d] input, so every linear (and its adapters) runs once
+    a step over all of them, reading its weights once; attention runs part by part, each over its own rows
+    of the KV cache. The model's `SlotContext` holds the packed plan (`SlotPlan.packed`).
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.model, self.body = model, model.model
@@ -46,35 +66,54 @@ class LeanDecoder:
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
         self.gqa = model.config.num_attention_heads != model.config.num_key_value_heads
 
-    def __call__(self, ids: Tensor, positions: Tensor, mask: Tensor, kv: RowKVCache,
-                 keep: int | Tensor) -> Tensor:
-        """ids [n, L], positions [n, L], mask [n, 1, L, K] bool (from the KV cache) -> logits [n, keep, V].
-
-        keep: the positions whose logits are wanted (an index tensor), or an int: the last `keep`.
-        """
-        h = self.body.embed_tokens(ids)                                             # [n, L, d]
-        cos, sin = self.body.rotary_emb(h, positions)                               # [n, L, D] each
+    def __call__(self, parts: list[Part], kv: RowKVCache) -> list[Tensor]:
+        """Each part's logits [n, keep, V]."""
+        h = self.body.embed_tokens(_cat([p.ids.reshape(-1) for p in parts]))      # [T, d]
         half = self.head_dim // 2
-        # rotate_half(x) * sin == roll(x, D/2) * [-sin_1, sin_2], bit for bit (negation is exact)
-        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, None]       # [n, 1, L, D]
-        cos = cos[:, None]
+        rope = []
+        for p in parts:
+            cos, sin = self.body.rotary_emb(h, p.attention.positions)              # [n, L, D] each
+            # rotate_half(x) * sin == roll(x, D/2) * [-sin_1, sin_2], bit for bit (negation is exact)
+            sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+            rope.append((cos[:, None], sin[:, None]))                              # [n, 1, L, D]
         for i, layer in enumerate(self.body.layers):
-            h = h + self._attention(layer.self_attn, layer.input_layernorm(h), cos, sin, mask, kv, i)
+            h = h + self._attention(layer.self_attn, layer.input_layernorm(h), parts, rope, kv, i)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-        h = h[:, -keep:] if isinstance(keep, int) else h[:, keep]                   # norm only what is kept
-        return self.model.lm_head(self.body.norm(h))
+        kept = []                                                                  # norm only what is kept
+        for p, hp in zip(parts, _split(h, parts), strict=True):
+            kept.append(hp[:, -p.keep:] if isinstance(p.keep, int) else hp[:, p.keep])
+        logits = self.model.lm_head(self.body.norm(_cat([k.reshape(-1, k.shape[-1]) for k in kept])))
+        sizes = [k.shape[0] * k.shape[1] for k in kept]
+        return [part.view(*k.shape[:2], -1) for part, k in zip(logits.split(sizes), kept, strict=True)]
 
-    def _attention(self, attn: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, kv: RowKVCache,
-                   layer: int) -> Tensor:
-        n, L, _ = x.shape
+    def _attention(self, attn: nn.Module, x: Tensor, parts: list[Part], rope: list[tuple[Tensor, Tensor]],
+                   kv: RowKVCache, layer: int) -> Tensor:
         D = self.head_dim
-        q = attn.q_proj(x).view(n, L, -1, D).transpose(1, 2)                        # [n, H, L, D]
-        k = attn.k_proj(x).view(n, L, -1, D).transpose(1, 2)                        # [n, KVH, L, D]
-        v = attn.v_proj(x).view(n, L, -1, D).transpose(1, 2)
-        q = q * cos + q.roll(D // 2, -1) * sin
-        k = k * cos + k.roll(D // 2, -1) * sin
-        q, k, v = q.to(kv.dtype), k.to(kv.dtype), v.to(kv.dtype)                    # attention in the cache's dtype
-        keys, values = kv.update(k, v, layer)                                       # [n, KVH, K, D]
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
-                                             enable_gqa=self.gqa)                   # [n, H, L, D]
-        return attn.o_proj(out.transpose(1, 2).reshape(n, L, -1).to(x.dtype))
+        q_all, k_all, v_all = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)     # [T, *]
+        outs = []
+        for p, (cos, sin), q, k, v in zip(parts, rope, _split(q_all, parts), _split(k_all, parts),
+                                          _split(v_all, parts), strict=True):
+            n, L = p.ids.shape
+            q, k, v = (t.view(n, L, -1, D).transpose(1, 2) for t in (q, k, v))    # [n, heads, L, D]
+            q = q * cos + q.roll(D // 2, -1) * sin
+            k = k * cos + k.roll(D // 2, -1) * sin
+            q, k, v = q.to(kv.dtype), k.to(kv.dtype), v.to(kv.dtype)                # attention in the cache's dtype
+            keys, values = kv.store(p.attention.write, k, v, layer)                 # [n, KVH, K, D]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=p.attention.mask, scale=self.scaling,
+                                                 enable_gqa=self.gqa)               # [n, H, L, D]
+            outs.append(out.transpose(1, 2).reshape(n * L, -1).to(x.dtype))
+        return attn.o_proj(_cat(outs))
+
+
+def _cat(tensors: list[Tensor]) -> Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def _split(packed: Tensor, parts: list[Part]) -> list[Tensor]:
+    """`packed` [T, ...] back into each part's rows [n, L, ...]."""
+    out, start = [], 0
+    for p in parts:
+        n, L = p.ids.shape
+        out.append(packed[start:start + n * L].view(n, L, *packed.shape[1:]))
+        start += n * L
+    return out

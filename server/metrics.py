@@ -85,8 +85,9 @@ class _EngineCollector:
             "mhr_adapter_cache_evictions": ("Adapters dropped from a slot to make room.", cache.evictions),
             "mhr_materialize_seconds": ("Time spent materializing and writing adapters into slots.",
                                         cache.load_seconds),
-            "mhr_engine_steps": ("Engine steps run (prefill and/or one decoded token per running row).", s.steps),
-            "mhr_batch_rows": ("Running rows summed over decode steps (divide by steps: mean batch size).",
+            "mhr_engine_steps": ("Engine steps run (one forward each: new prompts, a chunk, running rows' tokens).",
+                                 s.steps),
+            "mhr_batch_rows": ("Rows given a token, summed over steps (divide by steps: mean batch size).",
                                s.batch_rows),
         }
         if s.prefix is not None:

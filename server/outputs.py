@@ -64,7 +64,7 @@ class EngineStats:
     slots_in_use: int     # slots holding an adapter (the zero-shot pin included)
     tasks: int            # tasks served from the bundle
     steps: int            # engine steps that did work
-    batch_rows: int       # running rows summed over decode steps (/ steps: mean batch size)
+    batch_rows: int       # rows given a token, summed over steps (/ steps: mean batch size)
     cache: CacheStats     # a copy of the adapter cache's counters
     prefix: PrefixStats | None = None  # a copy of the prefix cache's counters, when it is on
 

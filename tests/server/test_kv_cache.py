@@ -26,30 +26,32 @@ def test_rows_are_taken_and_freed_with_the_last_moving_in():
 
 def test_masks_and_positions():
     kv = cache()
-    mask, pos = kv.begin_prefill(kv.add_rows(2), [3, 1])
+    mask, pos, _ = kv.begin_prefill(kv.add_rows(2), [3, 1])
     assert mask.shape == (2, 1, 3, 3) and pos.tolist() == [[0, 1, 2]] * 2
     assert mask[1, 0].tolist() == [[True, False, False]] * 3      # padding keys are never attended
     assert mask[0, 0].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
-    mask, pos = kv.begin_decode()
+    step = kv.begin_decode()
+    mask, pos = step.mask, step.positions
     assert pos.tolist() == [[3], [1]] and mask.shape == (2, 1, 1, 4)
     assert mask[1, 0, 0].tolist() == [True, True, False, False]
     k = torch.ones(2, 1, 1, 2)
     keys, _ = kv.update(k, k, 0)
     assert keys.shape == (2, 1, 4, 2) and keys[1, 0, 1].tolist() == [1.0, 1.0]
-    kv.end_decode()
-    assert kv.lengths == [4, 2]
+    kv.add_rows(1)                                             # a row joining after the decode part was set up
+    kv.end_decode(step)
+    assert kv.lengths == [4, 2, 0]
 
 
 def test_a_prompt_in_chunks_is_staged_then_adopted_into_a_running_row():
     kv = cache(rows=2)
     kv.add_rows(1)
     kv.lengths = [2]
-    mask, pos = kv.begin_chunk(0, 3)
+    mask, pos, _ = kv.begin_chunk(0, 3)
     assert mask.shape == (1, 1, 3, 3) and pos.tolist() == [[0, 1, 2]]
     first = torch.arange(6.0).view(1, 1, 3, 2)
     keys, _ = kv.update(first, first, 0)
     assert torch.equal(keys, first)
-    mask, pos = kv.begin_chunk(3, 2)
+    mask, pos, _ = kv.begin_chunk(3, 2)
     assert pos.tolist() == [[3, 4]]
     assert mask[0, 0].tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
     second = torch.full((1, 1, 2, 2), 9.0)
@@ -65,7 +67,7 @@ def test_prompts_after_cached_prefixes_write_and_attend_from_where_their_prefix_
     rows = kv.add_rows(2)
     prefix = torch.full((1, 3, 2), 5.0)                        # 3 positions of one layer, one kv head
     kv.load_prefix(rows[0], [prefix], [-prefix])
-    mask, pos = kv.begin_prefill_after(rows, [5, 2], [3, 0])   # row 0: positions 3, 4; row 1: 0, 1 (no prefix)
+    mask, pos, _ = kv.begin_prefill_after(rows, [5, 2], [3, 0])   # row 0: positions 3, 4; row 1: 0, 1 (no prefix)
     assert pos.tolist() == [[3, 4], [0, 1]] and mask.shape == (2, 1, 2, 5) and kv.lengths == [5, 2]
     assert mask[0, 0].tolist() == [[True] * 4 + [False], [True] * 5]
     assert mask[1, 0].tolist() == [[True] + [False] * 4, [True, True] + [False] * 3]

@@ -15,7 +15,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from server.batch import Request
 from server.kv_cache import kv_dtype
-from server.lean import LeanDecoder, lean_decoder_for
+from server.lean import LeanDecoder, Part, lean_decoder_for
 from server.lora_ops import SlotPlan
 from tests.server.conftest import DENSE, ROUTED
 from tests.server.test_engine import GREEDY, mixed_requests
@@ -29,15 +29,15 @@ def step_logits(engine, slots: list[int]) -> list[torch.Tensor]:
     kv, lengths = engine.kv, [len(p) for p in PROMPTS]
     width = max(lengths)
     ids = torch.tensor([p + [0] * (width - len(p)) for p in PROMPTS])
-    mask, positions = kv.begin_prefill(kv.add_rows(len(PROMPTS)), lengths)
     plan = SlotPlan.of(slots, "cpu")
     assert plan.uniform is None  # rows of different slots: the mixed-batch paths (gathered, compiled op)
-    logits = engine._forward(ids, mask, positions, plan, torch.arange(width))         # [n, width, V]
+    prefill = Part(ids, kv.begin_prefill(kv.add_rows(len(PROMPTS)), lengths), plan, torch.arange(width))
+    [logits] = engine._forward([prefill])                                             # [n, width, V]
     out = [logits[i, :n] for i, n in enumerate(lengths)]
     for token in (90, 91):
-        mask, positions = kv.begin_decode()
-        step = engine._forward(torch.full((len(PROMPTS), 1), token), mask, positions, plan, 1)  # [n, 1, V]
-        kv.end_decode()
+        decode = Part(torch.full((len(PROMPTS), 1), token), kv.begin_decode(), plan, 1)
+        [step] = engine._forward([decode])                                            # [n, 1, V]
+        kv.end_decode(decode.attention)
         out.append(step[:, 0])
     for row in reversed(range(len(PROMPTS))):
         kv.remove_row(row)
@@ -73,6 +73,39 @@ def test_lean_and_transformers_forward_generate_the_same_tokens(make_engine, tin
     assert [r.tokens for r in lean] == [r.tokens for r in reference]
 
 
+def packed_step(engine, slots: list[int], together: bool) -> list[torch.Tensor]:
+    """Three prompts prefilled, then one step of three parts: their next tokens, two new prompts of other
+    lengths and slots, and the first chunk of a long prompt in the staging row; that step's logits per part,
+    from one forward (`together`) or one forward a part."""
+    kv = engine.kv
+    running = Part(torch.tensor([[1, 40, 41, 42], [1, 50, 0, 0], [1, 60, 61, 0]]),
+                   kv.begin_prefill(kv.add_rows(3), [4, 2, 3]), SlotPlan.of(slots[:3], "cpu"), torch.arange(4))
+    engine._forward([running])
+    decode = Part(torch.tensor([[90], [91], [92]]), kv.begin_decode(), SlotPlan.of(slots[:3], "cpu"), 1)
+    new = Part(torch.tensor([[1, 70, 71, 72, 73, 74], [1, 80, 81, 0, 0, 0]]),
+               kv.begin_prefill(kv.add_rows(2), [6, 3]), SlotPlan.of(slots[3:5], "cpu"), torch.tensor([2, 5]))
+    chunk = Part(torch.tensor([[1, 5, 6, 7]]), kv.begin_chunk(0, 4), SlotPlan.of(slots[5:], "cpu"), 4)
+    parts = [decode, new, chunk]
+    return engine._forward(parts) if together else [engine._forward([part])[0] for part in parts]
+
+
+@pytest.mark.parametrize("cpu_kernel", [True, False])
+def test_one_forward_of_a_steps_parts_equals_a_forward_per_part(make_engine, cpu_kernel):
+    """The lean forward packs a step's parts into one input for the linears: each part's logits equal its own
+    forward's, bit for bit with the compiled op (every output element sums in the same order whatever the
+    other rows are), within float rounding with torch's matmuls (per-part gathers)."""
+    logits = []
+    for together in (True, False):
+        engine = make_engine(cpu_kernel=cpu_kernel)
+        s1, s2, s3 = slots_of(engine, [ROUTED[0], ROUTED[3], DENSE])
+        logits.append(packed_step(engine, [s1, 0, s2, s3, s1, s2], together))
+    for got, want in zip(*logits, strict=True):
+        if cpu_kernel:
+            assert torch.equal(got, want)
+        else:
+            assert torch.allclose(got, want, atol=1e-5 * want.abs().max().item(), rtol=0)
+
+
 def test_lean_forward_is_chosen_only_for_exact_llama_architectures(tiny_llama):
     assert isinstance(lean_decoder_for(tiny_llama, 96), LeanDecoder)
 
@@ -106,9 +139,9 @@ def test_lean_forward_handles_grouped_query_attention(n_kv_heads):
     context, _ = wrap_model(model, ["model.layers.0.self_attn.q_proj"], n_slots=2, max_rank=2)
     context.plan = SlotPlan.of([0, 0], "cpu")
     kv = RowKVCache(2, 2, n_kv_heads, 16, 32, "cpu", torch.float32)
-    mask, positions = kv.begin_prefill(kv.add_rows(2), [6, 6])
+    part = Part(ids, kv.begin_prefill(kv.add_rows(2), [6, 6]), context.plan, torch.arange(6))
     with torch.no_grad():
-        got = lean_decoder_for(model, 16)(ids, positions, mask, kv, torch.arange(6))
+        [got] = lean_decoder_for(model, 16)([part], kv)
     assert torch.allclose(got, want, atol=1e-5)
 
 

@@ -3,11 +3,12 @@
     python -m bench.bench_chunked [--long 224] [--chunk 32] [--rounds 3] [--threads 2]
 
 On the REFERENCE.md workload (the same backbone and tasks as `bench_engine`): 8 requests start decoding,
-then a prompt of `--long` tokens arrives. With `max_prefill_tokens` above its length the engine prefills
-it in one step; with `--chunk` it takes one chunk a step (docs/engine.md, "Long prompts, in chunks").
-Prints, per setting, the longest step while the long prompt was prefilled (the running requests' longest
-wait for their next token) and the long prompt's time to its first token, medians over rounds (the two
-settings take turns), and the chunked / whole ratios. Never asserts.
+then a prompt of `--long` tokens arrives, and a short one (`SHORT` tokens) right after it. With
+`max_prefill_tokens` above the long prompt's length the engine prefills it in one step; with `--chunk` it
+takes one chunk a step, and the short prompt starts beside a chunk (docs/engine.md, "Long prompts, in
+chunks"). Prints, per setting, the longest step while the long prompt was prefilled (the running requests'
+longest wait for their next token) and both prompts' times to their first token, medians over rounds (the
+two settings take turns), and the chunked / whole ratios. Never asserts.
 """
 
 from __future__ import annotations
@@ -29,18 +30,20 @@ from server.outputs import TokenEvent
 
 RUNNING = 8
 LONG_NEW_TOKENS = 4
+SHORT = 12
 
 
 def engine_with_budget(w: Workload, max_prefill_tokens: int, long: int) -> Engine:
     """The engine for `RUNNING` of the workload's requests and one prompt of `long` tokens."""
     max_seq_len = max(long + LONG_NEW_TOKENS, max(map(len, w.prompts)) + w.new_tokens)
-    config = ServerConfig(n_slots=RUNNING + 3, max_running=RUNNING + 1, max_seq_len=max_seq_len,
+    config = ServerConfig(n_slots=RUNNING + 4, max_running=RUNNING + 2, max_seq_len=max_seq_len,
                           max_prefill_tokens=max_prefill_tokens, prefix_cache_mb=0)  # each round prefills whole
     return Engine(load_backbone(w), mhr.Bundle.load(w.bundle_dir), config)
 
 
-def long_prompt_round(engine: Engine, w: Workload, long: list[int]) -> tuple[float, float]:
-    """(longest step in ms while the long prompt was prefilled, its time to first token in ms)."""
+def long_prompt_round(engine: Engine, w: Workload, long: list[int]) -> tuple[float, float, float]:
+    """(longest step in ms while the long prompt was prefilled, its time to first token in ms, the short
+    prompt's time to first token in ms)."""
     params = SamplingParams(max_new_tokens=w.new_tokens, ignore_eos=True)
     answered: set[str] = set()  # requests that have a token (or have ended)
 
@@ -51,17 +54,21 @@ def long_prompt_round(engine: Engine, w: Workload, long: list[int]) -> tuple[flo
                for p, t in zip(w.prompts[:RUNNING], w.tasks, strict=False)]
     while not answered.issuperset(h.request_id for h in running):  # prompts over the budget start one a step
         engine.step()
-    handle = engine.submit(Request(long, w.tasks[RUNNING], SamplingParams(max_new_tokens=LONG_NEW_TOKENS,
-                                                                         ignore_eos=True)), on_event)
-    start, steps = time.perf_counter(), []
-    while handle.request_id not in answered:
+    few = SamplingParams(max_new_tokens=LONG_NEW_TOKENS, ignore_eos=True)
+    handle = engine.submit(Request(long, w.tasks[RUNNING], few), on_event)
+    short = engine.submit(Request(long[-SHORT:], w.tasks[RUNNING + 1], few), on_event)
+    start, steps, first = time.perf_counter(), [], {}
+    while len(first) < 2:
         step_start = time.perf_counter()
         engine.step()
         steps.append(time.perf_counter() - step_start)
-    first_token = time.perf_counter() - start
-    for h in [*running, handle]:
+        for h in (handle, short):  # (time to its first token, steps run by then)
+            if h.request_id in answered:
+                first.setdefault(h.request_id, (time.perf_counter() - start, len(steps)))
+    for h in [*running, handle, short]:
         engine.cancel(h.request_id)
-    return max(steps) * 1e3, first_token * 1e3
+    (long_ttft, long_steps), (short_ttft, _) = first[handle.request_id], first[short.request_id]
+    return max(steps[:long_steps]) * 1e3, long_ttft * 1e3, short_ttft * 1e3
 
 
 def main() -> None:
@@ -77,19 +84,19 @@ def main() -> None:
         long = torch.randint(3, 8192, (args.long,), generator=torch.Generator().manual_seed(1)).tolist()
         engines = {"whole prompt in one step": engine_with_budget(w, args.long, args.long),
                    f"chunks of {args.chunk} tokens": engine_with_budget(w, args.chunk, args.long)}
-        results: dict[str, list[tuple[float, float]]] = {name: [] for name in engines}
+        results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in engines}
         for _ in range(args.rounds + 1):               # the first round warms up and is dropped
             for name, engine in engines.items():
                 results[name].append(long_prompt_round(engine, w, long))
-        print(f"\n{'setting':<28}{'longest step, ms':>18}{'long prompt TTFT, ms':>22}")
+        print(f"\n{'setting':<28}{'longest step, ms':>18}{'long prompt TTFT, ms':>22}{'short prompt TTFT, ms':>23}")
         medians = {}
         for name, rounds in results.items():
-            gap, ttft = (statistics.median(values) for values in zip(*rounds[1:], strict=True))
-            medians[name] = gap, ttft
-            print(f"{name:<28}{gap:>18.1f}{ttft:>22.1f}")
-        (whole_gap, whole_ttft), (chunk_gap, chunk_ttft) = medians.values()
-        print(f"\nchunked / whole: longest step {chunk_gap / whole_gap:.2f}, long prompt TTFT "
-              f"{chunk_ttft / whole_ttft:.2f}   ({RUNNING} requests decoding, a {args.long}-token prompt, "
+            medians[name] = gap, ttft, short = [statistics.median(values) for values in zip(*rounds[1:], strict=True)]
+            print(f"{name:<28}{gap:>18.1f}{ttft:>22.1f}{short:>23.1f}")
+        whole, chunked = medians.values()
+        gap, ttft, short = (c / w for c, w in zip(chunked, whole, strict=True))
+        print(f"\nchunked / whole: longest step {gap:.2f}, long prompt TTFT {ttft:.2f}, short prompt TTFT {short:.2f}"
+              f"   ({RUNNING} requests decoding, a {args.long}-token prompt then a {SHORT}-token one, "
               f"{args.rounds} rounds, medians, {torch.get_num_threads()} threads)")
 
 

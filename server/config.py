@@ -38,7 +38,8 @@ class ServerConfig(BaseSettings):
         max_seq_len: positions per KV row: prompt plus generated tokens of one request.
         max_waiting: requests queued for admission; one more fails fast (HTTP 429).
         max_prefill_tokens: prompt tokens prefilled in one step; a longer prompt is started alone and
-            prefilled that many tokens a step while the running requests keep decoding.
+            prefilled that many tokens a step while the running requests keep decoding (prompts that fit in
+            half of it start beside its chunks).
         prefix_cache_mb: MiB of prompt prefixes' keys and values kept for reuse (`server.prefix_cache`): a
             prompt that starts like an earlier one under the same adapter skips prefilling the shared whole
             blocks of 16 tokens. 0: off (the torch engine's).

@@ -179,16 +179,19 @@ class Engine:
         """One forward for everything that moves: a token for every running request, the prompts admitted
         now (each gets its first token), and the next chunk of a prompt over the prefill budget."""
         with self._lock, torch.inference_mode():
-            new = self._admit() if self._staged is None else []
-            if len(new) == 1 and new[0].request.prompt_len > self.config.max_prefill_tokens:
-                self._stage(new.pop())  # the scheduler starts such a prompt alone
+            if self._staged is None:
+                new = self._admit()
+                if len(new) == 1 and new[0].request.prompt_len > self.config.max_prefill_tokens:
+                    self._stage(new.pop())  # the scheduler starts such a prompt alone
+            else:  # prompts that fit in half the budget start beside the chunk, which gets the rest
+                new = self._admit(self.config.max_prefill_tokens // 2)
             work = [self._decode_part()] if self.batch else []  # before the new rows join
             scoring = [s for s in new if s.request.params.prompt_logprobs is not None]  # all positions' logits
             for part in (scoring, [s for s in new if s.request.params.prompt_logprobs is None]):
                 for group in prefill_groups([s.request.prompt_len - s.reused for s in part]):
                     work.append(self._prefill_part([part[i] for i in group]))
             if self._staged is not None:
-                work.append(self._chunk_part())
+                work.append(self._chunk_part(self.config.max_prefill_tokens - sum(s.request.prompt_len for s in new)))
             if not work:
                 return
             self._steps += 1
@@ -199,7 +202,9 @@ class Engine:
                 self._batch_rows += len(self.batch)
                 self._record(torch.cat(chosen) if len(chosen) > 1 else chosen[0])
 
-    def _admit(self) -> list[Sequence]:
+    def _admit(self, budget: int | None = None) -> list[Sequence]:
+        """Start waiting requests (`Scheduler.admit`, within `budget` prompt tokens when given), a KV row kept
+        for a staged prompt; their adapters are in their slots when this returns."""
         new: list[Sequence] = []
 
         def try_start(request: Request) -> Start:
@@ -221,7 +226,7 @@ class Engine:
             new.append(seq)
             return Start.STARTED
 
-        self.scheduler.admit(len(self.batch), try_start)
+        self.scheduler.admit(len(self.batch) + (self._staged is not None), try_start, budget)
         self.cache.write_pending()  # the cold tasks admitted in this step, materialized together
         return new
 
@@ -279,12 +284,12 @@ class Engine:
             self.kv.load_prefix(row, *seq.prefix)
             seq.prefix = None
 
-    def _chunk_part(self) -> tuple[Part, Callable[[Tensor], Tensor | None]]:
-        """The staged prompt's next `max_prefill_tokens` positions; once it is whole, it joins the running batch
-        with its first token."""
+    def _chunk_part(self, size: int) -> tuple[Part, Callable[[Tensor], Tensor | None]]:
+        """The staged prompt's next `size` positions; once it is whole, it joins the running batch with its
+        first token."""
         seq, start = self._staged, self._staged_len
         prompt = seq.request.prompt
-        end = min(len(prompt), start + self.config.max_prefill_tokens)
+        end = min(len(prompt), start + size)
         attention = self.kv.begin_chunk(start, end - start)
         ids = torch.tensor([prompt[start:end]], device=self.device)                   # [1, L]
         scoring = seq.request.params.prompt_logprobs is not None

@@ -65,17 +65,22 @@ class Scheduler:
     def n_waiting(self) -> int:
         return len(self._waiting)
 
-    def admit(self, n_running: int, try_start: Callable[[Waiting], Start]) -> list[Waiting]:
+    def admit(self, n_running: int, try_start: Callable[[Waiting], Start], budget: int | None = None
+              ) -> list[Waiting]:
         """Start waiting requests in FIFO order while rows and the step's prefill budget last.
 
+        budget: prompt tokens this step may admit, every request included (a step that also prefills a
+        chunk of a long prompt gives part of its budget); by default `max_prefill_tokens`, which the first
+        request may exceed (it is then prefilled in chunks).
         A request that must wait for a slot keeps its place; later ones are still tried, since they may
         hit adapters already resident. The oldest request gets the first slot released, so none starves.
         """
         with self._lock:
             candidates = list(self._waiting)
         started, tokens, rows = [], 0, self.max_running - n_running
+        limit = self.max_prefill_tokens if budget is None else budget
         for request in candidates:
-            if len(started) == rows or (started and tokens + request.prompt_len > self.max_prefill_tokens):
+            if len(started) == rows or ((started or budget is not None) and tokens + request.prompt_len > limit):
                 break
             outcome = try_start(request)
             if outcome is Start.WAIT:

@@ -112,6 +112,32 @@ def test_running_requests_decode_while_a_long_prompt_is_prefilled_in_chunks(make
     assert long.result().tokens == run_alone(make_engine(), [Request(long_prompt, ROUTED[3], GREEDY)])[0].tokens
 
 
+def test_short_prompts_start_beside_a_long_prompt_prefilled_in_chunks(make_engine, tiny_tokenizer):
+    """Prompts that fit in half the step's budget start while a long prompt is prefilled in chunks (in the
+    same forward); its chunk takes the rest of the budget, so it goes on every step. A row stays kept for it."""
+    engine = make_engine(max_prefill_tokens=12, max_running=3)
+    long_prompt = prompt(tiny_tokenizer, 14)
+    assert len(long_prompt) > 24
+    long = engine.submit(Request(long_prompt, ROUTED[3], GREEDY))
+    engine.step()                                       # its first chunk: 12 positions
+    shorts = [Request(prompt(tiny_tokenizer, 1, i), task, GREEDY)
+              for i, task in zip([0, 2, 3], [ROUTED[0], DENSE, None], strict=True)]
+    assert [len(r.prompt) for r in shorts] == [2, 4, 4]
+    handles = [engine.submit(r) for r in shorts]
+    engine.step()                                       # two start: 6 tokens, half the budget; the chunk gets 6
+    assert [len(s.tokens) for s in engine.batch.seqs] == [1, 1] and engine.kv.n_active == 2
+    assert engine._staged_len == 12 + 6 and engine.scheduler.n_waiting == 1
+    engine.step()                                       # the long prompt's last chunk; no row left for the third
+    assert engine._staged is None and [len(s.tokens) for s in engine.batch.seqs] == [2, 2, 1]
+    assert engine.scheduler.n_waiting == 1
+    while not long.done:
+        engine.step()
+    while engine.has_work:
+        engine.step()
+    assert long.result().tokens == run_alone(make_engine(), [Request(long_prompt, ROUTED[3], GREEDY)])[0].tokens
+    assert [h.result().tokens for h in handles] == [r.tokens for r in run_alone(make_engine(), shorts)]
+
+
 def test_cancelling_a_prompt_prefilled_in_chunks_frees_its_slot(make_engine, tiny_tokenizer):
     engine = make_engine(max_prefill_tokens=2)
     request = Request(prompt(tiny_tokenizer, 8), ROUTED[2], GREEDY)

@@ -39,6 +39,15 @@ def test_fifo_under_row_and_token_budgets():
     assert s.admit(0, start_all) == [big]  # the first request of a step always fits
 
 
+def test_a_given_budget_holds_for_every_request_in_order():
+    s = Scheduler(max_waiting=10, max_running=8, max_prefill_tokens=10)
+    for name, n in [("a", 3), ("b", 2), ("c", 4), ("d", 1)]:
+        s.submit(Item(name, n))
+    assert [i.request_id for i in s.admit(0, start_all, budget=5)] == ["a", "b"]  # "c" would pass 5
+    assert s.admit(0, start_all, budget=3) == []                                 # not even the first: "c" waits
+    assert [i.request_id for i in s.admit(0, start_all, budget=5)] == ["c", "d"]
+
+
 def test_waiting_for_a_slot_keeps_the_place_and_lets_hits_pass():
     s = Scheduler(max_waiting=10, max_running=8, max_prefill_tokens=100)
     for name in "abc":

@@ -177,35 +177,58 @@ class Engine:
 
     def step(self) -> None:
         """One forward for everything that moves: a token for every running request, the prompts admitted
-        now (each gets its first token), and the next chunk of a prompt over the prefill budget."""
-        with self._lock, torch.inference_mode():
-            if self._staged is None:
-                new = self._admit()
-                if len(new) == 1 and new[0].request.prompt_len > self.config.max_prefill_tokens:
-                    self._stage(new.pop())  # the scheduler starts such a prompt alone
-            else:  # prompts that fit in half the budget start beside the chunk, which gets the rest
-                new = self._admit(self.config.max_prefill_tokens // 2)
-            work = [self._decode_part()] if self.batch else []  # before the new rows join
-            scoring = [s for s in new if s.request.params.prompt_logprobs is not None]  # all positions' logits
-            for part in (scoring, [s for s in new if s.request.params.prompt_logprobs is None]):
-                for group in prefill_groups([s.request.prompt_len - s.reused for s in part]):
-                    work.append(self._prefill_part([part[i] for i in group]))
-            if self._staged is not None:
-                work.append(self._chunk_part(self.config.max_prefill_tokens - sum(s.request.prompt_len for s in new)))
-            if not work:
-                return
-            self._steps += 1
-            logits = self._forward([part for part, _ in work])
-            chosen = [row_logits for (_, done), out in zip(work, logits, strict=True)
-                      if (row_logits := done(out)) is not None]
-            if chosen:  # [rows, V] in row order: the running rows, then the new ones
-                self._batch_rows += len(self.batch)
-                self._record(torch.cat(chosen) if len(chosen) > 1 else chosen[0])
+        now (each gets its first token), and the next chunk of a prompt over the prefill budget.
 
-    def _admit(self, budget: int | None = None) -> list[Sequence]:
-        """Start waiting requests (`Scheduler.admit`, within `budget` prompt tokens when given), a KV row kept
-        for a staged prompt; their adapters are in their slots when this returns."""
-        new: list[Sequence] = []
+        A step that fails (the forward raised, memory ran out) ends every request it held with finish reason
+        "error" and the error's text, frees their slots and KV rows, and leaves the engine serving: the
+        waiting requests and later ones run in the next steps."""
+        with self._lock, torch.inference_mode():
+            new: list[Sequence] = []
+            try:
+                self._step(new)
+            except Exception as e:
+                log.exception("an engine step failed: its requests end with an error")
+                self._fail_step(new, f"the engine step failed ({type(e).__name__}: {e}); retry the request")
+
+    def _step(self, new: list[Sequence]) -> None:
+        if self._staged is None:
+            self._admit(new)
+            if len(new) == 1 and new[0].request.prompt_len > self.config.max_prefill_tokens:
+                self._stage(new.pop())  # the scheduler starts such a prompt alone
+        else:  # prompts that fit in half the budget start beside the chunk, which gets the rest
+            self._admit(new, self.config.max_prefill_tokens // 2)
+        work = [self._decode_part()] if self.batch else []  # before the new rows join
+        scoring = [s for s in new if s.request.params.prompt_logprobs is not None]  # all positions' logits
+        for part in (scoring, [s for s in new if s.request.params.prompt_logprobs is None]):
+            for group in prefill_groups([s.request.prompt_len - s.reused for s in part]):
+                work.append(self._prefill_part([part[i] for i in group]))
+        if self._staged is not None:
+            work.append(self._chunk_part(self.config.max_prefill_tokens - sum(s.request.prompt_len for s in new)))
+        if not work:
+            return
+        self._steps += 1
+        logits = self._forward([part for part, _ in work])
+        chosen = [row_logits for (_, done), out in zip(work, logits, strict=True)
+                  if (row_logits := done(out)) is not None]
+        if chosen:  # [rows, V] in row order: the running rows, then the new ones
+            self._batch_rows += len(self.batch)
+            self._record(torch.cat(chosen) if len(chosen) > 1 else chosen[0])
+
+    def _fail_step(self, new: list[Sequence], error: str) -> None:
+        """End every request a failed step held (running, staged, admitted in it) with `error`; empty the batch
+        and the KV rows."""
+        held = {id(seq): seq for seq in [*self.batch.seqs, *new, *([self._staged] if self._staged else [])]}
+        for seq in held.values():
+            if seq.request.request_id in self._handles:  # not already ended within the step
+                if seq.slot and self.cache.refs(seq.slot):  # (a failed slot write has freed its slots)
+                    self.cache.release(seq.slot)
+                self._finish(seq.result("error", error))
+        self.batch, self._staged = Batch(self.device), None
+        self.kv.clear()
+
+    def _admit(self, new: list[Sequence], budget: int | None = None) -> None:
+        """Start waiting requests into `new` (`Scheduler.admit`, within `budget` prompt tokens when given), a KV
+        row kept for a staged prompt; their adapters are in their slots when this returns."""
 
         def try_start(request: Request) -> Start:
             try:
@@ -228,7 +251,6 @@ class Engine:
 
         self.scheduler.admit(len(self.batch) + (self._staged is not None), try_start, budget)
         self.cache.write_pending()  # the cold tasks admitted in this step, materialized together
-        return new
 
     def _decode_part(self) -> tuple[Part, Callable[[Tensor], Tensor]]:
         """The running rows' next tokens."""

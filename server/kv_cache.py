@@ -86,6 +86,10 @@ class RowKVCache:
         self.lengths.extend([0] * n)
         return range(first, first + n)
 
+    def clear(self) -> None:
+        """Free every row (the buffers keep their contents, which no mask lets anything read)."""
+        self.lengths = []
+
     def remove_row(self, row: int) -> int | None:
         """Free `row`; the last row moves into it. Returns the moved row's old index (None if none moved)."""
         last = self.n_active - 1

@@ -153,6 +153,34 @@ def test_cancelling_a_prompt_prefilled_in_chunks_frees_its_slot(make_engine, tin
     assert after.tokens == run_alone(make_engine(), [request])[0].tokens
 
 
+@pytest.mark.parametrize("fault", ["forward", "slot write"])
+def test_a_failed_step_ends_its_requests_with_an_error_and_the_engine_serves_on(make_engine, tiny_tokenizer, fault):
+    engine = make_engine(max_prefill_tokens=20)
+    requests = task_requests(tiny_tokenizer, [ROUTED[0], DENSE], LONG)
+    handles = [engine.submit(r) for r in requests]
+    while len(engine.batch) < 2:
+        engine.step()
+    long = engine.submit(Request(prompt(tiny_tokenizer, 12), None, GREEDY))    # staged: prefilled in chunks
+    engine.step()
+    assert engine._staged is not None
+    cold = engine.submit(Request(prompt(tiny_tokenizer, 1), ROUTED[3], GREEDY))  # a miss, admitted next step
+
+    def broken(*args):
+        raise RuntimeError("out of memory")
+    healthy = engine.lean, engine.cache._write
+    engine.lean, engine.cache._write = (broken, healthy[1]) if fault == "forward" else (healthy[0], broken)
+    engine.step()                                     # does not raise
+    engine.lean, engine.cache._write = healthy
+    for handle in [*handles, long, cold]:
+        result = handle.result(timeout=0)
+        assert result.finish_reason == "error" and "out of memory" in result.error
+    assert engine.stats().running == 0 and engine.kv.n_active == 0 and not engine.has_work
+    assert all(engine.cache.refs(slot) == 0 for slot in engine.cache.resident().values()
+               if slot != engine._zero_shot_slot)
+    again = engine.generate(requests)
+    assert [r.tokens for r in again] == [r.tokens for r in run_alone(make_engine(), requests)]
+
+
 def test_cancel_mid_generation_frees_slot_and_kv_row(make_engine, tiny_tokenizer):
     engine = make_engine()
     requests = task_requests(tiny_tokenizer, [ROUTED[0], ROUTED[3], ROUTED[0]], LONG)

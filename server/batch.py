@@ -195,10 +195,10 @@ class Sequence:
         return delta[: max(0, end - start)]
 
 
-def prefill_groups(lengths: list[int], max_padding: float = 0.25) -> list[list[int]]:
+def prefill_groups(lengths: list[int], max_padding: float) -> list[list[int]]:
     """Which prompts to prefill together: indices, longest first, grouped so that right-padding a group to
     its longest prompt adds at most `max_padding` of its real tokens (padding is computed and thrown away;
-    one more forward costs less than that on CPU once prompts differ widely in length)."""
+    0: only prompts of one length share a group)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     groups: list[list[int]] = []
     total = 0

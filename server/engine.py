@@ -199,8 +199,11 @@ class Engine:
             self._admit(new, self.config.max_prefill_tokens // 2)
         work = [self._decode_part()] if self.batch else []  # before the new rows join
         scoring = [s for s in new if s.request.params.prompt_logprobs is not None]  # all positions' logits
+        # packed into one forward, another group costs only its attention: no padding then (measured: 16 prompts
+        # of 16-64 tokens, 0.90x the step of groups padded up to 25 %); a forward per group costs a weight pass
+        padding = 0.0 if self.lean is not None else 0.25
         for part in (scoring, [s for s in new if s.request.params.prompt_logprobs is None]):
-            for group in prefill_groups([s.request.prompt_len - s.reused for s in part]):
+            for group in prefill_groups([s.request.prompt_len - s.reused for s in part], padding):
                 work.append(self._prefill_part([part[i] for i in group]))
         if self._staged is not None:
             work.append(self._chunk_part(self.config.max_prefill_tokens - sum(s.request.prompt_len for s in new)))

@@ -69,12 +69,13 @@ def test_tiny_top_p_keeps_only_the_best_token():
 
 def test_prefill_groups_bound_the_padding():
     lengths = [16, 64, 60, 20, 33, 62, 17]
-    groups = prefill_groups(lengths)
+    groups = prefill_groups(lengths, 0.25)
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
     for g in groups:
         assert max(lengths[i] for i in g) * len(g) <= 1.25 * sum(lengths[i] for i in g)
     assert groups[0][:3] == [1, 5, 2] and len(groups) < len(lengths)  # longest first
-    assert prefill_groups([8, 8, 8]) == [[0, 1, 2]]
+    assert prefill_groups([8, 8, 8], 0.25) == [[0, 1, 2]]
+    assert prefill_groups([8, 5, 8, 5, 9], 0.0) == [[4], [0, 2], [1, 3]]  # no padding: one length a group
 
 
 def test_incremental_text_equals_decoding_every_token(tiny_tokenizer):

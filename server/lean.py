@@ -2,8 +2,9 @@
 
 Owns computing a step's logits (the running rows' next tokens, new prompts, a prompt's chunk: one
 forward for all) for models whose architecture is exactly Llama's
-(`LlamaForCausalLM`, and `MistralForCausalLM` / `Qwen2ForCausalLM` without sliding windows: Qwen2's
-q/k/v bias lives in its linears, which are called as they are) without transformers' per-layer
+(`LlamaForCausalLM`, and `MistralForCausalLM` / `Qwen2ForCausalLM` / `Qwen3ForCausalLM` without sliding
+windows: Qwen2's q/k/v bias lives in its linears, which are called as they are; Qwen3's per-head query and
+key norms are the model's own modules) without transformers' per-layer
 machinery (mask preparation, attention-interface dispatch, keyword plumbing, output dataclasses). On a
 small backbone that machinery costs as much as the matmuls at decode (DESIGN.md section 5). It calls
 the model's own modules and weights: its embedding, RMSNorms, rotary embedding (so every rope type the
@@ -19,13 +20,14 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
 from server.kv_cache import Attention, RowKVCache
 from server.lora_ops import SlotPlan
 
-# Exact classes, not subclasses: a subclass may change the forward this module re-implements.
-LLAMA_FAMILY = (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)
+# Exact classes, not subclasses: a subclass may change the forward this module re-implements. Qwen3 differs
+# from Llama only by an RMSNorm over each head of the queries and keys (`q_norm`, `k_norm`) before rotary.
+LLAMA_FAMILY = (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)
 
 
 def lean_decoder_for(model: nn.Module, max_seq_len: int) -> LeanDecoder | None:
@@ -65,6 +67,7 @@ class LeanDecoder:
         attn = self.body.layers[0].self_attn
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
         self.gqa = model.config.num_attention_heads != model.config.num_key_value_heads
+        self.head_norms = hasattr(attn, "q_norm")  # Qwen3
 
     def __call__(self, parts: list[Part], kv: RowKVCache) -> list[Tensor]:
         """Each part's logits [n, keep, V]."""
@@ -94,7 +97,10 @@ class LeanDecoder:
         for p, (cos, sin), q, k, v in zip(parts, rope, _split(q_all, parts), _split(k_all, parts),
                                           _split(v_all, parts), strict=True):
             n, L = p.ids.shape
-            q, k, v = (t.view(n, L, -1, D).transpose(1, 2) for t in (q, k, v))    # [n, heads, L, D]
+            q, k, v = (t.view(n, L, -1, D) for t in (q, k, v))
+            if self.head_norms:
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))                        # [n, heads, L, D]
             q = q * cos + q.roll(D // 2, -1) * sin
             k = k * cos + k.roll(D // 2, -1) * sin
             q, k, v = q.to(kv.dtype), k.to(kv.dtype), v.to(kv.dtype)                # attention in the cache's dtype

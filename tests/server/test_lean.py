@@ -10,6 +10,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -123,16 +125,22 @@ def test_lean_forward_is_chosen_only_for_exact_llama_architectures(tiny_llama):
     assert lean_decoder_for(windowed, 96) is None  # a window shorter than the sequences: not the same attention
 
 
-@pytest.mark.parametrize("n_kv_heads", [1, 2])
-def test_lean_forward_handles_grouped_query_attention(n_kv_heads):
-    """A bare Mistral (GQA when n_kv_heads < heads) through the lean path equals its own forward."""
+@pytest.mark.parametrize(("family", "n_kv_heads"), [("mistral", 1), ("mistral", 2), ("qwen3", 1), ("qwen3", 2)])
+def test_lean_forward_equals_the_models_own_forward(family, n_kv_heads):
+    """A bare Mistral or Qwen3 (GQA when n_kv_heads < heads; Qwen3's per-head query and key norms, given
+    weights other than ones) through the lean path equals its own forward."""
     from server.kv_cache import RowKVCache
     from server.model import wrap_model
 
     torch.manual_seed(0)
-    config = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                           num_key_value_heads=n_kv_heads, head_dim=32, vocab_size=64, sliding_window=None)
-    model = MistralForCausalLM(config).eval()
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=n_kv_heads, head_dim=32, vocab_size=64, sliding_window=None)
+    model = (MistralForCausalLM(MistralConfig(**shape)) if family == "mistral"
+             else Qwen3ForCausalLM(Qwen3Config(**shape))).eval()
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                weight.uniform_(0.5, 1.5)
     ids = torch.randint(3, 64, (2, 6))
     with torch.no_grad():
         want = model(input_ids=ids).logits

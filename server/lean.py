@@ -44,9 +44,9 @@ def lean_decoder_for(model: nn.Module, max_seq_len: int) -> LeanDecoder | None:
 
 
 class Part(NamedTuple):
-    """One group of rows in a step's forward: running rows' next tokens, prompts of one padded length, or a
-    prompt's chunk. ids [n, L]; `attention` from the KV cache's `begin_*`; `plan` the rows' slots; keep: the
-    positions whose logits are wanted (an index tensor), or an int: the last `keep`."""
+    """One group of rows in a step's forward: running rows' next tokens, new prompts (right-padded to one
+    length), or a prompt's chunk. ids [n, L]; `attention` from the KV cache's `begin_*`; `plan` the rows'
+    slots; keep: the positions whose logits are wanted (an index tensor), or an int: the last `keep`."""
 
     ids: Tensor
     attention: Attention

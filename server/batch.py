@@ -120,6 +120,7 @@ class Sequence:
     finish_reason: str | None = None   # "length", "stop", "eos" or "cancelled" once finished
     started: float = field(default_factory=time.monotonic)     # when it joined the running batch
     first_token_at: float | None = None
+    last_token_at: float | None = None
     logprobs: list[TokenLogprobs] = field(default_factory=list)                # when asked: one per token
     prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)  # when asked: one per prompt token
     cache_key: Hashable = None         # the adapter's key, under which its prompt prefixes are cached
@@ -136,8 +137,9 @@ class Sequence:
         of tokens is decoded per call, not the whole list (which grew quadratic in the output length).
         """
         self.tokens.append(token)
+        self.last_token_at = time.monotonic()
         if self.first_token_at is None:
-            self.first_token_at = time.monotonic()
+            self.first_token_at = self.last_token_at
         params = self.request.params
         delta = ""
         if decode is not None:
@@ -157,9 +159,11 @@ class Sequence:
         "error"), its latencies (queue time only if it `started` running) and the log-probabilities it asked for."""
         request, params = self.request, self.request.params
         first = None if self.first_token_at is None else self.first_token_at - request.arrived
+        after_first = self.last_token_at - self.first_token_at if len(self.tokens) > 1 else None
         return Result(request.request_id, self.adapter, list(self.tokens), self.text,
                       finish_reason or self.finish_reason or "error", request.prompt_len, error=error,
                       queue_seconds=self.started - request.arrived if started else None, first_token_seconds=first,
+                      after_first_token_seconds=after_first,
                       logprobs=None if params.logprobs is None else list(self.logprobs),
                       prompt_logprobs=None if params.prompt_logprobs is None else list(self.prompt_logprobs))
 

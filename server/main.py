@@ -30,6 +30,9 @@ def serve(
     max_running: Annotated[int | None, Opt(help="requests decoded together [default: 16]")] = None,
     max_seq_len: Annotated[int | None, Opt(help="prompt + generated tokens per request [default: 512]")] = None,
     max_waiting: Annotated[int | None, Opt(help="queued requests before 429 [default: 256]")] = None,
+    max_prefill_tokens: Annotated[int | None, Opt(help="prompt tokens prefilled per step, beside the running "
+                                                       "requests' tokens; longer prompts go in chunks "
+                                                       "[default: 2048]")] = None,
     prefix_cache_mb: Annotated[float | None, Opt(help="MiB of prompt prefixes' keys and values kept for reuse, "
                                                       "per adapter; 0: off [default: 0]")] = None,
     zero_shot: Annotated[bool | None, Opt("--zero-shot/--no-zero-shot",
@@ -53,7 +56,8 @@ def serve(
     options = {"bundle": bundle, "model": model, "device": device, "dtype": dtype, "kv_dtype": kv_dtype,
                "n_slots": slots,
                "max_rank": max_rank, "max_running": max_running, "max_seq_len": max_seq_len,
-               "max_waiting": max_waiting, "prefix_cache_mb": prefix_cache_mb, "allow_zero_shot": zero_shot,
+               "max_waiting": max_waiting, "max_prefill_tokens": max_prefill_tokens,
+               "prefix_cache_mb": prefix_cache_mb, "allow_zero_shot": zero_shot,
                "host": host, "port": port,
                "api_key": api_key, "admin_key": admin_key, "drain_seconds": drain_seconds,
                "max_upload_mb": max_upload_mb, "engine": engine, "cpu_kernel": cpu_kernel}

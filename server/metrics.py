@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from server.outputs import Result
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -41,6 +42,9 @@ class ServerMetrics:
                                              buckets=LATENCY_BUCKETS, registry=r)
         self.request_seconds = Histogram("mhr_request_seconds", "End-to-end time of finished requests.",
                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.token_seconds = Histogram("mhr_time_per_output_token_seconds",
+                                       "Mean time between a request's generated tokens after the first, per request.",
+                                       buckets=TOKEN_BUCKETS, registry=r)
         r.register(_EngineCollector(engine_stats))
 
     def finished(self, adapter: str, result: Result, seconds: float) -> None:
@@ -52,6 +56,8 @@ class ServerMetrics:
             self.queue_seconds.observe(result.queue_seconds)
         if result.first_token_seconds is not None:
             self.first_token_seconds.observe(result.first_token_seconds)
+        if result.after_first_token_seconds is not None:
+            self.token_seconds.observe(result.after_first_token_seconds / (len(result.tokens) - 1))
 
     def rejected(self, reason: str) -> None:
         self.rejections.labels(reason).inc()

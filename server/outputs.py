@@ -50,6 +50,7 @@ class Result:
     error: str | None = None
     queue_seconds: float | None = None        # arrival -> joining the running batch (None: never ran)
     first_token_seconds: float | None = None  # arrival -> first generated token
+    after_first_token_seconds: float | None = None  # first -> last generated token (None: fewer than two)
     logprobs: list[TokenLogprobs] | None = None  # one per token, when asked (`SamplingParams.logprobs`)
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # one per prompt token (the first: None), when asked
 

@@ -99,7 +99,8 @@ def test_dashboard_covers_the_monitoring_topics(dashboard):
     """The panels the deployment guide promises: per-task traffic, latency histograms, cache, engine."""
     used = set().union(*(metric_names(e) for _, e in expressions(dashboard)))
     for name in ("mhr_requests_total", "mhr_generated_tokens_total", "mhr_queue_seconds_bucket",
-                 "mhr_time_to_first_token_seconds_bucket", "mhr_request_seconds_bucket",
+                 "mhr_time_to_first_token_seconds_bucket", "mhr_time_per_output_token_seconds_bucket",
+                 "mhr_request_seconds_bucket",
                  "mhr_adapter_cache_hits_total", "mhr_adapter_cache_misses_total",
                  "mhr_materialize_seconds_total", "mhr_running_requests", "mhr_waiting_requests",
                  "mhr_adapter_slots_in_use"):

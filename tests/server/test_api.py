@@ -221,6 +221,7 @@ def test_metrics_count_requests_and_tokens_by_adapter(server, client):
     assert samples['mhr_rejected_requests_total{reason="invalid_request"}'] >= 1
     assert samples["mhr_adapter_cache_misses_total"] >= 1
     assert samples["mhr_time_to_first_token_seconds_count"] >= 2
+    assert samples["mhr_time_per_output_token_seconds_count"] >= 1  # requests of two tokens or more
     assert "unseen-task" not in text  # labels name adapters, never raw model names
 
 

@@ -36,6 +36,27 @@ def test_finish_reasons():
     assert s.finish_reason == "length"
 
 
+def test_results_time_the_tokens_after_the_first():
+    s = seq(SamplingParams(max_new_tokens=3))
+    s.append(5, frozenset(), None)
+    assert s.result().after_first_token_seconds is None           # one token: no time between tokens
+    s.append(6, frozenset(), None), s.append(7, frozenset(), None)
+    result = s.result()
+    assert result.after_first_token_seconds == s.last_token_at - s.first_token_at >= 0
+    assert s.request.arrived <= s.first_token_at <= s.last_token_at
+
+
+def test_time_per_output_token_is_observed_per_request():
+    from server.metrics import ServerMetrics
+    from server.outputs import Result
+
+    metrics = ServerMetrics(lambda: None)
+    metrics.finished("t", Result("a", "t", [1, 2, 3, 4, 5], after_first_token_seconds=0.4), 1.0)
+    metrics.finished("t", Result("b", "t", [1]), 1.0)              # one token: not observed
+    assert metrics.registry.get_sample_value("mhr_time_per_output_token_seconds_count") == 1
+    assert metrics.registry.get_sample_value("mhr_time_per_output_token_seconds_sum") == pytest.approx(0.1)
+
+
 def test_stop_string_cuts_the_text_even_across_tokens():
     pieces = {1: "hel", 2: "lo wo", 3: "rld"}
     s = seq(SamplingParams(max_new_tokens=10, stop=("o w",)))

@@ -26,13 +26,10 @@ def test_engine_vllm_without_vllm_fails_with_one_clear_line(tmp_path):
     assert lines == [lines[-1]] and "--engine vllm needs vLLM" in lines[-1] and "mhr-serve[vllm]" in lines[-1]
 
 
-def test_a_bad_kv_dtype_on_the_command_line_is_refused_by_name(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "server", "--kv-dtype", "fp8", "--bundle", str(tmp_path)],
+@pytest.mark.parametrize(("flag", "value", "field"), [("--kv-dtype", "fp8", "kv_dtype"),
+                                                       ("--prefix-cache-mb", "-1", "prefix_cache_mb"),
+                                                       ("--max-prefill-tokens", "0", "max_prefill_tokens")])
+def test_a_bad_setting_on_the_command_line_is_refused_by_name(tmp_path, flag, value, field):
+    out = subprocess.run([sys.executable, "-m", "server", flag, value, "--bundle", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "kv_dtype" in out.stderr and "fp8" in out.stderr
-
-
-def test_a_negative_prefix_cache_on_the_command_line_is_refused_by_name(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "server", "--prefix-cache-mb", "-1", "--bundle", str(tmp_path)],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "prefix_cache_mb" in out.stderr and "-1" in out.stderr
+    assert out.returncode == 2 and field in out.stderr and value in out.stderr

@@ -91,14 +91,15 @@ def packed_step(engine, slots: list[int], together: bool) -> list[torch.Tensor]:
     return engine._forward(parts) if together else [engine._forward([part])[0] for part in parts]
 
 
-@pytest.mark.parametrize("cpu_kernel", [True, False])
-def test_one_forward_of_a_steps_parts_equals_a_forward_per_part(make_engine, cpu_kernel):
+@pytest.mark.parametrize(("dtype", "cpu_kernel"), [(torch.float32, True), (torch.bfloat16, True),
+                                                     (torch.float32, False)])
+def test_one_forward_of_a_steps_parts_equals_a_forward_per_part(make_engine, dtype, cpu_kernel):
     """The lean forward packs a step's parts into one input for the linears: each part's logits equal its own
     forward's, bit for bit with the compiled op (every output element sums in the same order whatever the
     other rows are), within float rounding with torch's matmuls (per-part gathers)."""
     logits = []
     for together in (True, False):
-        engine = make_engine(cpu_kernel=cpu_kernel)
+        engine = make_engine(dtype=dtype, cpu_kernel=cpu_kernel)
         s1, s2, s3 = slots_of(engine, [ROUTED[0], ROUTED[3], DENSE])
         logits.append(packed_step(engine, [s1, 0, s2, s3, s1, s2], together))
     for got, want in zip(*logits, strict=True):

@@ -361,13 +361,16 @@ class Engine:
         decode = self._decode_text if self.tokenizer is not None else None
         finished = {}
         for row, seq, token, logprob in zip(rows, seqs, tokens, logprobs, strict=True):
-            if seq.request.params.max_new_tokens == 0:
-                seq.finish_reason, finished[row] = "length", None
+            params = seq.request.params
+            scored = list(seq.prompt_logprobs) if params.prompt_logprobs is not None and not seq.tokens else None
+            if params.max_new_tokens == 0:
+                seq.finish_reason = "length"
+                finished[row] = TokenEvent(seq.request.request_id, None, "", "length", prompt_logprobs=scored)
                 continue
             if logprob is not None:
                 seq.logprobs.append(logprob)
             event = TokenEvent(seq.request.request_id, token, seq.append(token, self.eos_ids, decode),
-                               seq.finish_reason, logprob)
+                               seq.finish_reason, logprob, scored)
             if seq.finish_reason is None:
                 self._handles[seq.request.request_id].emit(event)
             else:

@@ -35,6 +35,7 @@ class TokenEvent:
     text: str                  # text this token adds (empty without a tokenizer, or held back)
     finish_reason: str | None = None
     logprobs: TokenLogprobs | None = None   # when the request asked for them (`SamplingParams.logprobs`)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # on the first event, when asked (`prompt_logprobs`)
 
 
 @dataclass

@@ -148,8 +148,6 @@ class CompletionRequest(OpenAISampling):
 
     @model_validator(mode="after")
     def _check(self) -> CompletionRequest:
-        if self.echo and self.stream:
-            raise ValueError("'echo' is not supported with 'stream': ask for the echoed prompt without streaming")
         _unsupported(self.best_of, 1, "best_of", "one candidate per request")
         _unsupported(self.suffix, None, "suffix", "insertion is not implemented")
         prompts = self.prompts()

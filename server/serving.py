@@ -286,23 +286,37 @@ class Serving:
         asked for: the generated tokens', and with echo the prompt's first."""
         text, tokens, logprobs = result.text, list(result.tokens), list(result.logprobs or [])
         if request.echo:
-            text = (prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)) + text
+            text = self._prompt_text(prompt, ids) + text
             tokens, logprobs = ids + tokens, list(result.prompt_logprobs or []) + logprobs
         return CompletionChoice(index=index, text=text, finish_reason=FINISH_REASONS.get(result.finish_reason),
                                 logprobs=None if request.logprobs is None else
                                 completion_logprobs(tokens, logprobs, self.token_text))
 
+    def _prompt_text(self, prompt: str | list[int], ids: list[int]) -> str:
+        """An echoed prompt's text: as given, or decoded from the token ids given."""
+        return prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
+
     def completion_stream(self, request: CompletionRequest, prepared: Prepared,
                           handles: list[RequestHandle]) -> AsyncIterator[str]:
         head = CompletionResponse(model=request.model, mhr=AdapterInfo(adapter=prepared.adapter), choices=[])
         offsets = [0] * len(handles)  # characters of each choice's tokens so far
+        to_echo = [prompt for prompt in request.prompts() for _ in range(prepared.n)] if request.echo else []
 
         def render(index: int, event: TokenEvent, reason: str | None) -> str:
-            logprobs = None
+            text, tokens, logprobs = event.text, [], []
             if event.logprobs is not None:
-                logprobs = completion_logprobs([event.token], [event.logprobs], self.token_text, offsets[index])
-                offsets[index] += len(logprobs.tokens[0])
-            choice = CompletionChoice(index=index, text=event.text, finish_reason=reason, logprobs=logprobs)
+                tokens, logprobs = [event.token], [event.logprobs]
+            if to_echo and to_echo[index] is not None:  # the prompt comes first, with the choice's first chunk
+                ids = prepared.requests[index].prompt
+                text = self._prompt_text(to_echo[index], ids) + text
+                if request.logprobs is not None:
+                    tokens, logprobs = ids + tokens, list(event.prompt_logprobs or []) + logprobs
+                to_echo[index] = None
+            shaped = None
+            if request.logprobs is not None and tokens:
+                shaped = completion_logprobs(tokens, logprobs, self.token_text, offsets[index])
+                offsets[index] += sum(map(len, shaped.tokens))
+            choice = CompletionChoice(index=index, text=text, finish_reason=reason, logprobs=shaped)
             return head.model_copy(update={"choices": [choice]}).model_dump_json(exclude_none=False)
 
         def usage(u: Usage) -> str:

@@ -72,6 +72,25 @@ def test_streamed_completion_logprobs_equal_the_whole_response(client):
     assert [o for lp in streamed for o in lp.text_offset] == whole.text_offset
 
 
+@pytest.mark.parametrize("args", [dict(max_tokens=0, logprobs=1), dict(max_tokens=4, logprobs=0),
+                                  dict(max_tokens=3), dict(max_tokens=2, logprobs=2, n=2, prompt=[PROMPT, "stone"])])
+def test_a_streamed_echo_equals_the_whole_response(client, args):
+    """The prompt comes back with each choice's first chunk (its log-probabilities too, when asked): the
+    chunks of a choice put together are the whole response's choice."""
+    args = dict(model=DENSE, prompt=PROMPT, echo=True, temperature=0) | args
+    whole = client.completions.create(**args).choices
+    chunks = [c.choices[0] for c in client.completions.create(**args, stream=True) if c.choices]
+    for choice in whole:
+        mine = [c for c in chunks if c.index == choice.index]
+        assert "".join(c.text for c in mine) == choice.text and mine[-1].finish_reason == choice.finish_reason
+        if choice.logprobs is None:
+            assert all(c.logprobs is None for c in mine)
+            continue
+        streamed = [c.logprobs for c in mine if c.logprobs is not None]
+        for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            assert [v for lp in streamed for v in getattr(lp, field)] == getattr(choice.logprobs, field)
+
+
 def test_chat_logprobs_plain_and_streamed(client, reference, tiny_tokenizer):
     messages = [{"role": "user", "content": "hello there"}]
     args = dict(model=ROUTED[1], messages=messages, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2)
@@ -95,7 +114,6 @@ def test_chat_logprobs_plain_and_streamed(client, reference, tiny_tokenizer):
     ("chat/completions", {"top_logprobs": 2}, "'top_logprobs' needs 'logprobs': true"),
     ("chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ("completions", {"logprobs": -1}, "logprobs"),
-    ("completions", {"echo": True, "stream": True, "logprobs": 1}, "'echo' is not supported with 'stream'"),
 ])
 def test_bad_logprob_requests_get_a_400(server, route, body, says):
     base = ({"messages": [{"role": "user", "content": "hi"}]} if route.startswith("chat") else {"prompt": PROMPT})

@@ -162,7 +162,7 @@ def test_zero_shot_fallback_off_answers_404(make_engine):
     ({"model": ROUTED[0], "prompt": PROMPT, "logit_bias": {str(t): 1 for t in range(301)}}, 400, "at most 300"),
     ({"model": ROUTED[0], "prompt": PROMPT, "logit_bias": {"1000000": 1}}, 400, "token ids must be in"),
     ({"model": ROUTED[0], "prompt": PROMPT, "logprobs": 21}, 400, "logprobs"),
-    ({"model": ROUTED[0], "prompt": PROMPT, "echo": True, "stream": True}, 400, "'echo' is not supported"),
+    ({"model": ROUTED[0], "prompt": PROMPT, "suffix": "and then"}, 400, "suffix"),
     ({"model": ROUTED[0], "prompt": PROMPT, "max_tokens": -1}, 400, "max_tokens"),
     ({"model": ROUTED[0], "prompt": PROMPT, "max_tokens": 10**9}, 400, "context limit"),
     ({"model": ROUTED[0], "prompt": PROMPT * 40}, 400, "context limit"),

@@ -286,15 +286,17 @@ class Serving:
         asked for: the generated tokens', and with echo the prompt's first."""
         text, tokens, logprobs = result.text, list(result.tokens), list(result.logprobs or [])
         if request.echo:
-            text = self._prompt_text(prompt, ids) + text
-            tokens, logprobs = ids + tokens, list(result.prompt_logprobs or []) + logprobs
+            text, tokens, logprobs = self._after_prompt(prompt, ids, result.prompt_logprobs, text, tokens, logprobs)
         return CompletionChoice(index=index, text=text, finish_reason=FINISH_REASONS.get(result.finish_reason),
                                 logprobs=None if request.logprobs is None else
                                 completion_logprobs(tokens, logprobs, self.token_text))
 
-    def _prompt_text(self, prompt: str | list[int], ids: list[int]) -> str:
-        """An echoed prompt's text: as given, or decoded from the token ids given."""
-        return prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
+    def _after_prompt(self, prompt: str | list[int], ids: list[int], prompt_logprobs: list | None, text: str,
+                      tokens: list[int], logprobs: list) -> tuple[str, list[int], list]:
+        """`text`, `tokens` and their `logprobs` after the echoed prompt's: its text (as given, or decoded from
+        its ids), ids and log-probabilities."""
+        prompt_text = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
+        return prompt_text + text, ids + tokens, list(prompt_logprobs or []) + logprobs
 
     def completion_stream(self, request: CompletionRequest, prepared: Prepared,
                           handles: list[RequestHandle]) -> AsyncIterator[str]:
@@ -307,10 +309,8 @@ class Serving:
             if event.logprobs is not None:
                 tokens, logprobs = [event.token], [event.logprobs]
             if to_echo and to_echo[index] is not None:  # the prompt comes first, with the choice's first chunk
-                ids = prepared.requests[index].prompt
-                text = self._prompt_text(to_echo[index], ids) + text
-                if request.logprobs is not None:
-                    tokens, logprobs = ids + tokens, list(event.prompt_logprobs or []) + logprobs
+                text, tokens, logprobs = self._after_prompt(to_echo[index], prepared.requests[index].prompt,
+                                                            event.prompt_logprobs, text, tokens, logprobs)
                 to_echo[index] = None
             shaped = None
             if request.logprobs is not None and tokens:

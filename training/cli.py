@@ -32,14 +32,22 @@ DEFAULT = TrainConfig()
 PromptStyle = Enum("PromptStyle", {style: style for style in suite_module.PROMPT_STYLES}, type=str)
 
 
-def _opt(help: str, field: str | None = None):
-    """An optional setting; left out, the TrainConfig (file or default) value applies, shown in --help."""
-    default = f" (default: {getattr(DEFAULT, field)})" if field else ""
-    return typer.Option(help=help + default, show_default=False)
+def _opt(help: str, field: str):
+    """An optional setting; left out, the TrainConfig (file or default) value applies, shown in --help.
+
+    The option's own default is None ("not given"), so --help shows the TrainConfig value instead."""
+    value = getattr(DEFAULT, field)
+    shown = ",".join(value) if isinstance(value, list) else "none" if value is None else value
+    return typer.Option(help=f"{help} (default: {shown})", show_default=False)
+
+
+def _none(help: str, absent: str = "none"):
+    """An option without a value unless given; --help says what applies when it is left out."""
+    return typer.Option(help=f"{help} (default: {absent})", show_default=False)
 
 
 # Settings shared by every training command; None means "not given on the command line".
-Config = Annotated[Path | None, typer.Option(help="JSON file of TrainConfig fields; options below override it")]
+Config = Annotated[Path | None, _none("JSON file of TrainConfig fields; options below override it")]
 Steps = Annotated[int | None, _opt("optimizer steps", "steps")]
 BatchSize = Annotated[int | None, _opt("examples per micro-batch", "batch_size")]
 GradAccum = Annotated[int | None, _opt("micro-batches per optimizer step", "grad_accum")]
@@ -55,10 +63,12 @@ Device = Annotated[str | None, _opt("auto (cuda if available, else cpu) | cpu | 
                                     "under torchrun a CUDA device is one GPU per process", "device")]
 MaxLength = Annotated[int | None, _opt("tokens per example", "max_length")]
 SaveEvery = Annotated[int | None, _opt("steps between checkpoints, 0 = never", "save_every")]
-CheckpointDir = Annotated[str | None, _opt("checkpoint directory; a run resumes from its latest checkpoint")]
-Quiet = Annotated[bool, typer.Option("--quiet", help="no progress bar")]
+CheckpointDir = Annotated[str | None, _opt("checkpoint directory; a run resumes from its latest checkpoint",
+                                           "checkpoint_dir")]
+Quiet = Annotated[bool, typer.Option("--quiet", help="no progress bars (default: off)", show_default=False)]
 Backbone = Annotated[str | None, typer.Option(
-    "--model", help="load the backbone from here instead of the path the bundle records (same model, moved)")]
+    "--model", show_default=False,
+    help="load the backbone from here (same model, moved) (default: the path the bundle records)")]
 
 
 @contextmanager
@@ -70,6 +80,23 @@ def user_errors() -> Iterator[None]:
         first, *rest = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         typer.echo(f"error: {' '.join([first, '; '.join(rest)]).strip()}", err=True)
         raise typer.Exit(2) from None
+
+
+@contextmanager
+def progress_bars(shown: bool) -> Iterator[None]:
+    """Hide transformers' own progress bars too (loading and writing weights, downloads) unless `shown`:
+    --quiet means no bars at all. Restored afterwards, as the switch is global to the process."""
+    if shown:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def make_config(config_file: Path | None, **options) -> TrainConfig:
@@ -106,11 +133,13 @@ def train(model: Annotated[str, typer.Option(help="backbone: local directory or 
           heads: Annotated[int | None, _opt("h, heads per skill (mhr)", "heads")] = None,
           rank: Annotated[int | None, _opt("LoRA rank", "rank")] = None,
           alpha: Annotated[float | None, _opt("LoRA alpha (scaling alpha/rank)", "alpha")] = None,
-          target_modules: Annotated[str | None, _opt("comma-separated linear layer names to adapt")] = None,
+          target_modules: Annotated[str | None, _opt("comma-separated linear layer names to adapt",
+                                                     "target_modules")] = None,
           relaxed_routing: Annotated[bool | None, typer.Option(
               "--relaxed-routing/--sigmoid-routing", show_default=False,
-              help="training routing weights: relaxed-Bernoulli samples (default) or plain sigmoid")] = None,
-          eval_data: Annotated[Path | None, typer.Option(help="JSONL whose loss is shown every --eval-every")] = None,
+              help="training routing weights: relaxed-Bernoulli samples or plain sigmoid "
+                   "(default: relaxed-routing)")] = None,
+          eval_data: Annotated[Path | None, _none("JSONL whose loss is shown every --eval-every")] = None,
           eval_every: Annotated[int | None, _opt("steps between eval losses", "eval_every")] = None,
           config: Config = None, steps: Steps = None, batch_size: BatchSize = None, grad_accum: GradAccum = None,
           lr: Lr = None, logits_lr: LogitsLr = None, warmup_steps: Warmup = None, schedule: Schedule = None,
@@ -122,7 +151,7 @@ def train(model: Annotated[str, typer.Option(help="backbone: local directory or 
     Under `torchrun --nproc-per-node N -m training train ...` N processes share each batch (--batch-size
     is per process); on CUDA each process uses its own GPU (cuda:LOCAL_RANK) and they exchange over nccl."""
     from training.pretrain import pretrain
-    with user_errors():
+    with user_errors(), progress_bars(not quiet):
         cfg = make_config(config, method=method, skills=skills, heads=heads, rank=rank, alpha=alpha,
                           target_modules=target_modules.split(",") if target_modules else None,
                           relaxed_routing=relaxed_routing,
@@ -146,7 +175,7 @@ def adapt(bundle: Annotated[Path, typer.Option(help="bundle directory; the task 
           data: Annotated[Path, typer.Option(help="JSONL of the new task's records")],
           task: Annotated[str, typer.Option(help="name of the new task (every record must have it)")],
           method: Annotated[str, typer.Option(help="mhr | mhr-z | mhr-mu | poly | lora")] = "mhr-z",
-          shots: Annotated[int | None, typer.Option(help="use the first N records (default: all)")] = None,
+          shots: Annotated[int | None, _none("use the first N records", "all")] = None,
           replace: Annotated[bool, typer.Option(help="overwrite the task if the bundle has it")] = False,
           config: Config = None, steps: Steps = None, batch_size: BatchSize = None, grad_accum: GradAccum = None,
           lr: Lr = None, logits_lr: LogitsLr = None, warmup_steps: Warmup = None, schedule: Schedule = None,
@@ -155,7 +184,7 @@ def adapt(bundle: Annotated[Path, typer.Option(help="bundle directory; the task 
           checkpoint_dir: CheckpointDir = None, model: Backbone = None, quiet: Quiet = False) -> None:
     """Few-shot adaptation of a new task from the bundle's inventory; the task is added to the bundle."""
     from training.adapt import adapt as run_adapt
-    with user_errors():
+    with user_errors(), progress_bars(not quiet):
         cfg = make_config(config, method=method, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                           logits_lr=logits_lr, warmup_steps=warmup_steps, schedule=schedule,
                           weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, dtype=dtype,
@@ -177,7 +206,7 @@ def zeroshot(bundle: Annotated[Path, typer.Option(help="bundle directory; its ze
              quiet: Quiet = False) -> None:
     """Zero-shot MHR-mu: train the average of the skills on all tasks and store it as the zero-shot adapter."""
     from training.zeroshot import zeroshot as run_zeroshot
-    with user_errors():
+    with user_errors(), progress_bars(not quiet):
         cfg = make_config(config, method="mhr-mu", steps=steps, batch_size=batch_size, grad_accum=grad_accum,
                           lr=lr, warmup_steps=warmup_steps, schedule=schedule, weight_decay=weight_decay,
                           max_grad_norm=max_grad_norm, seed=seed, dtype=dtype, device=device,
@@ -190,9 +219,9 @@ def zeroshot(bundle: Annotated[Path, typer.Option(help="bundle directory; its ze
 @app.command(name="eval")
 def evaluate(bundle: Annotated[Path, typer.Option(help="bundle directory")],
              data: Annotated[Path, typer.Option(help="JSONL of test records")],
-             task: Annotated[list[str] | None, typer.Option(help="only this task (repeatable)")] = None,
+             task: Annotated[list[str] | None, _none("only this task (repeatable)", "every task in the data")] = None,
              zero_shot: Annotated[bool, typer.Option(help="serve every task with the zero-shot adapter")] = False,
-             out: Annotated[Path | None, typer.Option(help="write the report as JSON here")] = None,
+             out: Annotated[Path | None, _none("write the report as JSON here", "none, the table only")] = None,
              max_new_tokens: Annotated[int, typer.Option(help="generation length limit")] = 32,
              batch_size: Annotated[int, typer.Option(help="prompts per generate call")] = 16,
              device: Device = None, model: Backbone = None) -> None:
@@ -225,16 +254,21 @@ def plot(bundle: Annotated[Path, typer.Option(help="bundle directory")],
 @app.command()
 def demo(cache_dir: Annotated[Path, typer.Option(help="where the demo build is cached")] = Path(".cache/mhr-demo"),
          rebuild: Annotated[bool, typer.Option(help="build again even when the cache is current")] = False,
-         quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False) -> None:
+         reset: Annotated[bool, typer.Option(help="serve a fresh copy of the bundle: drops the tasks deployed to "
+                                                  "the served copy")] = False,
+         quiet: Quiet = False) -> None:
     """The embedded demo: a small backbone pre-trained on the task suite, an MHR bundle of its training tasks
     and a zero-shot adapter, built locally on first use (a few minutes on 2 CPU cores) and cached.
 
-    Prints exact match per task and the command that serves a fresh copy of the bundle."""
+    Prints exact match per task and the command that serves a copy of the bundle. That copy is kept from one
+    run to the next with the tasks deployed to it, until --reset or a rebuild."""
     from training import demo as demo_module
-    with user_errors():
+    with user_errors(), progress_bars(not quiet):
         build = demo_module.build(cache_dir, force=rebuild, progress=not quiet, log=typer.echo)
-        serving = demo_module.serving_copy(build)
+        serving, fresh = demo_module.serving_copy(build, reset=reset)
     typer.echo(demo_module.summary(build))
+    typer.echo(f"served copy of the bundle: {serving} "
+               f"({'fresh from the build' if fresh else 'kept, with the tasks deployed to it; --reset to drop them'})")
     typer.echo(f"serve it: mhr serve --bundle {serving} --model {build.backbone} "
                f"--admin-key {demo_module.DEMO_ADMIN_KEY}")
 

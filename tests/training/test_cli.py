@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import typer
 from typer.testing import CliRunner
 
 from training import cli
@@ -16,11 +17,25 @@ def invoke(*args):
     return runner.invoke(cli.app, [str(a) for a in args])
 
 
-@pytest.mark.parametrize("command", ["suite", "train", "adapt", "zeroshot", "eval", "plot"])
+@pytest.mark.parametrize("command", ["suite", "train", "adapt", "zeroshot", "eval", "plot", "demo", "export-task"])
 def test_help(command):
     result = invoke(command, "--help")
     assert result.exit_code == 0 and "Usage" in result.output
     assert ("--device" in result.output) == (command in ("train", "adapt", "zeroshot", "eval"))
+
+
+@pytest.mark.parametrize("command", ["suite", "train", "adapt", "zeroshot", "eval", "plot", "demo", "export-task"])
+def test_help_shows_what_applies_to_each_option_left_out(command):
+    """Every option's row in --help is required or names its default (its own, or TrainConfig's)."""
+    result = runner.invoke(cli.app, [command, "--help"], env={"COLUMNS": "400"})  # one row per option
+    rows = {}  # an option's row, by the first option named in it (the others are in its help text)
+    for line in result.output.splitlines():
+        names = [word for word in line.split() if word.startswith("--")]
+        if line.startswith("│") and names:
+            rows.setdefault(names[0], line)
+    params = typer.main.get_command(cli.app).commands[command].params
+    for option in [p.opts[0] for p in params if p.opts[0] != "--help"]:
+        assert "[required]" in rows[option] or "default: " in rows[option], rows[option]
 
 
 def test_suite_train_adapt_zeroshot_eval_plot(tmp_path, tiny_llama_path):
@@ -123,3 +138,17 @@ def test_suite_prompt_styles(tmp_path):
     result = invoke("suite", "--out", tmp_path / "bad", "--prompts", "terse")
     assert result.exit_code == 2 and "terse" in result.output and "plain" in result.output
     assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
+def test_quiet_hides_transformers_progress_bars_too(bundle_copy, suite_files, tmp_path):
+    shots = tmp_path / "shots.jsonl"
+    lines = suite_files["heldout-train"].read_text().splitlines()
+    shots.write_text("\n".join(line for line in lines if json.loads(line)["task"] == "reverse.sort") + "\n")
+    args = ["adapt", "--bundle", bundle_copy, "--data", shots, "--task", "reverse.sort", "--steps", 1,
+            "--max-length", 48, "--device", "cpu"]
+    shown = invoke(*args)  # bars are shown where the output is captured: the check below can see them
+    quiet = invoke(*args, "--replace", "--quiet")
+    assert shown.exit_code == 0 and quiet.exit_code == 0, quiet.output
+    assert "Loading weights" in shown.output and "it/s]" in shown.output
+    assert "it/s]" not in quiet.output and "Loading weights" not in quiet.output
+    assert quiet.output.startswith("task 'reverse.sort' added")

@@ -1,8 +1,9 @@
 """The README's walkthrough end to end, at small sizes, over real HTTP.
 
 Builds the demo with its own code path (a few steps), starts `python -m server` as a process, queries a
-task, adapts a held-out task with MHR-z on a copy of the bundle, exports it with `mhr export-task`, deploys
-it through the admin route of the running server, and queries it. No restart in between.
+task (its own route, a completion, a chat), adapts a held-out task with MHR-z on a copy of the bundle in a
+scratch directory, exports it with `mhr export-task`, deploys it through the admin route of the running
+server, and queries it. No restart in between.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def mhr_cli(*args: str) -> str:
-    """Run `mhr ARGS` (as `python -m training`) and return its stdout; fail with its stderr."""
-    done = subprocess.run([sys.executable, "-m", "training", *args], cwd=ROOT, capture_output=True, text=True,
+def mhr_cli(*args: str, cwd: Path = ROOT) -> str:
+    """Run `mhr ARGS` (as `python -m training`) in `cwd` and return its stdout; fail with its stderr."""
+    done = subprocess.run([sys.executable, "-m", "training", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
@@ -50,7 +51,7 @@ def built(tmp_path_factory) -> demo.DemoBuild:
 def server(built):
     """`python -m server` on a free port, serving a fresh copy of the demo bundle; yields its URL."""
     port = free_port()
-    bundle = demo.serving_copy(built)
+    bundle, _ = demo.serving_copy(built)
     log = built.root / "server.log"
     with log.open("w") as out:
         process = subprocess.Popen(
@@ -96,23 +97,28 @@ def test_walkthrough(built, server, tmp_path):
                             json={"model": task, "prompt": suite.prompt(task, word), "max_tokens": 8,
                                   "temperature": 0}).json()
     assert completion["choices"][0]["text"] == answer["outputs"][0]["text"]  # greedy: the same answer
+    chat = httpx.post(f"{server}/v1/chat/completions", timeout=60,
+                      json={"model": task, "messages": [{"role": "user", "content": suite.prompt(task, word)}],
+                            "max_tokens": 8, "temperature": 0}).json()
+    assert chat["choices"][0]["message"]["content"] == answer["outputs"][0]["text"]  # the demo's chat template
 
     held_out = suite.HELD_OUT_TASKS[0]
     unseen = httpx.post(f"{server}/v1/tasks/{held_out}/generate", timeout=60,
                         json={"inputs": suite.prompt(held_out, word), "max_new_tokens": 8})
     assert unseen.status_code == 200 and unseen.json()["adapter"] != held_out  # the zero-shot adapter
 
-    # train: MHR-z on a handful of examples, into a copy of the bundle; export what the admin route takes
-    mine = tmp_path / "bundle"
-    shutil.copytree(built.bundle, mine)
-    shots = tmp_path / "shots.jsonl"
+    # train: MHR-z on a handful of examples, into a copy of the bundle in a scratch directory (tmp_path, as
+    # the README's `cd "$(mktemp -d)"`); export what the admin route takes
+    shutil.copytree(built.bundle, tmp_path / "my-bundle")
     lines = [line for line in (built.suite / "heldout-train.jsonl").read_text().splitlines()
              if json.loads(line)["task"] == held_out]
-    shots.write_text("\n".join(lines) + "\n")
-    mhr_cli("adapt", "--bundle", str(mine), "--data", str(shots), "--task", held_out, "--method", "mhr-z",
-            "--steps", "2", "--quiet")
-    upload = tmp_path / "task.safetensors"
-    assert "routed task" in mhr_cli("export-task", "--bundle", str(mine), "--task", held_out, "--out", str(upload))
+    (tmp_path / "shots.jsonl").write_text("\n".join(lines) + "\n")
+    adapted = mhr_cli("adapt", "--bundle", "my-bundle", "--data", "shots.jsonl", "--task", held_out,
+                      "--method", "mhr-z", "--steps", "2", "--quiet", cwd=tmp_path)
+    assert adapted.startswith(f"task '{held_out}' added to my-bundle (mhr-z, ")
+    upload = tmp_path / f"{held_out}.safetensors"
+    assert "routed task" in mhr_cli("export-task", "--bundle", "my-bundle", "--task", held_out, "--out", upload.name,
+                                    cwd=tmp_path)
 
     # deploy to the running server, then query the new task
     headers = {"Authorization": f"Bearer {ADMIN_KEY}"}

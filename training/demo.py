@@ -11,10 +11,13 @@ threads (other thread counts round differently):
      on the suite's training tasks, so it already does string edits;
   3. an MHR bundle trained on the training tasks, then its zero-shot MHR-mu adapter;
   4. exact match per task on the held-in test words, written beside the bundle.
+The tokenizer's chat template is not part of the recipe: it changes no weight, so it is (re)attached to
+every build, cached or new, without retraining. The served copy of the bundle outlives a run of the demo.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -27,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.utils import CHAT_TEMPLATE_FILE
 
 from training import suite
 from training.config import TrainConfig
@@ -35,10 +39,24 @@ from training.data import IGNORE, Example, read_jsonl
 # Bump when anything below changes what a build produces: a cache of another version is rebuilt.
 RECIPE_VERSION = 1
 MARKER = "demo.json"
+SERVING = "serving"  # the copy of the bundle the server serves and admin deploys write to
+SERVING_MARKER = "serving.build"  # which build the served copy was made from (a hash of its marker)
 DEFAULT_CACHE = Path(".cache/mhr-demo")
 DEMO_ADMIN_KEY = "demo-admin-key"
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
+
+# The model was trained on "<s>prompt answer</s>" only, so a user message renders exactly as the completion
+# prompt "<s>prompt" (the answer's leading space is the model's to generate) and chat gets the completion's
+# answer. A conversation renders as training examples in a row, an assistant message as " answer</s>"; a
+# message that follows another non-assistant one joins its prompt after a space (e.g. system, then user).
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}{{- ' ' + message['content'] + eos_token -}}"
+    "{%- elif loop.first or loop.previtem['role'] == 'assistant' -%}{{- bos_token + message['content'] -}}"
+    "{%- else -%}{{- ' ' + message['content'] -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}")
 
 
 @dataclass(frozen=True)
@@ -172,6 +190,17 @@ def pretrain_backbone(recipe: Recipe, out: Path, log: Callable[[str], None] = pr
     return out
 
 
+def attach_chat_template(backbone: Path) -> None:
+    """Save CHAT_TEMPLATE beside the tokenizer in `backbone`, in the file transformers saves and loads it from.
+
+    Written apart from the tokenizer's other files, which stay byte for byte as built (no retrain, no new
+    recipe); rewritten only when it differs.
+    """
+    path = Path(backbone) / CHAT_TEMPLATE_FILE
+    if not path.is_file() or path.read_text() != CHAT_TEMPLATE:
+        path.write_text(CHAT_TEMPLATE)
+
+
 def _lr_factor(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -214,6 +243,7 @@ def build(root: str | Path = DEFAULT_CACHE, recipe: Recipe = Recipe(), *, force:
     """
     root = Path(root)
     if not force and (found := cached(root, recipe)) is not None:
+        attach_chat_template(found.backbone)  # a build made before the template gains it
         return found
     from training.evaluate import evaluate_bundle
     from training.pretrain import pretrain
@@ -227,6 +257,7 @@ def build(root: str | Path = DEFAULT_CACHE, recipe: Recipe = Recipe(), *, force:
     log(f"[1/4] suite and backbone -> {result.backbone}")
     paths = suite.write_suite(result.suite, recipe.n_train, recipe.n_test, recipe.n_shots, recipe.seed)
     pretrain_backbone(recipe, result.backbone, log)
+    attach_chat_template(result.backbone)
     log(f"[2/4] MHR bundle on {len(suite.TRAIN_TASKS)} training tasks -> {result.bundle}")
     train = read_jsonl(paths["train"])
     pretrain(str(result.backbone), train, adapter_config(recipe, "mhr", recipe.mhr_steps), result.bundle,
@@ -246,13 +277,37 @@ def build(root: str | Path = DEFAULT_CACHE, recipe: Recipe = Recipe(), *, force:
     return result
 
 
-def serving_copy(build: DemoBuild) -> Path:
-    """A fresh copy of the demo bundle to serve: admin deploys change it, never the cached build."""
-    target = build.root / "serving"
-    if target.exists():
-        shutil.rmtree(target)
-    shutil.copytree(build.bundle, target)
-    return target
+def serving_copy(build: DemoBuild, *, reset: bool = False) -> tuple[Path, bool]:
+    """The copy of the demo bundle to serve, and whether it was copied afresh now (else kept from a past run).
+
+    Admin deploys change this copy, never the cached build. It is kept from one run to the next, so tasks
+    deployed to the demo server survive a restart; it is copied from the build when absent, when `reset`, or
+    when it was copied from another build (a rebuild, for a new recipe or by request).
+    The copy is made beside the target and renamed into place, so an interrupted copy is never served.
+    """
+    target, marker = build.root / SERVING, build.root / SERVING_MARKER
+    origin = _build_id(build)
+    if not reset and target.is_dir() and _read_text(marker) == origin:
+        return target, False
+    fresh = build.root / f"{SERVING}.partial"
+    shutil.rmtree(fresh, ignore_errors=True)
+    shutil.copytree(build.bundle, fresh)
+    shutil.rmtree(target, ignore_errors=True)
+    fresh.rename(target)
+    marker.write_text(origin)
+    return target, True
+
+
+def _build_id(build: DemoBuild) -> str:
+    """A hash of the build's marker file, written when the build finished: another build writes another one."""
+    return hashlib.sha256(_read_text(build.root / MARKER).encode()).hexdigest()
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
 
 
 def summary(build: DemoBuild) -> str:

@@ -6,9 +6,9 @@ backbone's linears, adapted or not), `mix_skills()` the op `mix_skills(outs, src
 w-weighted sum of its src's skills, written into strided slot storage; a routed task's materialization).
 Both are None when the library cannot be built here (the engine does not ask when its `cpu_kernel`
 setting is off). It is compiled by torch's C++ extension loader for this machine's CPU (-O3 -march=native,
-OpenMP threads from torch's pool) once per source, CPU model and torch version, one process at a time,
-under ~/.cache/mhr-serve/kernels ($MHR_KERNEL_DIR overrides); later processes load the built library in
-milliseconds. Without a C++ compiler the engine falls back to torch ops: same results up to float
+OpenMP threads from torch's pool) once per source, CPU model, C++ compiler and Python environment, one
+process at a time, under ~/.cache/mhr-serve/kernels ($MHR_KERNEL_DIR overrides); later processes load the
+built library in milliseconds. Without a C++ compiler the engine falls back to torch ops: same results up to float
 rounding, slower decode and cold tasks.
 """
 
@@ -19,7 +19,10 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
+import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -51,13 +54,32 @@ def _library() -> bool:
         return _built["ok"]
 
 
-def build_name() -> str:
-    """A name unique to the source, flags, CPU model and torch build: one library per kind of machine."""
+def environment() -> dict[str, str]:
+    """What a build depends on besides the sources and the CPU, for this process.
+
+    The build files name this Python environment's torch (headers, libraries) by path: two environments
+    sharing one build directory, even with the same torch version, would each rebuild the other's library.
+    """
+    compiler = os.environ.get("CXX", "c++")  # what torch's loader compiles with
+    return {"prefix": sys.prefix, "torch": torch.__version__,
+            "compiler": os.path.realpath(shutil.which(compiler) or compiler)}
+
+
+def build_name(env: Mapping[str, str] | None = None) -> str:
+    """A name unique to the source, flags, CPU model and `env` (default: this process's `environment()`):
+    one library per kind of machine and Python environment."""
     key = hashlib.sha256()
     parts = [source.read_bytes() for source in SOURCES + HEADERS]
-    for part in (*parts, " ".join(FLAGS).encode(), _cpu_model().encode(), torch.__version__.encode()):
-        key.update(part)
+    env = environment() if env is None else env
+    for part in (*parts, " ".join(FLAGS), _cpu_model(), *(f"{k}={v}" for k, v in sorted(env.items()))):
+        key.update(part if isinstance(part, bytes) else part.encode())
     return f"mhr_cpu_ops_{key.hexdigest()[:12]}"
+
+
+def build_directory(env: Mapping[str, str] | None = None) -> Path:
+    """Where the library of `env` (default: this process's) is built and kept."""
+    root = Path(os.environ.get("MHR_KERNEL_DIR", Path.home() / ".cache" / "mhr-serve" / "kernels"))
+    return root / build_name(env)
 
 
 def _cpu_model() -> str:
@@ -71,8 +93,8 @@ def _cpu_model() -> str:
 
 
 def _build() -> bool:
-    name = build_name()
-    directory = Path(os.environ.get("MHR_KERNEL_DIR", Path.home() / ".cache" / "mhr-serve" / "kernels")) / name
+    directory = build_directory()
+    name = directory.name
     try:
         from torch.utils import cpp_extension
 

@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -155,8 +154,8 @@ def test_cpu_kernel_falls_back_when_it_cannot_be_built(tmp_path, monkeypatch, ca
 def test_cpu_kernel_build_survives_a_build_that_was_killed(tmp_path):
     # torch's loader guards a build with a lock file; a build killed midway leaves it behind, and the next
     # process would wait for it forever. Here a build directory (a copy of the real one) with that file in it.
-    name = cpu_kernel.build_name()
-    built = Path(os.environ.get("MHR_KERNEL_DIR", Path.home() / ".cache" / "mhr-serve" / "kernels")) / name
+    built = cpu_kernel.build_directory()
+    name = built.name
     assert cpu_kernel.panel_linear() is not None and built.is_dir()
     shutil.copytree(built, tmp_path / name)
     (tmp_path / name / "lock").touch()
@@ -165,6 +164,32 @@ def test_cpu_kernel_build_survives_a_build_that_was_killed(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert not (tmp_path / name / "lock").exists()
+
+
+def test_cpu_kernel_builds_are_kept_per_environment(tmp_path):
+    # Two virtual environments (.venv, .venv-vllm) with the same torch version: their build files name
+    # different torch paths, so a shared build directory would be rebuilt each time the other one loads.
+    here = cpu_kernel.environment()
+    assert cpu_kernel.build_name(here) == cpu_kernel.build_name() and here["prefix"] == sys.prefix
+    names = {cpu_kernel.build_name({**here, key: "other"}) for key in here}
+    assert len(names | {cpu_kernel.build_name(here)}) == len(here) + 1  # each part of the key counts
+    other = {**here, "prefix": str(tmp_path / ".venv-vllm")}
+    assert cpu_kernel.build_directory(other).parent == cpu_kernel.build_directory().parent
+    assert cpu_kernel.build_directory(other) != cpu_kernel.build_directory()
+
+    # this environment's build beside another's: loading it here neither rebuilds it nor touches the other
+    assert cpu_kernel.panel_linear() is not None
+    mine = shutil.copytree(cpu_kernel.build_directory(), tmp_path / cpu_kernel.build_name())
+    theirs = tmp_path / cpu_kernel.build_name(other)
+    theirs.mkdir()
+    (theirs / "build.ninja").write_text(f"# names {other['prefix']}\n")
+    before = {path: path.stat().st_mtime_ns for path in [*mine.iterdir(), *theirs.iterdir()]
+              if path.name != "build.flock"}  # the lock file is opened for writing on every load
+    load = "from server import cpu_kernel; assert cpu_kernel.panel_linear() is not None"
+    done = subprocess.run([sys.executable, "-c", load], env=os.environ | {"MHR_KERNEL_DIR": str(tmp_path)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert {path: path.stat().st_mtime_ns for path in before} == before
 
 
 @settings(max_examples=60, deadline=None)

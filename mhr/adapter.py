@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
+
+# The largest LoRA scale alpha / r a bundle, an upload or an import accepts. Trained adapters sit near 1
+# (alpha = r or 2r; rsLoRA's alpha / sqrt(r) stays in the tens), so 1e4 is far above any real one, while
+# a larger scale multiplies adapter outputs of order 1 towards float16's 65504 within a layer or two:
+# such an adapter serves padding and NaN log-probabilities, not text.
+MAX_SCALING = 1e4
 
 
 @dataclass
@@ -71,3 +79,20 @@ class LoRA:
         return (self.alpha == other.alpha and self.A.keys() == other.A.keys()
                 and all(torch.equal(self.A[n], other.A[n]) and torch.equal(self.B[n], other.B[n])
                         for n in self.A))
+
+
+def scale_problem(alpha: Any, rank: int | None) -> str | None:
+    """What makes `alpha` unfit as the alpha of a rank-`rank` LoRA, worded to follow "alpha"; None if fit.
+
+    Fit: a finite number > 0 with alpha / rank <= MAX_SCALING (rank None or 0: the bound is not checked).
+    """
+    try:
+        value = float(alpha) if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) else math.nan
+    except OverflowError:  # an integer beyond float range (JSON allows any)
+        value = math.inf
+    if not 0 < value < math.inf:
+        return f"must be > 0 and finite, got {alpha!r}"
+    if rank and value / rank > MAX_SCALING:
+        return (f"must be at most {MAX_SCALING:g} x rank (the LoRA scale alpha / r is bounded), got {alpha!r} "
+                f"for rank {rank}")
+    return None

@@ -35,6 +35,8 @@ from mhr.bundle_check import (
     BundleError,
     check_dense_lora,
     check_manifest,
+    check_scale,
+    check_standard_json,
     check_task_name,
     checked_routing_row,
     read_checked,
@@ -341,8 +343,12 @@ class Bundle:
                     f"was loaded at revision {self.revision}: load it again and redo the change")
             files = self._files()
             checksums = {rel: sha256(data) for rel, data in files.items()}
-            # Serialized before anything is written: metadata that is not JSON fails the save cleanly.
-            manifest = json.dumps(self._manifest(checksums, self.revision + 1), indent=2) + "\n"
+            # Checked and serialized before anything is written: metadata that is not JSON, or a number
+            # JSON cannot hold (NaN, Infinity: allow_nan=False is the backstop), fails the save cleanly.
+            fields = self._manifest(checksums, self.revision + 1)
+            check_scale(self.config.alpha, self.config.rank, path / MANIFEST, "config.alpha")
+            check_standard_json(fields, path / MANIFEST)
+            manifest = json.dumps(fields, indent=2, allow_nan=False) + "\n"
             for rel, data in files.items():
                 target = path / stored_name(rel, checksums[rel])
                 if not target.is_file():

@@ -2,13 +2,16 @@
 
 Nothing here is trusted: a bundle may come from an upload, another version or a disk that lost a write.
 Tensors are read from safetensors only (never unpickled), checked against the manifest's sha256, and
-their names, shapes, dtypes and values (no NaN/Inf) against the config.
+their names, shapes, dtypes and values (no NaN/Inf) against the config. Every alpha must be finite, > 0
+and keep its scale alpha / r within `mhr.adapter.MAX_SCALING`; no number in the manifest may be NaN or
+infinite (JSON has neither, and `Bundle.save` writes standard JSON only).
 """
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mhr.adapter import LoRA
+from mhr.adapter import LoRA, scale_problem
 from mhr.config import ConfigError, MHRConfig
 from mhr.files import FileFormatError, parse_safetensors, read_json_object, sha256
 
@@ -83,8 +86,9 @@ def check_dense_lora(lora: LoRA, modules: Mapping[str, tuple[int, int]], where: 
     extra = sorted(set(lora.modules) - set(modules))
     if extra:
         raise BundleError(f"{where}: modules not in the bundle: {extra} (bundle modules: {list(modules)[:4]}…)")
-    if not (isinstance(lora.alpha, (int, float)) and lora.alpha > 0):
-        raise BundleError(f"{where}: alpha must be > 0, got {lora.alpha!r}")
+    problem = scale_problem(lora.alpha, lora.rank)
+    if problem:
+        raise BundleError(f"{where}: alpha {problem}")
     r = lora.rank
     for m in lora.modules:
         d_in, d_out = modules[m]
@@ -116,10 +120,14 @@ def check_manifest(path: Path) -> dict[str, Any]:
     backbone = need(m, "backbone", dict, "backbone")
     need(backbone, "name_or_path", str, "backbone.name_or_path")
     need(backbone, "fingerprint", str, "backbone.fingerprint")
+    raw_config = need(m, "config", dict, "config")
+    if "alpha" in raw_config:  # named here: MHRConfig's error would name the field 'config' only
+        check_scale(raw_config["alpha"], None, path, "config.alpha")
     try:
-        config = MHRConfig.from_dict(need(m, "config", dict, "config"))
+        config = MHRConfig.from_dict(raw_config)
     except (ConfigError, TypeError) as e:
         raise BundleError(f"{path}: field 'config': {e}") from None
+    check_scale(config.alpha, config.rank, path, "config.alpha")
     modules = need(m, "modules", dict, "modules")
     if not modules:
         raise BundleError(f"{path}: field 'modules' is empty")
@@ -140,12 +148,12 @@ def check_manifest(path: Path) -> dict[str, Any]:
         if task.get("kind") not in TASK_KINDS:
             raise BundleError(f"{path}: field '{label}.kind' must be one of {TASK_KINDS}, found {task.get('kind')!r}")
         if task["kind"] == "dense":
-            _positive(need(task, "alpha", (int, float), f"{label}.alpha"), path, f"{label}.alpha")
+            check_scale(need(task, "alpha", (int, float), f"{label}.alpha"), None, path, f"{label}.alpha")
         need(task, "metadata", dict, f"{label}.metadata")
     zero_shot = m.get("zero_shot")
     if zero_shot is not None:
         need(m, "zero_shot", dict, "zero_shot")
-        _positive(need(zero_shot, "alpha", (int, float), "zero_shot.alpha"), path, "zero_shot.alpha")
+        check_scale(need(zero_shot, "alpha", (int, float), "zero_shot.alpha"), None, path, "zero_shot.alpha")
     need(m, "training", dict, "training")
     files = need(m, "files", dict, "files")
     for rel, digest in files.items():
@@ -154,7 +162,29 @@ def check_manifest(path: Path) -> dict[str, Any]:
     expected = _expected_files(m)
     if set(files) != expected:
         raise BundleError(f"{path}: field 'files' lists {sorted(files)}, the tasks need {sorted(expected)}")
+    check_standard_json(m, path)
     return m
+
+
+def check_standard_json(manifest: dict[str, Any], path: Path) -> None:
+    """Refuse a NaN or infinite number anywhere in `manifest` (metadata included): JSON has neither, so a
+    manifest holding one could not be saved again, and an alpha of Infinity would serve padding."""
+    for label, value in _numbers(manifest, ""):
+        if not math.isfinite(value):
+            raise BundleError(f"{path}: field '{label}' is {value!r}: a manifest holds finite numbers only")
+
+
+def _numbers(value: Any, label: str) -> Iterator[tuple[str, float]]:
+    """Every float in a JSON value with its dotted field label, walked without recursion (any depth)."""
+    stack = [(label, value)]
+    while stack:
+        label, value = stack.pop()
+        if isinstance(value, float):
+            yield label, value
+        elif isinstance(value, dict):
+            stack.extend((f"{label}.{k}" if label else str(k), v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{label}[{i}]", v) for i, v in enumerate(value))
 
 
 def _expected_files(m: dict[str, Any]) -> set[str]:
@@ -167,9 +197,12 @@ def _expected_files(m: dict[str, Any]) -> set[str]:
     return files
 
 
-def _positive(value: float, path: Path, label: str) -> None:
-    if not value > 0:
-        raise BundleError(f"{path}: field '{label}' must be > 0, found {value!r}")
+def check_scale(value: float, rank: int | None, path: Path, label: str) -> None:
+    """Refuse the alpha in field `label` of manifest `path` unless finite, > 0 and within the scale bound
+    for `rank` (None: rank not known yet, the bound is checked once the tensors are read)."""
+    problem = scale_problem(value, rank)
+    if problem:
+        raise BundleError(f"{path}: field '{label}' {problem}")
 
 
 def _kind_name(kind: type | tuple) -> str:
@@ -231,7 +264,7 @@ def read_checked(root: Path, manifest: dict[str, Any], config: MHRConfig,
         for m in modules:
             check_tensor(routing[m], (n_routed, h, K), f"{label('routing.safetensors')}: tensor '{m}'")
 
-    def read_lora(rel: str, alpha: float) -> LoRA:
+    def read_lora(rel: str, alpha: float, field: str) -> LoRA:
         tensors = read(rel)
         found = {k.rsplit(".lora_", 1)[0] for k in tensors}
         names = [m for m in modules if m in found] + sorted(found - set(modules))  # bundle (model) order
@@ -240,12 +273,13 @@ def read_checked(root: Path, manifest: dict[str, Any], config: MHRConfig,
             lora = LoRA({m: tensors[f"{m}.lora_A"] for m in names}, {m: tensors[f"{m}.lora_B"] for m in names}, alpha)
         except ValueError as e:
             raise BundleError(f"{label(rel)}: {e}") from None
+        check_scale(alpha, lora.rank, root / "manifest.json", field)  # the scale needs the file's rank
         check_dense_lora(lora, modules, where=str(label(rel)))
         return lora
 
-    adapters = {t.name: read_lora(f"adapters/{t.name}.safetensors", t.alpha)
-                for t in tasks if t.kind.value == "dense"}
+    adapters = {t.name: read_lora(f"adapters/{t.name}.safetensors", t.alpha, f"tasks[{i}].alpha")
+                for i, t in enumerate(tasks) if t.kind.value == "dense"}
     zs = manifest.get("zero_shot")
-    zero_shot = read_lora("zero_shot.safetensors", zs["alpha"]) if zs else None
+    zero_shot = read_lora("zero_shot.safetensors", zs["alpha"], "zero_shot.alpha") if zs else None
     return BundleTensors({m: inv[f"{m}.lora_A"] for m in modules}, {m: inv[f"{m}.lora_B"] for m in modules},
                          {m: routing[m] for m in modules} if routing else {}, adapters, zero_shot)

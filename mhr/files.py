@@ -72,10 +72,17 @@ def read_json_object(path: Path, what: str) -> dict:
     `what` says what the file should belong to, for the not-found message (e.g. "a bundle directory").
     """
     try:
-        value = json.loads(path.read_text())
+        data = path.read_bytes()
     except FileNotFoundError:
         raise FileFormatError(f"{path}: file not found: is this {what}?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    return parse_json_object(data, path)
+
+
+def parse_json_object(data: bytes, path: Path) -> dict:
+    """The JSON object in `data`, read from `path` (named in the FileFormatError when it is not one)."""
+    try:
+        value = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise FileFormatError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(value, dict):
         raise FileFormatError(f"{path}: must hold a JSON object")

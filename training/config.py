@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from mhr import MHRConfig
+from mhr.adapter import scale_problem
 
 PRETRAIN_METHODS = ("lora", "poly", "mhr")
 ADAPT_METHODS = ("lora", "poly", "mhr", "mhr-z", "mhr-mu")
@@ -99,9 +100,12 @@ class TrainConfig:
             errors.append("save_every > 0 needs a checkpoint_dir")
         if not errors:
             try:
-                self.mhr_config()
+                inventory = self.mhr_config()
             except ValueError as e:
                 errors.append(str(e))
+            else:  # checked now: the bundle refuses it, after the whole run, at save
+                if problem := scale_problem(inventory.alpha, inventory.rank):
+                    errors.append(f"alpha {problem}")
         if errors:
             raise TrainConfigError("invalid TrainConfig:\n  " + "\n  ".join(errors))
 

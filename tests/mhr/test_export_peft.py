@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM
 
 import mhr
 from mhr import Bundle, LoRA, MHRConfig, Mode, PeftFormatError, export_peft, import_peft
+from mhr.export_peft import import_peft_files
 
 TARGETS = ["q_proj", "v_proj"]
 MODULES = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in TARGETS]
@@ -343,3 +344,54 @@ def test_unsupported_weights_are_refused(adapter, change, words):
     save_file(tensors, adapter / "adapter_model.safetensors")
     msg = import_error(adapter)
     assert str(adapter / "adapter_model.safetensors") in msg and words in msg
+
+
+# ----- alphas and scales --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("changes, field, words", [
+    (dict(lora_alpha=float("inf")), "lora_alpha", "must be a number > 0 and finite"),   # written as Infinity
+    (dict(lora_alpha=float("nan")), "lora_alpha", "must be a number > 0 and finite"),
+    (dict(lora_alpha=10 ** 400), "lora_alpha", "must be a number > 0 and finite"),      # no float holds it
+    (dict(lora_alpha=1e308), "lora_alpha", "the scaling alpha / r = 2.5e+307 (r = 4) is above 10000"),
+    (dict(lora_alpha=4e4 + 4), "lora_alpha", "the scaling alpha / r = 1e+04 (r = 4) is above 10000"),
+    (dict(lora_alpha=2e4 + 2, use_rslora=True), "lora_alpha", "the scaling alpha / sqrt(r) = 1e+04 (r = 4)"),
+    (dict(alpha_pattern={"v_proj": float("inf")}), "alpha_pattern.v_proj", "alpha must be > 0 and finite"),
+    (dict(alpha_pattern={"v_proj": -1}), "alpha_pattern.v_proj", "alpha must be > 0 and finite"),
+    (dict(alpha_pattern={"v_proj": 1e9}), "alpha_pattern.v_proj", "is above 10000"),
+    (dict(alpha_pattern={"v_proj": "8"}), "alpha_pattern.v_proj", "alpha must be > 0 and finite"),
+    (dict(alpha_pattern=[8]), "alpha_pattern", "must be an object"),
+    (dict(alpha_pattern={"(v_proj": 2}), "alpha_pattern", "is not a regular expression"),
+])
+def test_alphas_that_are_not_finite_or_scale_too_far_are_refused(adapter, changes, field, words):
+    edit_config(adapter, **changes)
+    msg = import_error(adapter)
+    assert str(adapter / "adapter_config.json") in msg and f"field '{field}'" in msg and words in msg, msg
+
+
+def test_the_largest_scale_allowed_imports(adapter):
+    edit_config(adapter, lora_alpha=4e4)  # r = 4: scaling exactly MAX_SCALING
+    assert import_peft(adapter).modules
+
+
+def test_files_import_from_bytes_like_the_directory(adapter):
+    files = [(adapter / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")]
+    assert import_peft_files(*files).equal(import_peft(adapter))
+    edit_config(adapter, lora_alpha=float("inf"))
+    with pytest.raises(PeftFormatError) as e:
+        import_peft_files((adapter / "adapter_config.json").read_bytes(), files[1])
+    assert str(e.value).startswith("adapter_config.json: field 'lora_alpha'") and str(adapter) not in str(e.value)
+
+
+@pytest.mark.parametrize("alpha", [float("inf"), float("nan"), 0.0, 1e308])
+def test_export_refuses_an_alpha_out_of_bounds_and_writes_nothing(tmp_path, alpha):
+    lora = random_lora(rank=3, alpha=1.0, seed=4)
+    lora.alpha = alpha
+    with pytest.raises(ValueError, match="cannot export a LoRA whose alpha must be"):
+        export_peft(lora, tmp_path / "out", "base")
+    assert not list(tmp_path.iterdir())
+
+
+def test_exported_config_is_standard_json(tmp_path):
+    out = export_peft(random_lora(rank=3, alpha=6.0, seed=5), tmp_path / "out", "base")
+    config = json.loads((out / "adapter_config.json").read_text(), parse_constant=pytest.fail)
+    assert config["lora_alpha"] == 6.0

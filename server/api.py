@@ -1,25 +1,30 @@
 """The FastAPI app: routes, authentication and error bodies. HTTP <-> serving only.
 
-Routes are a few lines each; conversion lives in `server.serving`, hot deploys in `server.deploy`, and
-the engine knows nothing of HTTP. Every error, including validation errors and unknown routes, answers
-with OpenAI's error body.
+Routes are a few lines each; conversion lives in `server.serving`, hot deploys in `server.deploy`, keys
+and body limits in `server.guard` (checked before a body is read), and the engine knows nothing of HTTP.
+Every error, including validation errors and unknown routes, answers with OpenAI's error body; an
+unexpected error's body carries the request id under which the server logs it, never its text. The
+OpenAPI schema (`/openapi.json`, without the admin routes) is served only when asked for, behind the API
+key; no documentation page is served (it would load its scripts from a CDN).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
+import logging
 from collections.abc import AsyncIterator
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.engine import Engine
+from server.guard import Limits, RequestGuard
 from server.metrics import CONTENT_TYPE, ServerMetrics
 from server.protocol import (
+    MAX_BATCH_INPUTS,
     ChatCompletionRequest,
     CompletionRequest,
     ErrorInfo,
@@ -35,12 +40,16 @@ from server.serving import APIError, Serving
 from server.task_views import model_list, task_info, task_list
 
 ADAPTER_HEADER = "X-MHR-Adapter"
+MiB = 2**20
+log = logging.getLogger(__name__)
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, admin_key: str | None = None,
-               deployer=None) -> FastAPI:
+               deployer=None, max_body_bytes: int | None = None, api_docs: bool = False) -> FastAPI:
     """The app serving `engine`. `api_key` guards inference routes, `admin_key` the admin routes (off
-    without one). `deployer` (a `server.deploy.Deployer`) handles admin changes to the bundle."""
+    without one). `deployer` (a `server.deploy.Deployer`) handles admin changes to the bundle.
+    `max_body_bytes` bounds every request body but uploads (None: `default_body_limit`); `api_docs` serves
+    the OpenAPI schema."""
     metrics = ServerMetrics(engine.stats)
     serving = Serving(engine, metrics)
     state = {"ready": False, "stopping": False}  # stopping: set by `begin_shutdown`, never cleared
@@ -48,6 +57,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, admin_key: str | N
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loop_task = asyncio.create_task(engine.serve())
+        state["loop"] = asyncio.get_running_loop()
         state["ready"] = True
         try:
             yield
@@ -57,10 +67,13 @@ def create_app(engine: Engine, *, api_key: str | None = None, admin_key: str | N
             with contextlib.suppress(asyncio.CancelledError):
                 await loop_task
 
-    app = FastAPI(title="mhr-serve", lifespan=lifespan)
+    app = FastAPI(title="mhr-serve", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json" if api_docs else None)
     app.state.serving, app.state.metrics, app.state.lifecycle = serving, metrics, state
     _install_error_handlers(app, metrics)
-    inference = Depends(_bearer_guard(api_key, "API key"))
+    limits = Limits(api_key, admin_key, max_body_bytes or default_body_limit(serving.max_prompt_chars),
+                    deployer.max_upload_bytes if deployer is not None else 0)
+    app.add_middleware(RequestGuard, limits=limits, rejected=metrics.rejected)
 
     @app.get("/health")
     async def health() -> dict:
@@ -77,58 +90,71 @@ def create_app(engine: Engine, *, api_key: str | None = None, admin_key: str | N
     async def prometheus() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/models", dependencies=[inference])
+    @app.get("/v1/models")
     async def models() -> ModelList:
         return model_list(engine)
 
-    @app.get("/v1/tasks", dependencies=[inference])
+    @app.get("/v1/tasks")
     async def tasks() -> TaskList:
         return task_list(engine)
 
-    @app.get("/v1/tasks/{task}", dependencies=[inference])
+    @app.get("/v1/tasks/{task}")
     async def task(task: str) -> TaskInfo:
         return task_info(engine, task)
 
-    @app.post("/v1/tasks/{task}/generate", dependencies=[inference])
+    @app.post("/v1/tasks/{task}/generate")
     async def generate(task: str, body: GenerateRequest, request: Request) -> Response:
         if body.stream:
-            prepared = serving.generate_inputs(task, body)
-            handles = serving.submit(prepared)
-            return _sse(serving.generate_stream(prepared, handles), prepared.adapter)
+            prepared = await serving.generate_inputs(task, body)
+            lines = await serving.generate_stream(prepared, request.is_disconnected)
+            return _sse(lines, prepared.adapter)
         result = await serving.generate(task, body, request.is_disconnected)
         return _json(result, result.adapter)
 
-    @app.post("/v1/completions", dependencies=[inference])
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         if body.stream:
-            prepared = serving.completion_inputs(body)
-            return _sse(serving.completion_stream(body, prepared, serving.submit(prepared)), prepared.adapter)
+            prepared = await serving.completion_inputs(body)
+            lines = await serving.completion_stream(body, prepared, request.is_disconnected)
+            return _sse(lines, prepared.adapter)
         result = await serving.completion(body, request.is_disconnected)
         return _json(result, result.mhr.adapter)
 
-    @app.post("/v1/chat/completions", dependencies=[inference])
+    @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         if body.stream:
-            prepared = serving.chat_inputs(body)
-            return _sse(serving.chat_stream(body, prepared, serving.submit(prepared)), prepared.adapter)
+            prepared = await serving.chat_inputs(body)
+            lines = await serving.chat_stream(body, prepared, request.is_disconnected)
+            return _sse(lines, prepared.adapter)
         result = await serving.chat(body, request.is_disconnected)
         return _json(result, result.mhr.adapter)
 
-    admin = Depends(_bearer_guard(admin_key, "admin key", required=True))
-
-    @app.put("/admin/slots", dependencies=[admin])
+    @app.put("/admin/slots", include_in_schema=False)
     async def slots(body: SlotsRequest) -> SlotsResponse:
         return await serving.resize_slots(body.n_slots)
 
     if deployer is not None:
-        app.include_router(deployer.router(admin))
+        app.include_router(deployer.router(), include_in_schema=False)
     return app
 
 
-def begin_shutdown(app: FastAPI) -> None:
-    """Answer /ready with 503 from now on, so load balancers stop routing here while requests drain.
-    Called by the process entry the moment a stop signal arrives (see `server.main`)."""
-    app.state.lifecycle["stopping"] = True
+def default_body_limit(max_prompt_chars: int) -> int:
+    """Bytes a request body may have by default: room for a full batch of the longest prompts that can fit
+    (up to 6 bytes a character, as JSON escapes them), within 1 to 64 MiB."""
+    return min(max(MAX_BATCH_INPUTS * max_prompt_chars * 6 + 64 * 1024, MiB), 64 * MiB)
+
+
+def begin_shutdown(app: FastAPI, drain_seconds: float | None = None) -> None:
+    """Answer /ready with 503 from now on, so load balancers stop routing here while requests drain; with
+    `drain_seconds`, end the streams and requests still open shortly before that deadline (an error event,
+    a 503), so that none is cut off mid-body when the server closes its connections. Called by the process
+    entry the moment a stop signal arrives (see `server.main`); safe to call from a signal handler."""
+    state = app.state.lifecycle
+    state["stopping"] = True
+    loop = state.get("loop")
+    if drain_seconds is not None and loop is not None:
+        cut_after = max(0.0, drain_seconds - min(1.0, 0.2 * drain_seconds))  # the margin: time to send the ends
+        loop.call_soon_threadsafe(loop.call_later, cut_after, app.state.serving.cut_streams)
 
 
 def _json(model, adapter: str) -> JSONResponse:
@@ -138,26 +164,6 @@ def _json(model, adapter: str) -> JSONResponse:
 def _sse(lines: AsyncIterator[str], adapter: str) -> StreamingResponse:
     return StreamingResponse(lines, media_type="text/event-stream",
                              headers={ADAPTER_HEADER: adapter, "Cache-Control": "no-cache"})
-
-
-def _bearer_guard(key: str | None, what: str, required: bool = False):
-    """A dependency checking `Authorization: Bearer <key>` in constant time. Without a key: open, or,
-    when `required`, refused (routes that must never be open, such as admin routes)."""
-    expected = key.encode() if key else None
-
-    async def guard(request: Request) -> None:
-        if expected is None:
-            if required:
-                raise APIError(403, f"these routes are disabled: start the server with an {what} to enable them",
-                               type="permission_error", code="disabled")
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
-            raise APIError(401, f"missing or wrong {what}: send 'Authorization: Bearer <key>'",
-                           type="authentication_error", code="invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})
-
-    return guard
 
 
 def _install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
@@ -177,8 +183,10 @@ def _install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"] if p != "body")
         message = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "json_invalid":
-            message = f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})"
+        if first["type"] == "json_invalid":  # its location is a character offset, not a field
+            message = (f"the request body is not valid JSON at character {where or 0} "
+                       f"({first.get('ctx', {}).get('error', 'parse error')})")
+            where = ""
         elif first["type"] == "model_attributes_type" and not where:  # a form, a string, no content type
             message = "the request body must be a JSON object, sent with Content-Type: application/json"
         text = f"{where}: {message}" if where else message
@@ -193,6 +201,9 @@ def _install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
         return body(e.status_code, str(e.detail), kind, headers=getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, e: Exception) -> JSONResponse:
+    async def unexpected(request: Request, e: Exception) -> JSONResponse:
         metrics.rejected("internal_error")
-        return body(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+        request_id = request.scope.get("state", {}).get("request_id", "unknown")
+        log.error("request %s (%s %s) failed", request_id, request.method, request.url.path, exc_info=e)
+        return body(500, f"internal error: the server's log has the details under request id {request_id}",
+                    "server_error", code="internal_error")

@@ -56,6 +56,10 @@ class ServerConfig(BaseSettings):
             and cold tasks, with the compiled kernels (`server.cpu_kernel`, built on first use; torch ops if
             they cannot be built).
         max_upload_mb: largest admin upload (the request body, and what an uploaded archive unpacks to), MiB.
+        max_body_mb: largest body of any other request, MiB; a larger one is refused (413) before it is read.
+            None: room for a full batch of the longest prompts that fit in max_seq_len (1 to 64 MiB;
+            `server.api.default_body_limit`).
+        api_docs: serve the OpenAPI schema at /openapi.json (behind the API key, without the admin routes).
         engine: "torch" (the embedded engine, `server.engine`) or "vllm" (`server.vllm_engine`; needs the
             `vllm` extra). The vLLM engine reads model, dtype, max_rank (rounded up to a rank vLLM
             accepts), max_running, max_seq_len, max_waiting, allow_zero_shot and the vllm_* settings;
@@ -89,6 +93,8 @@ class ServerConfig(BaseSettings):
     kv_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     cpu_kernel: bool = True
     max_upload_mb: float = Field(256.0, gt=0, allow_inf_nan=False)
+    max_body_mb: float | None = Field(None, gt=0, allow_inf_nan=False)
+    api_docs: bool = False
     engine: Literal["torch", "vllm"] = "torch"
     vllm_max_loras: int = Field(8, ge=1)
     vllm_max_cpu_loras: int = Field(32, ge=1)
@@ -125,6 +131,10 @@ class ServerConfig(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 2**20)
+
+    @property
+    def max_body_bytes(self) -> int | None:
+        return None if self.max_body_mb is None else int(self.max_body_mb * 2**20)
 
     @classmethod
     def load(cls, config_file: str | Path | None = None, **overrides: Any) -> ServerConfig:

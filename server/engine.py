@@ -365,12 +365,13 @@ class Engine:
             scored = list(seq.prompt_logprobs) if params.prompt_logprobs is not None and not seq.tokens else None
             if params.max_new_tokens == 0:
                 seq.finish_reason = "length"
-                finished[row] = TokenEvent(seq.request.request_id, None, "", "length", prompt_logprobs=scored)
+                finished[row] = TokenEvent(seq.request.request_id, None, "", "length", prompt_logprobs=scored,
+                                           adapter=seq.adapter)
                 continue
             if logprob is not None:
                 seq.logprobs.append(logprob)
             event = TokenEvent(seq.request.request_id, token, seq.append(token, self.eos_ids, decode),
-                               seq.finish_reason, logprob, scored)
+                               seq.finish_reason, logprob, scored, seq.adapter)
             if seq.finish_reason is None:
                 self._handles[seq.request.request_id].emit(event)
             else:
@@ -397,7 +398,8 @@ class Engine:
     def _finish(self, result: Result, last: TokenEvent | None = None) -> None:
         """Hand out the result with the last event (a token-less one when the request ends without a token)."""
         handle = self._handles.pop(result.request_id)
-        handle.finish(result, last or TokenEvent(result.request_id, None, "", result.finish_reason))
+        handle.finish(result, last or TokenEvent(result.request_id, None, "", result.finish_reason,
+                                                 adapter=result.adapter))
 
     # ----- live task changes ------------------------------------------------------------------------
 

@@ -44,6 +44,11 @@ def serve(
     drain_seconds: Annotated[float | None, Opt(help="on SIGTERM, seconds to drain [default: 30]")] = None,
     max_upload_mb: Annotated[float | None, Opt(help="largest admin upload, MiB (body and unpacked archive) "
                                                     "[default: 256]")] = None,
+    max_body_mb: Annotated[float | None, Opt(help="largest body of any other request, MiB [default: room for "
+                                                  "64 prompts of max_seq_len tokens, 1 to 64]")] = None,
+    api_docs: Annotated[bool | None, Opt("--api-docs/--no-api-docs",
+                                         help="serve the OpenAPI schema at /openapi.json, behind the API key "
+                                              "[default: off]")] = None,
     engine: Annotated[str | None, Opt(help="torch | vllm (needs the vllm extra) [default: torch]")] = None,
     cpu_kernel: Annotated[bool | None, Opt("--cpu-kernel/--no-cpu-kernel",
                                            help="compiled kernels for the backbone's linears with their "
@@ -60,7 +65,8 @@ def serve(
                "prefix_cache_mb": prefix_cache_mb, "allow_zero_shot": zero_shot,
                "host": host, "port": port,
                "api_key": api_key, "admin_key": admin_key, "drain_seconds": drain_seconds,
-               "max_upload_mb": max_upload_mb, "engine": engine, "cpu_kernel": cpu_kernel}
+               "max_upload_mb": max_upload_mb, "max_body_mb": max_body_mb, "api_docs": api_docs,
+               "engine": engine, "cpu_kernel": cpu_kernel}
     try:
         settings = ServerConfig.load(config, **{k: v for k, v in options.items() if v is not None})
     except ServerConfigError as e:
@@ -114,19 +120,21 @@ def app_for(settings, engine):
     from server.deploy import Deployer
 
     return create_app(engine, api_key=settings.api_key, admin_key=settings.admin_key,
-                      deployer=Deployer(engine, settings.bundle, settings.max_upload_bytes))
+                      deployer=Deployer(engine, settings.bundle, settings.max_upload_bytes),
+                      max_body_bytes=settings.max_body_bytes, api_docs=settings.api_docs)
 
 
 def draining_server(config):
     """A uvicorn server for `config` that marks the app unready (`server.api.begin_shutdown`) the moment
-    it is told to stop, before it closes its socket and drains."""
+    it is told to stop, before it closes its socket and drains, and ends what is still open at the drain
+    deadline (`config.timeout_graceful_shutdown`) with an error rather than a cut connection."""
     import uvicorn
 
     from server.api import begin_shutdown
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
-            begin_shutdown(self.config.app)
+            begin_shutdown(self.config.app, self.config.timeout_graceful_shutdown)
             super().handle_exit(sig, frame)
 
     return DrainingServer(config)

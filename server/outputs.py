@@ -36,6 +36,7 @@ class TokenEvent:
     finish_reason: str | None = None
     logprobs: TokenLogprobs | None = None   # when the request asked for them (`SamplingParams.logprobs`)
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # on the first event, when asked (`prompt_logprobs`)
+    adapter: str = ""          # the adapter that produced it (the task, "zero-shot", ...); "" if none did
 
 
 @dataclass

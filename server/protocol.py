@@ -2,8 +2,9 @@
 
 OpenAI-compatible completions, chat completions and models, the native per-task routes, and the error
 body. Requests forbid unknown fields and reject parameters the server does not implement with a message
-naming them, so nothing a client asks for is silently ignored. The `mhr` extension field carries
-per-request skill mixing.
+naming them, so nothing a client asks for is silently ignored. Every text field must be valid Unicode
+(JSON's escapes can spell a lone surrogate, which no tokenizer can encode). The `mhr` extension field
+carries per-request skill mixing.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from server.batch import MAX_LOGPROBS
 
@@ -20,6 +21,19 @@ MAX_STOP = 4
 MAX_BATCH_INPUTS = 64  # engine requests one HTTP request may make: prompts x choices
 MAX_LOGIT_BIAS = 300   # tokens one request may bias, as OpenAI allows
 MAX_SLOTS = 4096       # adapter slots per layer an admin may ask for (each holds one adapter on the device)
+MAX_MESSAGES = 1024    # messages of one chat request
+
+
+def _unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the text is not valid Unicode: it holds a lone surrogate (U+{ord(text[e.start]):04X}) at "
+                         f"character {e.start}; send text that encodes as UTF-8") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class Strict(BaseModel):
@@ -51,7 +65,7 @@ class SkillMix(Strict):
     normalised per head and used for every module.
     """
 
-    mix: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = None
+    mix: dict[Text, Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = None
     skills: list[list[Annotated[float, Field(ge=0, allow_inf_nan=False)]]] | None = None
 
     @model_validator(mode="after")
@@ -79,7 +93,7 @@ class AdapterInfo(BaseModel):
 class Sampling(Strict):
     temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
-    stop: str | list[str] | None = Field(None, validate_default=True)
+    stop: Text | list[Text] | None = Field(None, validate_default=True)
     seed: int | None = Field(None, ge=0, lt=2**63)
     mhr: SkillMix | None = None
 
@@ -106,7 +120,7 @@ class OpenAISampling(Sampling):
     presence_penalty: float | None = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
     frequency_penalty: float | None = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = None
-    user: str | None = Field(None, max_length=256)
+    user: Text | None = Field(None, max_length=256)
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -138,13 +152,13 @@ class CompletionRequest(OpenAISampling):
     back before the completion (with its tokens' log-probabilities when `logprobs` is set; max_tokens 0 scores
     a prompt without generating)."""
 
-    model: str = Field(min_length=1, max_length=256)
-    prompt: str | list[str] | list[int] | list[list[int]]
+    model: Text = Field(min_length=1, max_length=256)
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     best_of: int | None = None
-    suffix: str | None = None
+    suffix: Text | None = None
 
     @model_validator(mode="after")
     def _check(self) -> CompletionRequest:
@@ -204,21 +218,21 @@ class CompletionResponse(BaseModel):
 
 class TextPart(Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(Strict):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
-    name: str | None = Field(None, max_length=64)
+    content: Text | list[TextPart]
+    name: Text | None = Field(None, max_length=64)
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
 class ChatCompletionRequest(OpenAISampling):
-    model: str = Field(min_length=1, max_length=256)
-    messages: list[ChatMessage] = Field(min_length=1)
+    model: Text = Field(min_length=1, max_length=256)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
@@ -323,7 +337,7 @@ class ModelList(BaseModel):
 class GenerateRequest(Sampling):
     """POST /v1/tasks/{task}/generate: one input or a batch of inputs for one task."""
 
-    inputs: str | list[str]
+    inputs: Text | list[Text]
     max_new_tokens: int = Field(16, ge=1)
     temperature: float = Field(0.0, ge=0, le=2, allow_inf_nan=False)
     stream: bool = False

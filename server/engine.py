@@ -180,15 +180,17 @@ class Engine:
         now (each gets its first token), and the next chunk of a prompt over the prefill budget.
 
         A step that fails (the forward raised, memory ran out) ends every request it held with finish reason
-        "error" and the error's text, frees their slots and KV rows, and leaves the engine serving: the
-        waiting requests and later ones run in the next steps."""
+        "error" (the exception goes to the log, with the requests' ids), frees their slots and KV rows, and
+        leaves the engine serving: the waiting requests and later ones run in the next steps."""
         with self._lock, torch.inference_mode():
             new: list[Sequence] = []
             try:
                 self._step(new)
-            except Exception as e:
-                log.exception("an engine step failed: its requests end with an error")
-                self._fail_step(new, f"the engine step failed ({type(e).__name__}: {e}); retry the request")
+            except Exception:  # the details go to the log: a client is told only that it failed
+                held = [seq.request.request_id for seq in [*self.batch.seqs, *new, *filter(None, [self._staged])]]
+                log.exception("an engine step failed: its requests end with an error (request ids: %s)",
+                              ", ".join(held))
+                self._fail_step(new, "the engine step failed; retry the request")
 
     def _step(self, new: list[Sequence]) -> None:
         if self._staged is None:

@@ -299,6 +299,8 @@ class Serving:
 
         pumps = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
         self._open_streams.add(queue)
+        if self._drain_cut().is_set():  # opened after the drain deadline
+            queue.put_nowait(_CUT)
         sent, counted = False, set()
         try:
             remaining = len(handles)

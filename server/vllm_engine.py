@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import os
 import threading
 import time
@@ -50,6 +51,8 @@ VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts a
 BASE_KEY = AdapterKey(BASE, -1)                       # the all-zero LoRA serving requests without a task
 FINISH = {"length": "length", "stop": "eos", "abort": "cancelled"}  # vLLM's reason when ours is unset
 CALL_TIMEOUT = 60.0                                   # seconds a blocking call waits for the engine loop
+
+log = logging.getLogger(__name__)
 
 
 class VLLMEngine:
@@ -248,8 +251,9 @@ class VLLMEngine:
             self._finish(seq.result(started=acquired))
         except (UnknownTask, KeyError) as e:
             self._finish(seq.result("error", f"{e.args[0] if e.args else e}", acquired))
-        except Exception as e:  # vLLM refused or failed: the request ends with the reason, the engine goes on
-            self._finish(seq.result("error", f"{type(e).__name__}: {e}", acquired))
+        except Exception:  # vLLM refused or failed: the request ends with an error (details logged), the engine goes on
+            log.exception("request %s failed in vLLM", request.request_id)
+            self._finish(seq.result("error", "vLLM failed to serve the request; retry it", acquired))
         finally:
             self._tasks.pop(request.request_id, None)
             if acquired:

@@ -2,6 +2,8 @@
 others decode, cancellation, the bounded queue, zero-shot policy, and tasks added, replaced and removed
 while requests run."""
 
+import logging
+
 import pytest
 
 from server.batch import InvalidRequest, Request, SamplingParams
@@ -154,7 +156,8 @@ def test_cancelling_a_prompt_prefilled_in_chunks_frees_its_slot(make_engine, tin
 
 
 @pytest.mark.parametrize("fault", ["forward", "slot write"])
-def test_a_failed_step_ends_its_requests_with_an_error_and_the_engine_serves_on(make_engine, tiny_tokenizer, fault):
+def test_a_failed_step_ends_its_requests_with_an_error_and_the_engine_serves_on(make_engine, tiny_tokenizer, fault,
+                                                                               caplog):
     engine = make_engine(max_prefill_tokens=20)
     requests = task_requests(tiny_tokenizer, [ROUTED[0], DENSE], LONG)
     handles = [engine.submit(r) for r in requests]
@@ -169,11 +172,14 @@ def test_a_failed_step_ends_its_requests_with_an_error_and_the_engine_serves_on(
         raise RuntimeError("out of memory")
     healthy = engine.lean, engine.cache._write
     engine.lean, engine.cache._write = (broken, healthy[1]) if fault == "forward" else (healthy[0], broken)
-    engine.step()                                     # does not raise
+    with caplog.at_level(logging.ERROR, logger="server.engine"):
+        engine.step()                                 # does not raise
     engine.lean, engine.cache._write = healthy
     for handle in [*handles, long, cold]:
-        result = handle.result(timeout=0)
-        assert result.finish_reason == "error" and "out of memory" in result.error
+        result = handle.result(timeout=0)  # the exception's text is logged, with the request's id, not handed out
+        assert result.finish_reason == "error" and "step failed" in result.error and "memory" not in result.error
+        assert handle.request_id in caplog.text
+    assert "out of memory" in caplog.text
     assert engine.stats().running == 0 and engine.kv.n_active == 0 and not engine.has_work
     assert all(engine.cache.refs(slot) == 0 for slot in engine.cache.resident().values()
                if slot != engine._zero_shot_slot)

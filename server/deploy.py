@@ -10,6 +10,9 @@ those of `server.uploads`.
 
 Each change starts from the bundle on disk, so it keeps what other replicas wrote there; the engine
 serves those other changes after POST /admin/reload.
+
+Error bodies name a bundle's files relative to the bundle directory ("manifest.json: ..."): where the
+bundle lives on the server is none of a client's business.
 """
 
 from __future__ import annotations
@@ -129,8 +132,10 @@ class Deployer:
                 bundle = await asyncio.to_thread(mhr.Bundle.load, self.bundle_dir)
                 await asyncio.to_thread(self.engine.replace_bundle, bundle)
             except (mhr.BundleError, mhr.ConfigError, ValueError) as e:
-                raise APIError(400, f"reload refused, the current bundle keeps serving: {e}",
+                raise APIError(400, f"reload refused, the current bundle keeps serving: {self._relative(e)}",
                                code="invalid_bundle") from None
+            except OSError as e:
+                raise self._disk_error("reload failed, the current bundle keeps serving", e) from None
         return {"tasks": bundle.task_names, "revision": bundle.revision}
 
     def _persist(self, change: Callable[[mhr.Bundle], bool]) -> int:
@@ -141,9 +146,25 @@ class Deployer:
             if change(bundle):
                 bundle.save(self.bundle_dir)
         except (mhr.BundleError, mhr.ConfigError, KeyError, ValueError) as e:
-            raise APIError(400, f"change refused, nothing was modified: {e}",
+            raise APIError(400, f"change refused, nothing was modified: {self._relative(e)}",
                            code="invalid_adapter") from None
+        except OSError as e:  # a save that failed part way left the old bundle complete (see Bundle.save)
+            raise self._disk_error("change failed, the bundle on disk is unchanged", e) from None
         return bundle.revision
+
+    def _relative(self, text: object) -> str:
+        """`text` (an error, a path) with paths inside the bundle directory made relative to it."""
+        text = str(text)
+        for root in {str(self.bundle_dir), str(self.bundle_dir.resolve())}:
+            text = text.replace(root + "/", "").replace(root, "the bundle directory")
+        return text
+
+    def _disk_error(self, what: str, error: OSError) -> APIError:
+        """A 500 for a bundle directory the server cannot read or write, naming no absolute path."""
+        detail = error.strerror or type(error).__name__
+        if error.filename is not None:
+            detail += f": {self._relative(error.filename)}"
+        return APIError(500, f"{what}: {detail}", type="server_error", code="bundle_io_error")
 
 
 def _content_type(request: Request) -> str:

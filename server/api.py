@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.engine import Engine
-from server.guard import Limits, RequestGuard
+from server.guard import REQUEST_ID_HEADER, Limits, RequestGuard
 from server.metrics import CONTENT_TYPE, ServerMetrics
 from server.protocol import (
     MAX_BATCH_INPUTS,
@@ -144,6 +144,38 @@ def default_body_limit(max_prompt_chars: int) -> int:
     return min(max(MAX_BATCH_INPUTS * max_prompt_chars * 6 + 64 * 1024, MiB), 64 * MiB)
 
 
+UNION_TAGS = {"str", "int", "float", "bool"}  # pydantic's names of a union's members in an error's location
+
+
+def explain_invalid(errors: list[dict]) -> tuple[str | None, str, str]:
+    """(param, message, code) of a request that failed validation: the most telling error first (the server's
+    own checks and undecodable text, then errors outside a union's failed alternatives), its field path without
+    pydantic's union tags, and how many other fields have problems."""
+    def where(error: dict) -> str:
+        return ".".join(str(p) for p in error["loc"][1:] if not (isinstance(p, str) and ("[" in p or p in UNION_TAGS)))
+
+    def rank(error: dict) -> int:
+        if error["type"] in ("value_error", "string_unicode"):
+            return 0
+        return 1 if not any(isinstance(p, str) and "[" in p for p in error["loc"]) else 2
+
+    first = min(errors, key=rank)
+    param, message = where(first), first["msg"].removeprefix("Value error, ")
+    if first["type"] == "json_invalid":  # its location is a character offset, not a field
+        message = (f"the request body is not valid JSON at character {param or 0} (counting from 0): "
+                   f"{first.get('ctx', {}).get('error', 'parse error')}")
+        param = ""
+    elif first["type"] == "string_unicode":
+        message = "the text is not valid Unicode (a lone surrogate?): send text that encodes as UTF-8"
+    elif first["type"] == "model_attributes_type" and not param:  # a form, a string, no content type
+        message = "the request body must be a JSON object, sent with Content-Type: application/json"
+    text = f"{param}: {message}" if param else message
+    more = len({where(e) for e in errors} - {param})
+    if more:
+        text += f" (and {more} more field{'s' if more > 1 else ''} with problems)"
+    return param or None, text, first["type"]
+
+
 def begin_shutdown(app: FastAPI, drain_seconds: float | None = None) -> None:
     """Answer /ready with 503 from now on, so load balancers stop routing here while requests drain; with
     `drain_seconds`, end the streams and requests still open shortly before that deadline (an error event,
@@ -180,20 +212,8 @@ def _install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
         metrics.rejected("invalid_request")
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"] if p != "body")
-        message = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "json_invalid":  # its location is a character offset, not a field
-            message = (f"the request body is not valid JSON at character {where or 0} "
-                       f"({first.get('ctx', {}).get('error', 'parse error')})")
-            where = ""
-        elif first["type"] == "model_attributes_type" and not where:  # a form, a string, no content type
-            message = "the request body must be a JSON object, sent with Content-Type: application/json"
-        text = f"{where}: {message}" if where else message
-        more = len(e.errors()) - 1
-        if more:
-            text += f" (and {more} more problem{'s' if more > 1 else ''})"
-        return body(400, text, "invalid_request_error", param=where or None, code=first["type"])
+        param, message, code = explain_invalid(e.errors())
+        return body(400, message, "invalid_request_error", param=param, code=code)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -206,4 +226,4 @@ def _install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
         request_id = request.scope.get("state", {}).get("request_id", "unknown")
         log.error("request %s (%s %s) failed", request_id, request.method, request.url.path, exc_info=e)
         return body(500, f"internal error: the server's log has the details under request id {request_id}",
-                    "server_error", code="internal_error")
+                    "server_error", code="internal_error", headers={REQUEST_ID_HEADER: request_id})

@@ -1,4 +1,7 @@
-"""LoRA: the plain low-rank adapter every MHR task collapses to, the unit that is cached, stored and exported."""
+"""LoRA: the plain low-rank adapter every MHR task collapses to, the unit that is cached, stored and exported.
+
+`MAX_SCALING` and `scale_problem` say which alphas a LoRA may carry into a bundle, an upload or an export.
+"""
 
 from __future__ import annotations
 

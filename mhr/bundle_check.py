@@ -120,14 +120,7 @@ def check_manifest(path: Path) -> dict[str, Any]:
     backbone = need(m, "backbone", dict, "backbone")
     need(backbone, "name_or_path", str, "backbone.name_or_path")
     need(backbone, "fingerprint", str, "backbone.fingerprint")
-    raw_config = need(m, "config", dict, "config")
-    if "alpha" in raw_config:  # named here: MHRConfig's error would name the field 'config' only
-        check_scale(raw_config["alpha"], None, path, "config.alpha")
-    try:
-        config = MHRConfig.from_dict(raw_config)
-    except (ConfigError, TypeError) as e:
-        raise BundleError(f"{path}: field 'config': {e}") from None
-    check_scale(config.alpha, config.rank, path, "config.alpha")
+    config = _config(need(m, "config", dict, "config"), path)
     modules = need(m, "modules", dict, "modules")
     if not modules:
         raise BundleError(f"{path}: field 'modules' is empty")
@@ -164,6 +157,18 @@ def check_manifest(path: Path) -> dict[str, Any]:
         raise BundleError(f"{path}: field 'files' lists {sorted(files)}, the tasks need {sorted(expected)}")
     check_standard_json(m, path)
     return m
+
+
+def _config(fields: dict[str, Any], path: Path) -> MHRConfig:
+    """The MHRConfig of the manifest's 'config' `fields`, its alpha checked like every other alpha."""
+    if "alpha" in fields:  # checked first: MHRConfig's own error would name the field 'config' only
+        check_scale(fields["alpha"], None, path, "config.alpha")
+    try:
+        config = MHRConfig.from_dict(fields)
+    except (ConfigError, TypeError) as e:
+        raise BundleError(f"{path}: field 'config': {e}") from None
+    check_scale(config.alpha, config.rank, path, "config.alpha")
+    return config
 
 
 def check_standard_json(manifest: dict[str, Any], path: Path) -> None:

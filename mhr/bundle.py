@@ -344,11 +344,14 @@ class Bundle:
             files = self._files()
             checksums = {rel: sha256(data) for rel, data in files.items()}
             # Checked and serialized before anything is written: metadata that is not JSON, or a number
-            # JSON cannot hold (NaN, Infinity: allow_nan=False is the backstop), fails the save cleanly.
+            # JSON cannot hold (NaN, Infinity: refused by allow_nan=False), fails the save cleanly.
             fields = self._manifest(checksums, self.revision + 1)
             check_scale(self.config.alpha, self.config.rank, path / MANIFEST, "config.alpha")
-            check_standard_json(fields, path / MANIFEST)
-            manifest = json.dumps(fields, indent=2, allow_nan=False) + "\n"
+            try:
+                manifest = json.dumps(fields, indent=2, allow_nan=False) + "\n"
+            except ValueError:
+                check_standard_json(fields, path / MANIFEST)  # names the field, if a number was the cause
+                raise
             for rel, data in files.items():
                 target = path / stored_name(rel, checksums[rel])
                 if not target.is_file():

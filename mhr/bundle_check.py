@@ -100,8 +100,9 @@ def check_dense_lora(lora: LoRA, modules: Mapping[str, tuple[int, int]], where: 
 
 def check_manifest(path: Path) -> dict[str, Any]:
     """Parse and validate manifest.json; returns it as a dict whose fields have the documented types."""
+    watch = _NumberWatch()
     try:
-        m = read_json_object(path, "a bundle directory")
+        m = read_json_object(path, "a bundle directory", parse_float=watch.number, parse_constant=watch.constant)
     except FileFormatError as e:
         raise BundleError(str(e)) from None
     version = m.get("format_version")
@@ -155,7 +156,8 @@ def check_manifest(path: Path) -> dict[str, Any]:
     expected = _expected_files(m)
     if set(files) != expected:
         raise BundleError(f"{path}: field 'files' lists {sorted(files)}, the tasks need {sorted(expected)}")
-    check_standard_json(m, path)
+    if watch.seen:  # only then the slower walk, to name the field
+        check_standard_json(m, path)
     return m
 
 
@@ -169,6 +171,23 @@ def _config(fields: dict[str, Any], path: Path) -> MHRConfig:
         raise BundleError(f"{path}: field 'config': {e}") from None
     check_scale(config.alpha, config.rank, path, "config.alpha")
     return config
+
+
+class _NumberWatch:
+    """json.loads hooks that note a number no finite float holds: NaN, Infinity, -Infinity (not JSON, which
+    Python reads anyway) and literals past float's range such as 1e999."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def constant(self, name: str) -> float:
+        self.seen = True
+        return float(name)
+
+    def number(self, text: str) -> float:
+        value = float(text)
+        self.seen = self.seen or not math.isfinite(value)
+        return value
 
 
 def check_standard_json(manifest: dict[str, Any], path: Path) -> None:

@@ -66,22 +66,24 @@ def parse_safetensors(data: bytes, path: Path) -> dict[str, torch.Tensor]:
         raise FileFormatError(f"{path}: not a valid safetensors file ({e})") from e
 
 
-def read_json_object(path: Path, what: str) -> dict:
+def read_json_object(path: Path, what: str, **hooks) -> dict:
     """The JSON object in `path`; FileFormatError names the file when it is missing or not an object.
 
-    `what` says what the file should belong to, for the not-found message (e.g. "a bundle directory").
+    `what` says what the file should belong to, for the not-found message (e.g. "a bundle directory");
+    `hooks` go to `json.loads` (parse_float, parse_constant).
     """
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         raise FileFormatError(f"{path}: file not found: is this {what}?") from None
-    return parse_json_object(data, path)
+    return parse_json_object(data, path, **hooks)
 
 
-def parse_json_object(data: bytes, path: Path) -> dict:
-    """The JSON object in `data`, read from `path` (named in the FileFormatError when it is not one)."""
+def parse_json_object(data: bytes, path: Path, **hooks) -> dict:
+    """The JSON object in `data`, read from `path` (named in the FileFormatError when it is not one);
+    `hooks` go to `json.loads`."""
     try:
-        value = json.loads(data)
+        value = json.loads(data, **hooks)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise FileFormatError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(value, dict):

@@ -63,6 +63,13 @@ def test_a_nan_anywhere_in_the_manifest_is_refused_on_load(saved):
     assert "manifest.json" in msg and "field 'training.metrics.loss' is nan" in msg
 
 
+def test_a_number_past_float_range_is_refused_on_load(saved):
+    manifest = saved / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"steps": 10', '"steps": 1e999', 1))  # standard JSON
+    msg = load_error(saved)
+    assert "manifest.json" in msg and "field 'training.steps' is inf" in msg
+
+
 @pytest.mark.parametrize("alpha", BAD_ALPHAS, ids=str)
 def test_a_dense_alpha_out_of_bounds_is_refused_by_the_task_api(bundle, alpha):
     lora = random_lora(DENSE_MODULES, 2, 2.0, seed=11)

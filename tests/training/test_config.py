@@ -70,3 +70,9 @@ def test_file_values_are_overridden(tmp_path):
     path.write_text(json.dumps({"stepz": 50}))
     with pytest.raises(TrainConfigError, match="unknown TrainConfig field"):
         TrainConfig.from_file(path)
+
+
+@pytest.mark.parametrize("alpha", [float("inf"), float("nan"), 1e308, -1.0, 0.0])
+def test_an_alpha_that_is_not_finite_positive_and_bounded_is_refused_naming_it(alpha):
+    with pytest.raises(TrainConfigError, match="alpha"):
+        TrainConfig(alpha=alpha, rank=2)

@@ -17,7 +17,7 @@ install_torch = $(1)/bin/python -m pip install --progress-bar off $(TORCH) \
 # Reinstalls only when pyproject.toml changes.
 STAMP := $(VENV)/install.stamp
 
-.PHONY: venv test test-vllm demo results lint
+.PHONY: venv test test-vllm demo demo-reset results lint
 
 venv: $(STAMP)
 
@@ -46,7 +46,8 @@ test: venv
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 # The embedded demo: built on first use (a few minutes on 2 CPU cores, no download), then cached in
-# $(DEMO_DIR) until its recipe changes; serves a fresh copy of the bundle on 127.0.0.1:8000.
+# $(DEMO_DIR) until its recipe changes; serves a copy of the bundle on 127.0.0.1:8000, which keeps the
+# tasks deployed to it from one `make demo` to the next. `make demo-reset` drops them (a fresh copy).
 DEMO_DIR ?= .cache/mhr-demo
 DEMO_ADMIN_KEY ?= demo-admin-key
 
@@ -54,6 +55,9 @@ demo: venv
 	$(VENV)/bin/mhr demo --cache-dir $(DEMO_DIR)
 	@echo "admin key for /admin routes: $(DEMO_ADMIN_KEY)"
 	$(VENV)/bin/mhr serve --bundle $(DEMO_DIR)/serving --model $(DEMO_DIR)/backbone --admin-key $(DEMO_ADMIN_KEY)
+
+demo-reset: venv
+	$(VENV)/bin/mhr demo --cache-dir $(DEMO_DIR) --reset --quiet
 
 # The paper's comparison on the suite with the demo backbone, with prompts that name the skills and with
 # prompts that do not (under an hour on 2 cores): docs/results.md, docs/plain-prompts/results.md

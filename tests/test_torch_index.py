@@ -37,8 +37,8 @@ def test_the_cpu_index_only_where_pip_would_pick_an_unusable_cuda_build(monkeypa
 
 @pytest.mark.parametrize("target", ["venv", ".venv-vllm/install.stamp"])
 def test_make_installs_torch_first_from_the_chosen_index(target):
-    shown = subprocess.run(["make", "-n", "-W", "pyproject.toml", target, "TORCH_INDEX_URL="], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.splitlines()
+    make = ["make", "-n", "-W", "pyproject.toml", target, "TORCH_INDEX_URL="]  # the commands, none run
+    shown = subprocess.run(make, cwd=ROOT, capture_output=True, text=True, check=True).stdout.splitlines()
     installs = [line for line in shown if " -m pip install " in line]
     python = installs[0].split()[0]
     assert installs[0] == (f"{python} -m pip install --progress-bar off torch==2.13.0 "

@@ -274,7 +274,7 @@ def build(root: str | Path = DEFAULT_CACHE, recipe: Recipe = Recipe(), *, force:
     result.seconds = round(time.monotonic() - start, 1)
     (root / MARKER).write_text(json.dumps({"recipe_version": RECIPE_VERSION, **asdict(result),
                                            "root": str(result.root)}, indent=2) + "\n")
-    return result
+    return cached(root, recipe)  # as a later run finds it (paths under `root` as given)
 
 
 def serving_copy(build: DemoBuild, *, reset: bool = False) -> tuple[Path, bool]:

@@ -25,10 +25,10 @@ import torch
 
 import mhr
 from bench.workload import Workload, build, load_backbone
-from server.batch import Request, SamplingParams
 from server.config import ServerConfig
-from server.engine import Engine
-from server.lean import Part
+from server.engine.core import Engine
+from server.engine.requests import Request, SamplingParams
+from server.model.decoder import Part
 
 
 class ForwardPerPart(Engine):

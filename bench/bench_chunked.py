@@ -23,10 +23,10 @@ import torch
 
 import mhr
 from bench.workload import Workload, build, load_backbone
-from server.batch import Request, SamplingParams
 from server.config import ServerConfig
-from server.engine import Engine
-from server.outputs import TokenEvent
+from server.engine.core import Engine
+from server.engine.outputs import TokenEvent
+from server.engine.requests import Request, SamplingParams
 
 RUNNING = 8
 LONG_NEW_TOKENS = 4

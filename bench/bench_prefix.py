@@ -23,9 +23,9 @@ import torch
 
 import mhr
 from bench.workload import Workload, build, load_backbone
-from server.batch import Request, SamplingParams
 from server.config import ServerConfig
-from server.engine import Engine
+from server.engine.core import Engine
+from server.engine.requests import Request, SamplingParams
 
 TASKS, PER_TASK, NEW_TOKENS = 4, 4, 16
 

@@ -26,15 +26,15 @@ import torch
 
 import mhr
 from bench.workload import Workload, build, load_backbone
-from server.batch import Request, SamplingParams
 from server.config import ServerConfig
-from server.engine import Engine
+from server.engine.core import Engine
+from server.engine.requests import Request, SamplingParams
 
 RAW_ID_BASE = 100_000  # raw vLLM's LoRA ids, far from the engine's own
 
 
 def vllm_engine_for(w: Workload, n_cold: int):
-    from server.vllm_engine import VLLMEngine
+    from server.vllm_backend.engine import VLLMEngine
 
     n = len(w.tasks)
     config = ServerConfig(engine="vllm", bundle=str(w.bundle_dir), max_rank=8, max_running=n,

@@ -40,7 +40,7 @@ class ServerConfig(BaseSettings):
         max_prefill_tokens: prompt tokens prefilled in one step; a longer prompt is started alone and
             prefilled that many tokens a step while the running requests keep decoding (prompts that fit in
             half of it start beside its chunks).
-        prefix_cache_mb: MiB of prompt prefixes' keys and values kept for reuse (`server.prefix_cache`): a
+        prefix_cache_mb: MiB of prompt prefixes' keys and values kept for reuse (`server.engine.prefix_cache`): a
             prompt that starts like an earlier one under the same adapter skips prefilling the shared whole
             blocks of 16 tokens. 0: off (the torch engine's).
         allow_zero_shot: serve tasks the bundle lacks with the zero-shot adapter (else refuse them).
@@ -50,17 +50,17 @@ class ServerConfig(BaseSettings):
         drain_seconds: on SIGTERM, how long running requests may take to finish.
         kv_dtype: dtype of the KV cache, in which the lean Llama-family forward attends: "auto" (dtype, except
             a bfloat16 or float16 model on a CPU without instructions for it: float32, for twice the cache's
-            memory, since torch's half-precision attention there takes 2-5x the time; `server.kv_cache`),
+            memory, since torch's half-precision attention there takes 2-5x the time; `server.engine.kv_cache`),
             "float32", "bfloat16" or "float16".
         cpu_kernel: on CPU in float32 or bfloat16, run the backbone's linears with the requests' adapters,
-            and cold tasks, with the compiled kernels (`server.cpu_kernel`, built on first use; torch ops if
+            and cold tasks, with the compiled kernels (`server.model.cpu_kernel`, built on first use; torch ops if
             they cannot be built).
         max_upload_mb: largest admin upload (the request body, and what an uploaded archive unpacks to), MiB.
         max_body_mb: largest body of any other request, MiB; a larger one is refused (413) before it is read.
             None: room for a full batch of the longest prompts that fit in max_seq_len (1 to 64 MiB;
-            `server.api.default_body_limit`).
+            `server.http.app.default_body_limit`).
         api_docs: serve the OpenAPI schema at /openapi.json (behind the API key, without the admin routes).
-        engine: "torch" (the embedded engine, `server.engine`) or "vllm" (`server.vllm_engine`; needs the
+        engine: "torch" (the embedded engine, `server.engine.core`) or "vllm" (`server.vllm_backend.engine`; needs the
             `vllm` extra). The vLLM engine reads model, dtype, max_rank (rounded up to a rank vLLM
             accepts), max_running, max_seq_len, max_waiting, allow_zero_shot and the vllm_* settings;
             device, n_slots and kv_dtype are the torch engine's.

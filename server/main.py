@@ -116,8 +116,8 @@ def run(settings) -> None:
 def app_for(settings, engine):
     """The HTTP app serving `engine` under `settings`: its keys, and admin routes on its bundle directory
     with its upload limit."""
-    from server.api import create_app
-    from server.deploy import Deployer
+    from server.http.app import create_app
+    from server.http.deploy import Deployer
 
     return create_app(engine, api_key=settings.api_key, admin_key=settings.admin_key,
                       deployer=Deployer(engine, settings.bundle, settings.max_upload_bytes),
@@ -125,12 +125,12 @@ def app_for(settings, engine):
 
 
 def draining_server(config):
-    """A uvicorn server for `config` that marks the app unready (`server.api.begin_shutdown`) the moment
+    """A uvicorn server for `config` that marks the app unready (`server.http.app.begin_shutdown`) the moment
     it is told to stop, before it closes its socket and drains, and ends what is still open at the drain
     deadline (`config.timeout_graceful_shutdown`) with an error rather than a cut connection."""
     import uvicorn
 
-    from server.api import begin_shutdown
+    from server.http.app import begin_shutdown
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
@@ -144,12 +144,12 @@ def choose_engine(name: str) -> type:
     """The engine class for `settings.engine`; vLLM is imported only when it is chosen."""
     if name == "vllm":
         try:
-            from server.vllm_engine import VLLMEngine
+            from server.vllm_backend.engine import VLLMEngine
         except ImportError as e:
             _fail(f"--engine vllm needs vLLM, which is not importable here ({e}): "
                   "pip install 'mhr-serve[vllm]' (see docs/engines.md)")
         return VLLMEngine
-    from server.engine import Engine
+    from server.engine.core import Engine
 
     return Engine
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from bench.bench_arrivals import ForwardPerPart, arrivals_round, engine_of
 from bench.workload import build
-from server.batch import Request, SamplingParams
-from server.engine import Engine
+from server.engine.core import Engine
+from server.engine.requests import Request, SamplingParams
 
 
 def test_both_settings_give_each_request_its_tokens_alone_and_leave_nothing_behind(tmp_path):

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from bench.bench_linear import systems
-from server import cpu_kernel
+from server.model import cpu_kernel
 
 
 def test_every_system_computes_the_same_linears():

@@ -1,4 +1,4 @@
-"""The metric (sample) names the server exports, read from `server.metrics.ServerMetrics.exposition()`.
+"""The metric (sample) names the server exports, read from `server.http.metrics.ServerMetrics.exposition()`.
 
 A scrape has only samples that exist: a labelled counter nobody has incremented yet has no sample. So the
 names come from the metric families (type and base name) in the exposition, expanded the way the text
@@ -55,6 +55,6 @@ def exported_sample_names(exposition: str) -> set[str]:
 
 def server_metric_names() -> set[str]:
     """Sample names of a freshly constructed `ServerMetrics` (the server's whole metric registry)."""
-    from server.metrics import ServerMetrics
+    from server.http.metrics import ServerMetrics
 
     return exported_sample_names(ServerMetrics(AnyStats).exposition().decode())

@@ -1,6 +1,6 @@
 """The Grafana dashboard and its provisioning: the JSON loads, and it queries only metrics the server exports.
 
-Compared against the registry `server.metrics.ServerMetrics` builds (its exposition), not against a live
+Compared against the registry `server.http.metrics.ServerMetrics` builds (its exposition), not against a live
 server's /metrics.
 """
 

@@ -1,5 +1,5 @@
 """Fixtures of the security tests: the tiny model and bundle of the server tests, served over real loopback,
-in this process (`tests.server.http.serve_app`) or as the real `python -m server` process, whose memory and
+in this process (`tests.server.loopback.serve_app`) or as the real `python -m server` process, whose memory and
 event loop are its own."""
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ import pytest
 from transformers import AutoTokenizer
 
 import mhr
-from server.api import ADAPTER_HEADER
-from tests.server import http
+from server.http.app import ADAPTER_HEADER
+from tests.server import loopback as http
 from tests.server.admin_helpers import (
     ADMIN,
     PROMPT,
@@ -34,7 +34,7 @@ from tests.server.admin_helpers import (
     snapshot,
 )
 from tests.server.conftest import DENSE, ROUTED, random_logits, random_lora
-from tests.server.http import serve_app
+from tests.server.loopback import serve_app
 
 CONFIG, WEIGHTS = "adapter/adapter_config.json", "adapter/adapter_model.safetensors"
 

@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 
-from server.protocol import MAX_MESSAGES
+from server.http.protocol import MAX_MESSAGES
 from tests.security.conftest import KEY
 
 POLL_LIMIT = 0.5    # seconds /health may take while the attacks run

@@ -13,11 +13,11 @@ import httpx
 import pytest
 
 from tests.security.conftest import KEY, server_process
-from tests.server import http
+from tests.server import loopback as http
 from tests.server.admin_helpers import ADMIN, PROMPT, admin_app, copy_bundle, engine_on
 from tests.server.conftest import ROUTED
-from tests.server.http import serve_app
-from tests.server.test_faults import LONG, idle, wait_until
+from tests.server.http.test_faults import LONG, idle, wait_until
+from tests.server.loopback import serve_app
 
 
 @pytest.fixture
@@ -83,6 +83,13 @@ def test_requests_whose_clients_left_are_counted_once_as_cancelled(tiny_llama_pa
         assert counted(base, "cancelled") == 8
 
 
+def in_engine(base: str) -> float:
+    """Requests running or waiting in the engine, from /metrics."""
+    gauges = [line.split() for line in http.get(f"{base}/metrics").text.splitlines()
+              if line.startswith(("mhr_running_requests ", "mhr_waiting_requests "))]
+    return sum(float(value) for _, value in gauges)
+
+
 def test_the_drain_deadline_ends_open_streams_with_an_error_event_and_waiting_ones_with_503(
         tiny_llama_path, bundle_dir, tmp_path):
     with server_process(tiny_llama_path, bundle_dir, tmp_path / "log", "--max-seq-len", "512", "--max-running", "4",
@@ -106,6 +113,7 @@ def test_the_drain_deadline_ends_open_streams_with_an_error_event_and_waiting_on
         for t in threads:
             t.start()
         assert started.acquire(timeout=60)
+        wait_until(lambda: in_engine(server.base) == 16, what="every stream to reach the engine")
         server.process.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(60)

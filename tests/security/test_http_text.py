@@ -9,10 +9,10 @@ import logging
 import pytest
 from transformers import AutoTokenizer
 
-from server.api import create_app
-from tests.server import http
+from server.http.app import create_app
+from tests.server import loopback as http
 from tests.server.admin_helpers import API_KEY, engine_on
-from tests.server.http import serve_app
+from tests.server.loopback import serve_app
 
 KEY = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
 LONE = '"kab\\ud800adu"'  # JSON's escape of a lone surrogate: valid JSON, not valid Unicode
@@ -92,7 +92,7 @@ def test_the_api_schema_and_docs_pages_are_off_by_default(server):
 
 def test_the_api_schema_when_asked_for_is_behind_the_key_without_admin_routes(make_engine_module, tmp_path,
                                                                              bundle_path):
-    from server.deploy import Deployer
+    from server.http.deploy import Deployer
 
     app = create_app(make_engine_module(), api_key=API_KEY, admin_key="admin-key-0123456789", api_docs=True,
                      deployer=Deployer(None, bundle_path, 2**20))

@@ -24,9 +24,9 @@ from transformers import AutoTokenizer
 
 import mhr
 from mhr.export_peft import import_peft_files
-from server.api import ADAPTER_HEADER
-from server.uploads import MAX_GZIP_MEMBERS, MAX_MEMBERS, MAX_NAME
-from tests.server import http
+from server.http.app import ADAPTER_HEADER
+from server.http.uploads import MAX_GZIP_MEMBERS, MAX_MEMBERS, MAX_NAME
+from tests.server import loopback as http
 from tests.server.admin_helpers import (
     ADMIN,
     PROMPT,
@@ -38,7 +38,7 @@ from tests.server.admin_helpers import (
     snapshot,
 )
 from tests.server.conftest import ROUTED, random_lora
-from tests.server.http import serve_app
+from tests.server.loopback import serve_app
 
 LIMIT_MB = 2
 LIMIT = LIMIT_MB * 2**20

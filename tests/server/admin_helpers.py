@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM
 
 import mhr
 from mhr.files import safetensors_bytes
-from server.batch import Request, SamplingParams
 from server.config import ServerConfig
-from server.engine import Engine
+from server.engine.core import Engine
+from server.engine.requests import Request, SamplingParams
 from server.main import app_for
 
 ADMIN_KEY = "admin-key-0123456789"

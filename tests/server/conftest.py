@@ -9,10 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import mhr
-from server.api import create_app
 from server.config import ServerConfig
-from server.engine import Engine
-from tests.server.http import serve_app
+from server.engine.core import Engine
+from server.http.app import create_app
+from tests.server.loopback import serve_app
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ROUTED = [f"task{i}" for i in range(6)]

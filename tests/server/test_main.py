@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from server.engine import Engine
+from server.engine.core import Engine
 from server.main import choose_engine
 
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import mhr
 from server.config import ServerConfig
-from server.engine import Engine
+from server.engine.core import Engine
 from tests.server.conftest import save_served_bundle
 
 # Fewer adapter slots than the tasks the tests use, so every test also exercises vLLM's slot scheduling
@@ -29,7 +29,7 @@ def vllm_bundle_path(tiny_llama_path, tmp_path_factory):
 def vllm_engine(vllm_bundle_path, tmp_path_factory):
     """One vLLM engine (float32) for every test of this folder; tests that change tasks restore them."""
     pytest.importorskip("vllm")
-    from server.vllm_engine import VLLMEngine
+    from server.vllm_backend.engine import VLLMEngine
 
     settings = ServerConfig(engine="vllm", bundle=str(vllm_bundle_path), **VLLM_SETTINGS)
     engine = VLLMEngine.from_config(settings, kv_cache_memory_bytes=KV_CACHE_BYTES, enable_prefix_caching=False)

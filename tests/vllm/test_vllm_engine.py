@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from server.batch import InvalidRequest, Request, SamplingParams
-from server.tasks import ZERO_SHOT, Mixture
+from server.engine.requests import InvalidRequest, Request, SamplingParams
+from server.engine.tasks import ZERO_SHOT, Mixture
 from tests.server.conftest import DENSE, ROUTED, random_logits, random_lora
 from tests.vllm.conftest import VLLM_SETTINGS
 

@@ -8,11 +8,11 @@ import json
 import httpx
 import pytest
 
-from server.api import ADAPTER_HEADER, create_app
-from server.batch import Request, SamplingParams
-from tests.server import http
+from server.engine.requests import Request, SamplingParams
+from server.http.app import ADAPTER_HEADER, create_app
+from tests.server import loopback as http
 from tests.server.conftest import DENSE, ROUTED
-from tests.server.http import serve_app
+from tests.server.loopback import serve_app
 
 pytest.importorskip("vllm")
 

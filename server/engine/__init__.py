@@ -1,0 +1,1 @@
+"""The torch engine: one backbone, adapter slots, continuous batching; and the contract every engine keeps."""

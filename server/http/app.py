@@ -1,0 +1,230 @@
+"""The FastAPI app: routes, authentication and error bodies. HTTP <-> serving only.
+
+Routes are a few lines each; conversion lives in `server.http.serving`, hot deploys in `server.http.deploy`, keys
+and body limits in `server.http.guard` (checked before a body is read), and the engine knows nothing of HTTP.
+Every error, including validation errors and unknown routes, answers with OpenAI's error body; an
+unexpected error's body carries the request id under which the server logs it, never its text. The
+OpenAPI schema (`/openapi.json`, without the admin routes) is served only when asked for, behind the API
+key; no documentation page is served (it would load its scripts from a CDN).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.engine.core import Engine
+from server.http.catalog import model_list, task_info, task_list
+from server.http.errors import APIError
+from server.http.guard import REQUEST_ID_HEADER, Limits, RequestGuard
+from server.http.metrics import CONTENT_TYPE, ServerMetrics
+from server.http.protocol import (
+    MAX_BATCH_INPUTS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorInfo,
+    ErrorResponse,
+    GenerateRequest,
+    ModelList,
+    SlotsRequest,
+    SlotsResponse,
+    TaskInfo,
+    TaskList,
+)
+from server.http.serving import Serving
+
+ADAPTER_HEADER = "X-MHR-Adapter"
+MiB = 2**20
+log = logging.getLogger(__name__)
+
+
+def create_app(engine: Engine, *, api_key: str | None = None, admin_key: str | None = None,
+               deployer=None, max_body_bytes: int | None = None, api_docs: bool = False) -> FastAPI:
+    """The app serving `engine`. `api_key` guards inference routes, `admin_key` the admin routes (off
+    without one). `deployer` (a `server.http.deploy.Deployer`) handles admin changes to the bundle.
+    `max_body_bytes` bounds every request body but uploads (None: `default_body_limit`); `api_docs` serves
+    the OpenAPI schema."""
+    metrics = ServerMetrics(engine.stats)
+    serving = Serving(engine, metrics)
+    state = {"ready": False, "stopping": False}  # stopping: set by `begin_shutdown`, never cleared
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loop_task = asyncio.create_task(engine.serve())
+        state["loop"] = asyncio.get_running_loop()
+        state["ready"] = True
+        try:
+            yield
+        finally:
+            state["ready"] = False  # uvicorn has stopped accepting and drained open requests by now
+            loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop_task
+
+    app = FastAPI(title="mhr-serve", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json" if api_docs else None)
+    app.state.serving, app.state.metrics, app.state.lifecycle = serving, metrics, state
+    _install_error_handlers(app, metrics)
+    limits = Limits(api_key, admin_key, max_body_bytes or default_body_limit(serving.max_prompt_chars),
+                    deployer.max_upload_bytes if deployer is not None else 0)
+    app.add_middleware(RequestGuard, limits=limits, rejected=metrics.rejected)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        if not state["ready"] or state["stopping"]:
+            raise APIError(503, "not ready: the engine is starting or shutting down", type="server_error",
+                           code="not_ready")
+        return JSONResponse({"status": "ready", "tasks": len(engine.tasks)})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return model_list(engine)
+
+    @app.get("/v1/tasks")
+    async def tasks() -> TaskList:
+        return task_list(engine)
+
+    @app.get("/v1/tasks/{task}")
+    async def task(task: str) -> TaskInfo:
+        return task_info(engine, task)
+
+    @app.post("/v1/tasks/{task}/generate")
+    async def generate(task: str, body: GenerateRequest, request: Request) -> Response:
+        if body.stream:
+            prepared = await serving.generate_inputs(task, body)
+            lines = await serving.generate_stream(prepared, request.is_disconnected)
+            return _sse(lines, prepared.adapter)
+        result = await serving.generate(task, body, request.is_disconnected)
+        return _json(result, result.adapter)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        if body.stream:
+            prepared = await serving.completion_inputs(body)
+            lines = await serving.completion_stream(body, prepared, request.is_disconnected)
+            return _sse(lines, prepared.adapter)
+        result = await serving.completion(body, request.is_disconnected)
+        return _json(result, result.mhr.adapter)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request) -> Response:
+        if body.stream:
+            prepared = await serving.chat_inputs(body)
+            lines = await serving.chat_stream(body, prepared, request.is_disconnected)
+            return _sse(lines, prepared.adapter)
+        result = await serving.chat(body, request.is_disconnected)
+        return _json(result, result.mhr.adapter)
+
+    @app.put("/admin/slots", include_in_schema=False)
+    async def slots(body: SlotsRequest) -> SlotsResponse:
+        return await serving.resize_slots(body.n_slots)
+
+    if deployer is not None:
+        app.include_router(deployer.router(), include_in_schema=False)
+    return app
+
+
+def default_body_limit(max_prompt_chars: int) -> int:
+    """Bytes a request body may have by default: room for a full batch of the longest prompts that can fit
+    (up to 6 bytes a character, as JSON escapes them), within 1 to 64 MiB."""
+    return min(max(MAX_BATCH_INPUTS * max_prompt_chars * 6 + 64 * 1024, MiB), 64 * MiB)
+
+
+UNION_TAGS = {"str", "int", "float", "bool"}  # pydantic's names of a union's members in an error's location
+
+
+def explain_invalid(errors: list[dict]) -> tuple[str | None, str, str]:
+    """(param, message, code) of a request that failed validation: the most telling error first (the server's
+    own checks and undecodable text, then errors outside a union's failed alternatives), its field path without
+    pydantic's union tags, and how many other fields have problems."""
+    def where(error: dict) -> str:
+        return ".".join(str(p) for p in error["loc"][1:] if not (isinstance(p, str) and ("[" in p or p in UNION_TAGS)))
+
+    def rank(error: dict) -> int:
+        if error["type"] in ("value_error", "string_unicode"):
+            return 0
+        return 1 if not any(isinstance(p, str) and "[" in p for p in error["loc"]) else 2
+
+    first = min(errors, key=rank)
+    param, message = where(first), first["msg"].removeprefix("Value error, ")
+    if first["type"] == "json_invalid":  # its location is a character offset, not a field
+        message = (f"the request body is not valid JSON at character {param or 0} (counting from 0): "
+                   f"{first.get('ctx', {}).get('error', 'parse error')}")
+        param = ""
+    elif first["type"] == "string_unicode":
+        message = "the text is not valid Unicode (a lone surrogate?): send text that encodes as UTF-8"
+    elif first["type"] == "model_attributes_type" and not param:  # a form, a string, no content type
+        message = "the request body must be a JSON object, sent with Content-Type: application/json"
+    text = f"{param}: {message}" if param else message
+    more = len({where(e) for e in errors} - {param})
+    if more:
+        text += f" (and {more} more field{'s' if more > 1 else ''} with problems)"
+    return param or None, text, first["type"]
+
+
+def begin_shutdown(app: FastAPI, drain_seconds: float | None = None) -> None:
+    """Answer /ready with 503 from now on, so load balancers stop routing here while requests drain; with
+    `drain_seconds`, end the streams and requests still open shortly before that deadline (an error event,
+    a 503), so that none is cut off mid-body when the server closes its connections. Called by the process
+    entry the moment a stop signal arrives (see `server.main`); safe to call from a signal handler."""
+    state = app.state.lifecycle
+    state["stopping"] = True
+    loop = state.get("loop")
+    if drain_seconds is not None and loop is not None:
+        cut_after = max(0.0, drain_seconds - min(1.0, 0.2 * drain_seconds))  # the margin: time to send the ends
+        loop.call_soon_threadsafe(loop.call_later, cut_after, app.state.serving.cut_streams)
+
+
+def _json(model, adapter: str) -> JSONResponse:
+    return JSONResponse(model.model_dump(mode="json"), headers={ADAPTER_HEADER: adapter})
+
+
+def _sse(lines: AsyncIterator[str], adapter: str) -> StreamingResponse:
+    return StreamingResponse(lines, media_type="text/event-stream",
+                             headers={ADAPTER_HEADER: adapter, "Cache-Control": "no-cache"})
+
+
+def _install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
+    def body(status: int, message: str, type: str, param=None, code=None, headers=None) -> JSONResponse:
+        error = ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code))
+        return JSONResponse(error.model_dump(), status_code=status, headers=headers)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        if e.status >= 400:
+            metrics.rejected(e.code or str(e.status))
+        return body(e.status, e.message, e.type, e.param, e.code, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        metrics.rejected("invalid_request")
+        param, message, code = explain_invalid(e.errors())
+        return body(400, message, "invalid_request_error", param=param, code=code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return body(e.status_code, str(e.detail), kind, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception) -> JSONResponse:
+        metrics.rejected("internal_error")
+        request_id = request.scope.get("state", {}).get("request_id", "unknown")
+        log.error("request %s (%s %s) failed", request_id, request.method, request.url.path, exc_info=e)
+        return body(500, f"internal error: the server's log has the details under request id {request_id}",
+                    "server_error", code="internal_error", headers={REQUEST_ID_HEADER: request_id})

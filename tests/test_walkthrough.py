@@ -20,7 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from training import demo, suite
+from training import demo
+from training import suite_v1 as suite
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN_KEY = "test-admin-key"

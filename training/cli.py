@@ -108,20 +108,22 @@ def make_config(config_file: Path | None, **options) -> TrainConfig:
 @app.command()
 def suite(out: Annotated[Path, typer.Option(help="directory for the JSONL files")],
           n_train: Annotated[int, typer.Option(help="instances per training task")] = 64,
-          n_test: Annotated[int, typer.Option(help="test instances per task")] = 16,
-          n_shots: Annotated[int, typer.Option(help="few-shot instances per held-out task")] = 16,
+          n_test: Annotated[int, typer.Option(help="test instances per task")] = 32,
+          n_shots: Annotated[int, typer.Option(help="pool of few-shot instances per held-out task")] = 64,
           seed: Annotated[int, typer.Option(help="generator seed")] = 0,
-          prompts: Annotated[PromptStyle, typer.Option(help="named: prompts name the two skills; plain: the same "
-                                                            "prompt for every task, only the adapter knows it")
-                             ] = PromptStyle.named) -> None:
-    """Write the compositional task suite: train/test files of the training tasks, heldout-train/heldout-test
-    files of the held-out tasks (unseen compositions of the same skills)."""
+          prompts: Annotated[PromptStyle, typer.Option(help="plain: the same prompt for every task, only the "
+                                                            "adapter knows it; named: prompts spell the chain out")
+                             ] = PromptStyle.plain) -> None:
+    """Write the task suite: train/test files of the training tasks, heldout-train/heldout-test files of the
+    held-out tasks and validation-train/validation-test files of the validation tasks (new functions built
+    from the same skills)."""
     with user_errors():
         paths = suite_module.write_suite(out, n_train, n_test, n_shots, seed, style=prompts.value)
     typer.echo(f"skills: {', '.join(suite_module.SKILLS)}")
-    typer.echo(f"{len(suite_module.TRAIN_TASKS)} training tasks, held out: {', '.join(suite_module.HELD_OUT_TASKS)}")
+    typer.echo(f"{len(suite_module.TRAIN_TASKS)} training tasks; validation: {', '.join(suite_module.VALIDATION_TASKS)}")
+    typer.echo(f"held out: {', '.join(suite_module.HELD_OUT_TASKS)}")
     for name, path in paths.items():
-        typer.echo(f"{name:14s} {path}")
+        typer.echo(f"{name:16s} {path}")
 
 
 @app.command()

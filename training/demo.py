@@ -32,7 +32,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import CHAT_TEMPLATE_FILE
 
-from training import suite
+from training import suite_v1 as suite
 from training.config import TrainConfig
 from training.data import IGNORE, Example, read_jsonl
 

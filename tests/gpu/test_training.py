@@ -43,6 +43,6 @@ def test_train_adapt_zeroshot_eval_on_cuda(tiny_llama_path, tmp_path):
     saved = mhr.Bundle.load(tmp_path / "b")
     assert saved.zero_shot is not None and held in saved.adapters
     ranked = Example(held, "pick one:", "yes", ("yes", "no"))
-    report = evaluate_bundle(tmp_path / "b", [*suite.generate(held, 2, 0, test=True), ranked], max_new_tokens=4,
+    report = evaluate_bundle(tmp_path / "b", [*suite.generate(held, 2, 0, split="test"), ranked], max_new_tokens=4,
                              device=DEVICE)
     assert report["tasks"][held]["n"] == 3 and {"accuracy", "exact_match", "loss"} <= set(report["tasks"][held])

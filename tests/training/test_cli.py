@@ -49,7 +49,7 @@ def test_suite_train_adapt_zeroshot_eval_plot(tmp_path, tiny_llama_path):
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["config"]["n_skills"] == 2 and manifest["training"]["steps"] == 2
     assert manifest["training"]["config"]["device"] == "cpu"  # --device reached the run's TrainConfig
-    held = "reverse.sort"
+    held = "dedupe.rot2"  # a held-out task of the suite
     # heldout-train holds several tasks: adapting one of them names the first record of another
     result = invoke("adapt", "--bundle", tmp_path / "b", "--data", tmp_path / "s" / "heldout-train.jsonl",
                     "--task", held, *SMALL)
@@ -132,9 +132,9 @@ def test_other_packages_add_commands(monkeypatch, capsys):
 
 
 def test_suite_prompt_styles(tmp_path):
-    assert invoke("suite", "--out", tmp_path / "plain", "--n-train", 1, "--prompts", "plain").exit_code == 0
-    first = json.loads((tmp_path / "plain" / "train.jsonl").read_text().splitlines()[0])
-    assert first["input"].startswith("word: ")
+    assert invoke("suite", "--out", tmp_path / "named", "--n-train", 1, "--prompts", "named").exit_code == 0
+    first = json.loads((tmp_path / "named" / "train.jsonl").read_text().splitlines()[0])
+    assert first["input"].startswith(f"{first['task']}: ")  # the first task is a single skill
     result = invoke("suite", "--out", tmp_path / "bad", "--prompts", "terse")
     assert result.exit_code == 2 and "terse" in result.output and "plain" in result.output
     assert not (tmp_path / "bad").exists()  # refused before anything was written
@@ -143,12 +143,12 @@ def test_suite_prompt_styles(tmp_path):
 def test_quiet_hides_transformers_progress_bars_too(bundle_copy, suite_files, tmp_path):
     shots = tmp_path / "shots.jsonl"
     lines = suite_files["heldout-train"].read_text().splitlines()
-    shots.write_text("\n".join(line for line in lines if json.loads(line)["task"] == "reverse.sort") + "\n")
-    args = ["adapt", "--bundle", bundle_copy, "--data", shots, "--task", "reverse.sort", "--steps", 1,
+    shots.write_text("\n".join(line for line in lines if json.loads(line)["task"] == "dedupe.rot2") + "\n")
+    args = ["adapt", "--bundle", bundle_copy, "--data", shots, "--task", "dedupe.rot2", "--steps", 1,
             "--max-length", 48, "--device", "cpu"]
     shown = invoke(*args)  # bars are shown where the output is captured: the check below can see them
     quiet = invoke(*args, "--replace", "--quiet")
     assert shown.exit_code == 0 and quiet.exit_code == 0, quiet.output
     assert "Loading weights" in shown.output and "it/s]" in shown.output
     assert "it/s]" not in quiet.output and "Loading weights" not in quiet.output
-    assert quiet.output.startswith("task 'reverse.sort' added")
+    assert quiet.output.startswith("task 'dedupe.rot2' added")

@@ -12,7 +12,8 @@ from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 import mhr
-from training import cli, demo, suite
+from training import cli, demo
+from training import suite_v1 as suite
 
 
 def test_tokenizer_is_character_level_and_round_trips():

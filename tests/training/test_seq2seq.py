@@ -35,5 +35,5 @@ def test_pretrain_adapt_eval(tiny_t5_path, train_examples, tmp_path):
     held = suite.HELD_OUT_TASKS[0]
     adapt(tmp_path / "b", suite.generate(held, 4, 0), held, small_config(method="mhr-z", steps=2), progress=False)
     assert mhr.Bundle.load(tmp_path / "b").task(held).kind is mhr.TaskKind.ROUTED
-    report = evaluate_bundle(tmp_path / "b", suite.generate(held, 3, 0, test=True), max_new_tokens=4)
+    report = evaluate_bundle(tmp_path / "b", suite.generate(held, 3, 0, split="test"), max_new_tokens=4)
     assert report["tasks"][held]["n"] == 3 and set(report["average"]) == {"exact_match", "rouge_l", "loss"}

@@ -22,11 +22,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mhr.adapter import LoRA
 from mhr.bundle import Bundle
 from server.config import ServerConfig
+from server.engine.contract import bundle_max_rank, check_replacement, check_task_change
 from server.engine.inventory import ServingInventory
 from server.engine.kv_cache import RowKVCache, kv_dtype
 from server.engine.outputs import EngineStats, RequestHandle, Result, TokenEvent, TokenLogprobs
 from server.engine.prefix_cache import PrefixCache
-from server.engine.requests import InvalidRequest, Request, check_request
+from server.engine.requests import Request, check_request
 from server.engine.sampling import make_generator, next_tokens, token_logprobs
 from server.engine.scheduler import Scheduler, Start
 from server.engine.sequence import Batch, Sequence, prefill_groups
@@ -56,7 +57,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self.dtype = dtype = next(model.parameters()).dtype
         self.context, self.slots = wrap_model(model, list(bundle.modules), config.n_slots,
-                                              config.max_rank or _max_rank(bundle))
+                                              config.max_rank or bundle_max_rank(bundle))
         self._mix_op = linear_op = None
         if self.device.type == "cpu" and dtype in PANEL_DTYPES and config.cpu_kernel:
             self._mix_op, linear_op = cpu_kernel.mix_skills(), cpu_kernel.panel_linear()
@@ -402,10 +403,7 @@ class Engine:
 
         Running requests of a replaced task finish on its old weights; new ones get the new weights.
         """
-        if (logits is None) == (lora is None):
-            raise ValueError("give exactly one of logits and lora")
-        if lora is not None and lora.rank > self.slots.max_rank:
-            raise InvalidRequest(f"LoRA rank {lora.rank} exceeds the slots' max rank {self.slots.max_rank}")
+        check_task_change(logits, lora, self.max_rank)
         with self._lock:
             old = self.tasks.put_routed(name, logits) if lora is None else self.tasks.put_dense(name, lora)
             if old is not None:
@@ -419,12 +417,7 @@ class Engine:
     def replace_bundle(self, bundle: Bundle) -> None:
         """Serve another bundle of the same backbone and adapted modules; running requests finish on the
         adapters they started with, whose slots are freed as they finish."""
-        current = self.tasks.bundle
-        if bundle.fingerprint != current.fingerprint or set(bundle.modules) != set(self.slots.layers):
-            raise ValueError("the new bundle adapts another backbone or other modules than the one served: "
-                             "start a new engine for it")
-        if _max_rank(bundle) > self.slots.max_rank:
-            raise ValueError(f"the new bundle needs rank {_max_rank(bundle)}, the slots hold {self.slots.max_rank}")
+        check_replacement(self.tasks.bundle, bundle, self.max_rank)
         inventory = self._inventory(bundle)
         with self._lock:
             for key in self.tasks.replace_bundle(bundle, inventory):
@@ -488,12 +481,6 @@ def _kv_cache_for(model: nn.Module, config: ServerConfig, device: torch.device, 
     n_kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     return RowKVCache(c.num_hidden_layers, config.max_running, n_kv_heads, config.max_seq_len, head_dim,
                       device, dtype)
-
-
-def _max_rank(bundle: Bundle) -> int:
-    """The largest rank among the bundle's adapters (routed tasks have the inventory's rank)."""
-    extra = [*bundle.adapters.values(), *([bundle.zero_shot] if bundle.zero_shot is not None else [])]
-    return max([bundle.config.rank, *(lora.rank for lora in extra)])
 
 
 def _eos_ids(model: nn.Module, tokenizer) -> frozenset[int]:

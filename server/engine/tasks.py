@@ -19,6 +19,7 @@ from torch import Tensor
 
 from mhr.adapter import LoRA
 from mhr.bundle import Bundle, TaskKind, listed
+from mhr.functional import routing_weights
 from server.engine.inventory import MixedLoRA, ServingInventory
 from server.model.layers import GroupedLoRA
 
@@ -31,6 +32,26 @@ BASE = "base"             # the name results give when no adapter was asked for
 
 class UnknownTask(LookupError):
     """A task the bundle does not hold, with zero-shot fallback turned off."""
+
+
+class InvalidMixture(ValueError):
+    """A per-request mixture that does not fit the bundle; `field` names what is wrong."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class TaskSummary:
+    """What a served task is: its kind ("routed" or "dense"), rank, metadata and, for a routed task, its per-head
+    skill weights averaged over modules ([h][K])."""
+
+    name: str
+    kind: str
+    rank: int
+    metadata: Mapping
+    routing: list[list[float]] | None
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,6 +119,47 @@ class TaskRegistry:
 
     def __len__(self) -> int:
         return len(self._keys)
+
+    @property
+    def backbone(self) -> str:
+        return self.bundle.backbone
+
+    def adapter_name(self, task: str) -> str:
+        """The name of the adapter that would serve `task` now: the task, or ZERO_SHOT. Raises UnknownTask."""
+        key = self.resolve(task)
+        return ZERO_SHOT if key == self.zero_shot_key else key.name
+
+    def summary(self, name: str) -> TaskSummary:
+        """What the served task `name` is (KeyError if it is not served)."""
+        task = self.bundle.task(name)
+        if task.kind is TaskKind.ROUTED:
+            weights = routing_weights(self.bundle.routing_row(name).float())   # [M, h, K]
+            routing = weights.mean(dim=0).round(decimals=4).tolist()          # [h, K], averaged over modules
+            return TaskSummary(name, "routed", self.bundle.config.rank, task.metadata, routing)
+        return TaskSummary(name, "dense", self.bundle.adapters[name].rank, task.metadata, None)
+
+    def mixture(self, shares: Mapping[str, float] | None = None,
+                skills: list[list[float]] | None = None) -> Mixture:
+        """A per-request mixture: routed tasks' routing weights averaged with `shares` (task -> weight), or
+        per-head skill weights `skills` [h][K] used for every module. Raises InvalidMixture."""
+        config, modules = self.bundle.config, self.bundle.modules
+        h, K = config.n_heads, config.n_skills
+        if skills is not None:
+            weights = torch.tensor(skills) if {len(row) for row in skills} == {K} else None
+            if weights is None or weights.shape != (h, K):
+                raise InvalidMixture(f"mhr.skills must be {h} rows (heads) of {K} weights (skills)", "mhr.skills")
+            return Mixture.of({m: weights / weights.sum(dim=-1, keepdim=True) for m in modules})
+        total = sum(shares.values())
+        mixed = {m: torch.zeros(h, K) for m in modules}
+        for task, share in shares.items():
+            if task not in self:
+                raise InvalidMixture(f"mhr.mix: task {task!r} is not in the bundle", "mhr.mix")
+            if self.bundle.task(task).kind is not TaskKind.ROUTED:
+                raise InvalidMixture(f"mhr.mix: task {task!r} has its own LoRA, not routing: only routed tasks "
+                                     "can be mixed", "mhr.mix")
+            for m, logits in self.bundle.routing_logits(task).items():
+                mixed[m] += routing_weights(logits.float()) * (share / total)
+        return Mixture.of(mixed)
 
     def resolve(self, task: str | None, mixture: Mixture | None = None) -> AdapterKey | None:
         """The key serving `task` (or `mixture`, which takes precedence) now; None for no adapter (task None).

@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.engine.core import Engine
+from server.engine.contract import ServingEngine
 from server.http.catalog import model_list, task_info, task_list
 from server.http.errors import APIError
 from server.http.guard import REQUEST_ID_HEADER, Limits, RequestGuard
@@ -45,7 +45,7 @@ MiB = 2**20
 log = logging.getLogger(__name__)
 
 
-def create_app(engine: Engine, *, api_key: str | None = None, admin_key: str | None = None,
+def create_app(engine: ServingEngine, *, api_key: str | None = None, admin_key: str | None = None,
                deployer=None, max_body_bytes: int | None = None, api_docs: bool = False) -> FastAPI:
     """The app serving `engine`. `api_key` guards inference routes, `admin_key` the admin routes (off
     without one). `deployer` (a `server.http.deploy.Deployer`) handles admin changes to the bundle.

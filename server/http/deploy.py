@@ -25,6 +25,7 @@ from fastapi import APIRouter, Request
 
 import mhr
 from mhr.bundle_check import check_task_name
+from server.engine.contract import ServingEngine
 from server.engine.tasks import BASE, MIXTURE_PREFIX, ZERO_SHOT
 from server.http.errors import APIError
 from server.http.uploads import Upload, parse_upload
@@ -36,12 +37,12 @@ class Deployer:
     """Applies admin changes to the bundle directory `bundle_dir` and to `engine`.
 
     Args:
-        engine: the engine serving the bundle (`server.engine.core.Engine` or `server.vllm_backend.engine.VLLMEngine`).
+        engine: the engine serving the bundle.
         bundle_dir: the bundle directory the engine was loaded from.
         max_upload_bytes: bound of an upload's body, and of what an uploaded archive unpacks to (413).
     """
 
-    def __init__(self, engine, bundle_dir: str | Path, max_upload_bytes: int) -> None:
+    def __init__(self, engine: ServingEngine, bundle_dir: str | Path, max_upload_bytes: int) -> None:
         self.engine, self.bundle_dir, self.max_upload_bytes = engine, Path(bundle_dir), max_upload_bytes
         self._lock = asyncio.Lock()
 

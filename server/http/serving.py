@@ -23,17 +23,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import torch
-
-from mhr.bundle import TaskKind
 from mhr.bundle_check import BundleError, check_task_name
-from mhr.functional import routing_weights
-from server.engine.core import Engine
+from server.engine.contract import ServingEngine, SlotsFixed
 from server.engine.outputs import RequestHandle, Result, TokenEvent
 from server.engine.requests import InvalidRequest, Request, SamplingParams
 from server.engine.scheduler import QueueFull
 from server.engine.slots import SlotsBusy
-from server.engine.tasks import MIXTURE_PREFIX, ZERO_SHOT, Mixture, UnknownTask
+from server.engine.tasks import MIXTURE_PREFIX, InvalidMixture, Mixture, UnknownTask
 from server.http.errors import APIError
 from server.http.logprobs import chat_logprobs, completion_logprobs
 from server.http.metrics import ServerMetrics
@@ -94,7 +90,7 @@ def prompt_char_limit(tokenizer, max_seq_len: int) -> int:
 class Serving:
     """The API's view of one engine (and its tokenizer)."""
 
-    def __init__(self, engine: Engine, metrics: ServerMetrics) -> None:
+    def __init__(self, engine: ServingEngine, metrics: ServerMetrics) -> None:
         if engine.tokenizer is None:
             raise ValueError("serving text needs the engine's tokenizer")
         self.engine, self.tokenizer, self.metrics = engine, engine.tokenizer, metrics
@@ -115,10 +111,9 @@ class Serving:
         except BundleError as e:
             raise APIError(400, str(e), param="model", code="invalid_model_name") from None
         try:
-            key = self.engine.tasks.resolve(task)
+            return self.engine.tasks.adapter_name(task)
         except UnknownTask as e:
             raise APIError(404, str(e), param="model", code="model_not_found") from None
-        return ZERO_SHOT if key == self.engine.tasks.zero_shot_key else key.name
 
     async def tokenize(self, prompts: list[str | list[int]], param: str) -> list[list[int]]:
         """Token ids of `prompts` (texts, or token ids checked against the vocabulary), tokenized off the loop."""
@@ -155,25 +150,10 @@ class Serving:
 
     def mixture(self, mix: SkillMix) -> Mixture:
         """The per-request mixture a request's `mhr` field asks for (400 when it does not fit the bundle)."""
-        bundle = self.engine.tasks.bundle
-        h, K = bundle.config.n_heads, bundle.config.n_skills
-        if mix.skills is not None:
-            skills = torch.tensor(mix.skills) if {len(row) for row in mix.skills} == {K} else None
-            if skills is None or skills.shape != (h, K):
-                raise APIError(400, f"mhr.skills must be {h} rows (heads) of {K} weights (skills)", param="mhr.skills")
-            weights = skills / skills.sum(dim=-1, keepdim=True)
-            return Mixture.of({m: weights for m in bundle.modules})
-        total = sum(mix.mix.values())
-        mixed = {m: torch.zeros(h, K) for m in bundle.modules}
-        for task, share in mix.mix.items():
-            if task not in self.engine.tasks:
-                raise APIError(400, f"mhr.mix: task {task!r} is not in the bundle", param="mhr.mix")
-            if bundle.task(task).kind is not TaskKind.ROUTED:
-                raise APIError(400, f"mhr.mix: task {task!r} has its own LoRA, not routing: only routed tasks "
-                                    "can be mixed", param="mhr.mix")
-            for m, logits in bundle.routing_logits(task).items():
-                mixed[m] += routing_weights(logits.float()) * (share / total)
-        return Mixture.of(mixed)
+        try:
+            return self.engine.tasks.mixture(mix.mix, mix.skills)
+        except InvalidMixture as e:
+            raise APIError(400, str(e), param=e.field) from None
 
     def prepare(self, task: str, prompts: list[list[int]], sampling: Sampling, max_tokens: int | None,
                 param: str, logprobs: int | None = None, prompt_logprobs: int | None = None, n: int = 1) -> Prepared:
@@ -353,12 +333,10 @@ class Serving:
                         prepared, started)
     async def resize_slots(self, n_slots: int) -> SlotsResponse:
         """Give the engine `n_slots` adapter slots per layer (between steps), or say why not (nothing changes)."""
-        resize = getattr(self.engine, "resize_slots", None)
-        if resize is None:
-            raise APIError(400, "this engine's adapter count is fixed at start (the vLLM engine: "
-                                "the vllm_max_cpu_loras setting)", param="n_slots", code="not_supported")
         try:
-            await asyncio.to_thread(resize, n_slots)
+            await asyncio.to_thread(self.engine.resize_slots, n_slots)
+        except SlotsFixed as e:
+            raise APIError(400, str(e), param="n_slots", code="not_supported") from None
         except SlotsBusy as e:
             raise APIError(409, f"{e}; nothing changed", param="n_slots", code="slots_busy") from None
         stats = self.engine.stats()

@@ -41,6 +41,7 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 from mhr.adapter import LoRA
 from mhr.bundle import Bundle
 from server.config import ServerConfig
+from server.engine.contract import SlotsFixed, bundle_max_rank, check_replacement, check_task_change
 from server.engine.outputs import EngineStats, RequestHandle, Result, TokenEvent, TokenLogprobs
 from server.engine.requests import InvalidRequest, Request, check_request
 from server.engine.scheduler import QueueFull
@@ -74,7 +75,7 @@ class VLLMEngine:
         self.config = config
         self.source = config.model or bundle.backbone
         self.tokenizer = tokenizer
-        self.max_rank = _vllm_rank(config.max_rank or _max_rank(bundle))
+        self.max_rank = _vllm_rank(config.max_rank or bundle_max_rank(bundle))
         self.tasks = TaskRegistry(bundle, PeftInventory(bundle), config.allow_zero_shot)
         self.adapters = AdapterDirs(adapter_root or default_root(), config.vllm_max_cpu_loras, self.source)
         self.eos_ids = _eos_ids(self.source, self.tokenizer)
@@ -166,10 +167,7 @@ class VLLMEngine:
     def put_task(self, name: str, *, logits: Mapping[str, Tensor] | None = None, lora: LoRA | None = None) -> None:
         """Add or replace a task (routing logits [h, K] per module, or its own LoRA). Running requests of a
         replaced task finish on its old adapter, which then leaves vLLM."""
-        if (logits is None) == (lora is None):
-            raise ValueError("give exactly one of logits and lora")
-        if lora is not None and lora.rank > self.max_rank:
-            raise InvalidRequest(f"LoRA rank {lora.rank} exceeds the engine's max rank {self.max_rank}")
+        check_task_change(logits, lora, self.max_rank)
         with self._lock:
             old = self.tasks.put_routed(name, logits) if lora is None else self.tasks.put_dense(name, lora)
             unload = self.adapters.invalidate(old) if old is not None else []
@@ -183,19 +181,18 @@ class VLLMEngine:
 
     def replace_bundle(self, bundle: Bundle) -> None:
         """Serve another bundle of the same backbone and modules; running requests finish on theirs."""
-        current = self.tasks.bundle
-        if bundle.fingerprint != current.fingerprint or set(bundle.modules) != set(current.modules):
-            raise ValueError("the new bundle adapts another backbone or other modules than the one served: "
-                             "start a new engine for it")
-        if _max_rank(bundle) > self.max_rank:
-            raise ValueError(f"the new bundle needs rank {_max_rank(bundle)}, vLLM was started with "
-                             f"max_lora_rank {self.max_rank}")
+        check_replacement(self.tasks.bundle, bundle, self.max_rank)
         inventory = PeftInventory(bundle)
         with self._lock:
             unload = [d for key in self.tasks.replace_bundle(bundle, inventory) for d in self.adapters.invalidate(key)]
         self._call(self._unload(unload))
         if self.config.allow_zero_shot:
             self._call(self._preload(self.tasks.zero_shot_key))
+
+    def resize_slots(self, n_slots: int) -> None:
+        """vLLM's adapter count (vllm_max_cpu_loras) is fixed when it starts."""
+        raise SlotsFixed("this engine's adapter count is fixed at start (the vLLM engine: the vllm_max_cpu_loras "
+                         "setting)")
 
     def stats(self) -> EngineStats:
         """Load and counters. slots: adapters kept registered (vllm_max_cpu_loras); slots_in_use: those
@@ -396,11 +393,6 @@ def _vllm_rank(rank: int) -> int:
         if allowed >= rank:
             return allowed
     raise ValueError(f"LoRA rank {rank} exceeds vLLM's largest max_lora_rank {VLLM_RANKS[-1]}")
-
-
-def _max_rank(bundle: Bundle) -> int:
-    extra = [*bundle.adapters.values(), *([bundle.zero_shot] if bundle.zero_shot is not None else [])]
-    return max([bundle.config.rank, *(lora.rank for lora in extra)])
 
 
 def _eos_ids(source: str, tokenizer) -> frozenset[int]:

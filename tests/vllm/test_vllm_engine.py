@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from server.engine.contract import ServingEngine, SlotsFixed
 from server.engine.requests import InvalidRequest, Request, SamplingParams
 from server.engine.tasks import ZERO_SHOT, Mixture
 from tests.server.conftest import DENSE, ROUTED, random_logits, random_lora
@@ -188,3 +189,9 @@ def test_penalties_and_logit_bias_match_the_torch_engine(vllm_engine, make_torch
     assert [r.tokens for r in got] != [r.tokens for r in plain], "shaping should change the tokens"
     with pytest.raises(InvalidRequest, match="token ids must be in"):
         vllm_engine.submit(requests([ROUTED[0]], logit_bias=((vllm_engine.vocab_size, 1.0),))[0])
+
+
+def test_the_vllm_engine_keeps_the_serving_contract(vllm_engine):
+    assert isinstance(vllm_engine, ServingEngine)
+    with pytest.raises(SlotsFixed):
+        vllm_engine.resize_slots(8)

@@ -22,7 +22,8 @@ import mhr
 from training import distributed
 from training import suite as suite_module
 from training.config import TrainConfig, TrainConfigError, resolve_device
-from training.data import DataError, read_jsonl
+from training.data import DataError
+from training.superni import read_data
 
 app = typer.Typer(help="Train, adapt and evaluate Multi-Head Adapter Routing (MHR) bundles.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -66,6 +67,9 @@ SaveEvery = Annotated[int | None, _opt("steps between checkpoints, 0 = never", "
 CheckpointDir = Annotated[str | None, _opt("checkpoint directory; a run resumes from its latest checkpoint",
                                            "checkpoint_dir")]
 Quiet = Annotated[bool, typer.Option("--quiet", help="no progress bars (default: off)", show_default=False)]
+DATA_HELP = ("JSONL of {task, input, target} records, a Super-NaturalInstructions task file (.json), a "
+             "directory of them, or a split file of task names (splits/default/test_tasks.txt)")
+MaxPerTask = Annotated[int | None, _none("use the first N instances of each task", "all")]
 Backbone = Annotated[str | None, typer.Option(
     "--model", show_default=False,
     help="load the backbone from here (same model, moved) (default: the path the bundle records)")]
@@ -120,7 +124,8 @@ def suite(out: Annotated[Path, typer.Option(help="directory for the JSONL files"
     with user_errors():
         paths = suite_module.write_suite(out, n_train, n_test, n_shots, seed, style=prompts.value)
     typer.echo(f"skills: {', '.join(suite_module.SKILLS)}")
-    typer.echo(f"{len(suite_module.TRAIN_TASKS)} training tasks; validation: {', '.join(suite_module.VALIDATION_TASKS)}")
+    typer.echo(f"{len(suite_module.TRAIN_TASKS)} training tasks; "
+               f"validation: {', '.join(suite_module.VALIDATION_TASKS)}")
     typer.echo(f"held out: {', '.join(suite_module.HELD_OUT_TASKS)}")
     for name, path in paths.items():
         typer.echo(f"{name:16s} {path}")
@@ -128,7 +133,7 @@ def suite(out: Annotated[Path, typer.Option(help="directory for the JSONL files"
 
 @app.command()
 def train(model: Annotated[str, typer.Option(help="backbone: local directory or hub id")],
-          data: Annotated[Path, typer.Option(help="JSONL of {task, input, target} records")],
+          data: Annotated[Path, typer.Option(help=DATA_HELP)],
           out: Annotated[Path, typer.Option(help="bundle directory to write")],
           method: Annotated[str | None, _opt("lora (shared) | poly (h=1) | mhr", "method")] = None,
           skills: Annotated[int | None, _opt("K, skills in the inventory", "skills")] = None,
@@ -141,7 +146,8 @@ def train(model: Annotated[str, typer.Option(help="backbone: local directory or 
               "--relaxed-routing/--sigmoid-routing", show_default=False,
               help="training routing weights: relaxed-Bernoulli samples or plain sigmoid "
                    "(default: relaxed-routing)")] = None,
-          eval_data: Annotated[Path | None, _none("JSONL whose loss is shown every --eval-every")] = None,
+          eval_data: Annotated[Path | None, _none("data (as --data) whose loss is shown every --eval-every")] = None,
+          max_per_task: MaxPerTask = None,
           eval_every: Annotated[int | None, _opt("steps between eval losses", "eval_every")] = None,
           config: Config = None, steps: Steps = None, batch_size: BatchSize = None, grad_accum: GradAccum = None,
           lr: Lr = None, logits_lr: LogitsLr = None, warmup_steps: Warmup = None, schedule: Schedule = None,
@@ -162,8 +168,8 @@ def train(model: Annotated[str, typer.Option(help="backbone: local directory or 
                           weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, dtype=dtype,
                           device=device, max_length=max_length, save_every=save_every, checkpoint_dir=checkpoint_dir)
         world = distributed.setup(cfg.torch_device)
-        examples = read_jsonl(data)
-        evals = read_jsonl(eval_data, known_tasks={ex.task for ex in examples}) if eval_data else None
+        examples = read_data(data, max_per_task=max_per_task)
+        evals = read_data(eval_data, known_tasks={ex.task for ex in examples}) if eval_data else None
         bundle, result = pretrain(model, examples, cfg, out, data_name=str(data), eval_examples=evals,
                                   progress=not quiet, world=world)
     distributed.teardown(world)
@@ -174,7 +180,7 @@ def train(model: Annotated[str, typer.Option(help="backbone: local directory or 
 
 @app.command()
 def adapt(bundle: Annotated[Path, typer.Option(help="bundle directory; the task is added to it")],
-          data: Annotated[Path, typer.Option(help="JSONL of the new task's records")],
+          data: Annotated[Path, typer.Option(help="the new task's records: " + DATA_HELP)],
           task: Annotated[str, typer.Option(help="name of the new task (every record must have it)")],
           method: Annotated[str, typer.Option(help="mhr | mhr-z | mhr-mu | poly | lora")] = "mhr-z",
           shots: Annotated[int | None, _none("use the first N records", "all")] = None,
@@ -191,7 +197,7 @@ def adapt(bundle: Annotated[Path, typer.Option(help="bundle directory; the task 
                           logits_lr=logits_lr, warmup_steps=warmup_steps, schedule=schedule,
                           weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, dtype=dtype,
                           device=device, max_length=max_length, save_every=save_every, checkpoint_dir=checkpoint_dir)
-        examples = read_jsonl(data, known_tasks={task})[:shots]
+        examples = read_data(data, known_tasks={task})[:shots]
         result = run_adapt(bundle, examples, task, cfg, data_name=str(data), replace=replace, backbone=model,
                            progress=not quiet)
     typer.echo(f"task {task!r} added to {bundle} ({cfg.method}, {len(examples)} shots, {result.summary()})")
@@ -199,8 +205,9 @@ def adapt(bundle: Annotated[Path, typer.Option(help="bundle directory; the task 
 
 @app.command()
 def zeroshot(bundle: Annotated[Path, typer.Option(help="bundle directory; its zero-shot adapter is replaced")],
-             data: Annotated[Path, typer.Option(help="JSONL of the multi-task training records")],
-             config: Config = None, steps: Steps = None, batch_size: BatchSize = None,
+             data: Annotated[Path, typer.Option(help="the multi-task training records: " + DATA_HELP)],
+             max_per_task: MaxPerTask = None, config: Config = None, steps: Steps = None,
+             batch_size: BatchSize = None,
              grad_accum: GradAccum = None, lr: Lr = None, warmup_steps: Warmup = None, schedule: Schedule = None,
              weight_decay: WeightDecay = None, max_grad_norm: MaxGradNorm = None, seed: Seed = None,
              dtype: Dtype = None, device: Device = None, max_length: MaxLength = None,
@@ -213,14 +220,15 @@ def zeroshot(bundle: Annotated[Path, typer.Option(help="bundle directory; its ze
                           lr=lr, warmup_steps=warmup_steps, schedule=schedule, weight_decay=weight_decay,
                           max_grad_norm=max_grad_norm, seed=seed, dtype=dtype, device=device,
                           max_length=max_length, save_every=save_every, checkpoint_dir=checkpoint_dir)
-        result = run_zeroshot(bundle, read_jsonl(data), cfg, data_name=str(data), backbone=model,
-                              progress=not quiet)
+        result = run_zeroshot(bundle, read_data(data, max_per_task=max_per_task), cfg, data_name=str(data),
+                              backbone=model, progress=not quiet)
     typer.echo(f"zero-shot adapter of {bundle} trained: {result.summary()}")
 
 
 @app.command(name="eval")
 def evaluate(bundle: Annotated[Path, typer.Option(help="bundle directory")],
-             data: Annotated[Path, typer.Option(help="JSONL of test records")],
+             data: Annotated[Path, typer.Option(help="test records: " + DATA_HELP)],
+             max_per_task: MaxPerTask = None,
              task: Annotated[list[str] | None, _none("only this task (repeatable)", "every task in the data")] = None,
              zero_shot: Annotated[bool, typer.Option(help="serve every task with the zero-shot adapter")] = False,
              out: Annotated[Path | None, _none("write the report as JSON here", "none, the table only")] = None,
@@ -231,7 +239,7 @@ def evaluate(bundle: Annotated[Path, typer.Option(help="bundle directory")],
     from training.evaluate import evaluate_bundle, format_table, write_report
     with user_errors():
         torch_device = resolve_device(device or DEFAULT.device)
-        examples = read_jsonl(data)
+        examples = read_data(data, max_per_task=max_per_task)
         if task:
             examples = [ex for ex in examples if ex.task in task]
             if not examples:

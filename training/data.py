@@ -1,8 +1,9 @@
 """Training data: reading task records, balanced per-task sampling, tokenization and collation.
 
-Owns the record format (JSONL `{task, input, target}` with optional `choices`), the reader of
-Super-NaturalInstructions task files, the per-task sampler and the encoding for causal and encoder-decoder
-LMs (loss on target tokens only). Leaves the procedural task suite to `training.suite` and the loss to `training.loop`.
+Owns the record format (JSONL `{task, input, target}` with optional `choices` and `references`), the
+per-task sampler and the encoding for causal and encoder-decoder
+LMs (loss on target tokens only). Leaves Super-NaturalInstructions files to `training.superni`, the task suite
+to `training.suite` and the loss to `training.loop`.
 """
 
 from __future__ import annotations
@@ -27,18 +28,24 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    """One text-to-text instance. With `choices`, `target` is the right one (rank classification)."""
+    """One text-to-text instance. With `choices`, `target` is the right one (rank classification).
+    `references` are further right answers (Super-NI instances have several): metrics take the best match
+    over the target and them; training uses the target."""
 
     task: str
     input: str
     target: str
     choices: tuple[str, ...] | None = None
+    references: tuple[str, ...] | None = None
 
     def to_json(self) -> str:
-        record = {k: v for k, v in asdict(self).items() if v is not None}
-        if self.choices is not None:
-            record["choices"] = list(self.choices)
+        record = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if v is not None}
         return json.dumps(record, ensure_ascii=False)
+
+    @property
+    def answers(self) -> tuple[str, ...]:
+        """Every right answer: the target, then the references."""
+        return (self.target, *(self.references or ()))
 
 
 # ----- reading ------------------------------------------------------------------------------------
@@ -78,7 +85,7 @@ def parse_record(line: str, known_tasks: Collection[str] | None = None) -> Examp
         value = record.get(field)
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"field {field!r} must be a non-empty string, found {value!r}")
-    unknown = sorted(set(record) - {"task", "input", "target", "choices"})
+    unknown = sorted(set(record) - {"task", "input", "target", "choices", "references"})
     if unknown:
         raise ValueError(f"unknown field(s) {unknown}")
     try:
@@ -95,56 +102,16 @@ def parse_record(line: str, known_tasks: Collection[str] | None = None) -> Examp
         if record["target"] not in choices:
             raise ValueError(f"field 'target' {record['target']!r} is not one of the choices")
         choices = tuple(choices)
-    return Example(record["task"], record["input"], record["target"], choices)
+    references = record.get("references")
+    if references is not None:
+        if not isinstance(references, list) or not all(isinstance(r, str) and r.strip() for r in references):
+            raise ValueError(f"field 'references' must be a list of non-empty strings, found {references!r}")
+        references = tuple(references)
+    return Example(record["task"], record["input"], record["target"], choices, references)
 
 
 def write_jsonl(path: str | Path, examples: Sequence[Example]) -> None:
     Path(path).write_text("".join(e.to_json() + "\n" for e in examples), encoding="utf-8")
-
-
-def read_superni(path: str | Path, n_positive: int = 2) -> list[Example]:
-    """The instances of one Super-NaturalInstructions task file, prompted as "definition + k examples".
-
-    The task is named after the file (e.g. task001_quoref_question_generation.json); the target is the
-    first of an instance's outputs. The prompt layout follows the benchmark's "Definition / Positive
-    Example / Now complete the following example" template.
-    """
-    path = Path(path)
-    try:
-        check_task_name(path.stem, where=f"{path}: the file name")
-    except BundleError as e:
-        raise DataError(str(e)) from None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: not a readable JSON task file ({e})") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: a task file must hold a JSON object")
-    definition = _superni_field(data, "Definition", path)
-    definition = " ".join(definition) if isinstance(definition, list) else definition
-    prompt = f"Definition: {definition}\n\n"
-    for i, ex in enumerate(_superni_field(data, "Positive Examples", path)[:n_positive], start=1):
-        if not isinstance(ex, dict) or not isinstance(ex.get("input"), str) or not isinstance(ex.get("output"), str):
-            raise DataError(f"{path}: 'Positive Examples'[{i - 1}] needs string 'input' and 'output'")
-        prompt += f"Positive Example {i}-\nInput: {ex['input']}\nOutput: {ex['output']}\n\n"
-    examples = []
-    for i, instance in enumerate(_superni_field(data, "Instances", path)):
-        outputs = instance.get("output") if isinstance(instance, dict) else None
-        text = instance.get("input") if isinstance(instance, dict) else None
-        if not isinstance(text, str) or not isinstance(outputs, list) or not outputs \
-                or not isinstance(outputs[0], str) or not outputs[0].strip():
-            raise DataError(f"{path}: 'Instances'[{i}] needs a string 'input' and a non-empty list 'output'")
-        examples.append(Example(path.stem, f"{prompt}Now complete the following example-\nInput: {text}\nOutput:",
-                                outputs[0]))
-    if not examples:
-        raise DataError(f"{path}: 'Instances' is empty")
-    return examples
-
-
-def _superni_field(data: dict, key: str, path: Path):
-    if key not in data:
-        raise DataError(f"{path}: missing field {key!r}")
-    return data[key]
 
 
 # ----- sampling -----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ dense adapter, or the zero-shot adapter) loaded into the backbone, per task and 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,9 +29,18 @@ def exact_match(prediction: str, target: str) -> float:
     return float(normalize(prediction) == normalize(target))
 
 
+def rouge_tokens(text: str) -> list[str]:
+    """Tokens as the reference ROUGE scorer makes them (and Super-NI's metric with it): lower case, every
+    run of characters other than a-z and 0-9 a separator."""
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+
+
 def rouge_l(prediction: str, target: str) -> float:
-    """ROUGE-L F1 over lower-cased whitespace tokens: 2PR / (P + R) with P, R = LCS / lengths."""
-    pred, ref = prediction.lower().split(), target.lower().split()
+    """ROUGE-L F1 over `rouge_tokens`: 2PR / (P + R) with P, R = LCS / lengths. Texts without such tokens
+    (punctuation only) compare as whitespace-split text."""
+    pred, ref = rouge_tokens(prediction), rouge_tokens(target)
+    if not pred and not ref:
+        pred, ref = prediction.split(), target.split()
     if not pred or not ref:
         return float(pred == ref)
     previous = [0] * (len(ref) + 1)  # LCS table, one row at a time
@@ -95,10 +105,16 @@ def evaluate_examples(model: nn.Module, tokenizer, examples: Sequence[Example], 
         outputs = []
         for i in range(0, len(generated), batch_size):
             outputs += generate(model, tokenizer, [ex.input for ex in generated[i:i + batch_size]], max_new_tokens)
-        scores["exact_match"] = sum(map(exact_match, outputs, [ex.target for ex in generated])) / len(generated)
-        scores["rouge_l"] = sum(map(rouge_l, outputs, [ex.target for ex in generated])) / len(generated)
+        scores["exact_match"] = best_of(exact_match, outputs, generated)
+        scores["rouge_l"] = best_of(rouge_l, outputs, generated)
         scores["loss"] = target_loss(model, tokenizer, generated, batch_size, max_length)
     return scores
+
+
+def best_of(metric, outputs: Sequence[str], examples: Sequence[Example]) -> float:
+    """The mean over examples of `metric`'s best value over each example's answers (target and references)."""
+    best = [max(metric(out, answer) for answer in ex.answers) for out, ex in zip(outputs, examples, strict=True)]
+    return sum(best) / len(best)
 
 
 def evaluate_bundle(bundle_path: str | Path, examples: Sequence[Example], *, zero_shot: bool = False,

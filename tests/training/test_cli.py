@@ -73,6 +73,24 @@ def test_suite_train_adapt_zeroshot_eval_plot(tmp_path, tiny_llama_path):
     assert result.exit_code == 0 and (tmp_path / "routing.png").stat().st_size > 0
 
 
+def test_superni_files_from_train_to_eval(tmp_path, tiny_llama_path):
+    """The paper's data format: train on a split's tasks, adapt a test task from its file, eval by ROUGE-L."""
+    from tests.training.test_data import SUPERNI
+    result = invoke("train", "--model", tiny_llama_path, "--data", SUPERNI / "splits/default/train_tasks.txt",
+                    "--out", tmp_path / "b", "--skills", 2, "--heads", 2, "--rank", 2,
+                    "--target-modules", "q_proj,v_proj", "--max-per-task", 2, *SMALL)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["training"]["examples"] == 2
+    result = invoke("adapt", "--bundle", tmp_path / "b", "--data", SUPERNI / "tasks/task002_toy_plurals.json",
+                    "--task", "task002_toy_plurals", "--shots", 2, "--method", "mhr-z", *SMALL)
+    assert result.exit_code == 0, result.output
+    result = invoke("eval", "--bundle", tmp_path / "b", "--data", SUPERNI / "splits/default/test_tasks.txt",
+                    "--max-new-tokens", 4, "--out", tmp_path / "report.json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["tasks"]["task002_toy_plurals"]["n"] == 4 and "rouge_l" in report["average"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["train", "--model", "m", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/b"], "bad.jsonl:2: invalid JSON"),
     (["train", "--model", "m", "--data", "{tmp}/good.jsonl", "--out", "{tmp}/b", "--steps", "0"], "steps must be"),

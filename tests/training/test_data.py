@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from training.data import IGNORE, DataError, Example, TaskSampler, collate, encode, read_jsonl, read_superni
+from training.data import IGNORE, DataError, Example, TaskSampler, collate, encode, read_jsonl
+from training.superni import read_data, read_superni
 
-FIXTURE = Path(__file__).parent / "fixtures" / "task001_toy_antonyms.json"
+SUPERNI = Path(__file__).parent / "fixtures" / "superni"  # laid out as allenai/natural-instructions
+FIXTURE = SUPERNI / "tasks" / "task001_toy_antonyms.json"
 GOOD = {"task": "t1", "input": "say hi", "target": "hi"}
 
 
@@ -60,6 +62,8 @@ def test_empty_and_missing_files_are_refused(tmp_path):
 def test_superni_task_file():
     examples = read_superni(FIXTURE, n_positive=2)
     assert [ex.target for ex in examples] == ["dark", "late", "closed"]  # the first output of each instance
+    assert [ex.references for ex in examples] == [("heavy",), None, ("shut",)]  # the others are references
+    assert examples[0].answers == ("dark", "heavy")
     assert {ex.task for ex in examples} == {"task001_toy_antonyms"}
     prompt = examples[1].input
     assert prompt.startswith("Definition: Given a word, write its antonym.")
@@ -67,6 +71,29 @@ def test_superni_task_file():
     assert "big" not in prompt  # only two positive examples
     assert "quick" not in prompt  # negative examples are not shown
     assert prompt.endswith("Input: early\nOutput:")
+
+
+def test_read_data_by_path(tmp_path):
+    """A task file, a directory of them, a split file (resolved against the checkout's tasks/), JSONL."""
+    split = read_data(SUPERNI / "splits" / "default" / "test_tasks.txt")
+    assert {ex.task for ex in split} == {"task002_toy_plurals"} and len(split) == 4
+    assert split[0].answers == ("fish", "fishes")
+    assert len(read_data(SUPERNI / "tasks")) == 7
+    assert [ex.target for ex in read_data(FIXTURE, max_per_task=2)] == ["dark", "late"]
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("".join(ex.to_json() + "\n" for ex in split))  # references survive JSONL
+    assert read_data(jsonl, max_per_task=3) == split[:3]
+    with pytest.raises(DataError, match="unknown task"):
+        read_data(FIXTURE, known_tasks={"other"})
+    (tmp_path / "splits").mkdir()
+    (tmp_path / "splits" / "x.txt").write_text("task009_absent\n")
+    with pytest.raises(DataError, match="no tasks/ directory"):
+        read_data(tmp_path / "splits" / "x.txt")
+    (tmp_path / "tasks").mkdir()
+    with pytest.raises(DataError, match="task009_absent"):
+        read_data(tmp_path / "splits" / "x.txt")
+    with pytest.raises(DataError, match="no Super-NI task files"):
+        read_data(tmp_path / "tasks")
 
 
 def test_superni_bad_file(tmp_path):

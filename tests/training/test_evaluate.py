@@ -5,7 +5,7 @@ import torch
 
 import mhr
 from training.data import DataError, Example
-from training.evaluate import average, choose, evaluate_bundle, exact_match, format_table, rouge_l
+from training.evaluate import average, best_of, choose, evaluate_bundle, exact_match, format_table, rouge_l
 
 
 @pytest.mark.parametrize("prediction, target, expected", [
@@ -16,6 +16,8 @@ from training.evaluate import average, choose, evaluate_bundle, exact_match, for
     ("a b", "c d", 0.0),
     ("", "a", 0.0),
     ("", "", 1.0),
+    ("Dark.", "dark", 1.0),                                      # punctuation separates tokens (ROUGE's tokenizer)
+    ("don't go", "don t go", 1.0),
 ])
 def test_rouge_l(prediction, target, expected):
     assert rouge_l(prediction, target) == pytest.approx(expected)
@@ -25,6 +27,12 @@ def test_exact_match_ignores_whitespace_only():
     assert exact_match("  OLAK ", "OLAK") == 1.0
     assert exact_match("a  b", "a b") == 1.0
     assert exact_match("olak", "OLAK") == 0.0
+
+
+def test_the_best_answer_counts():
+    examples = [Example("t", "x", "dark", references=("heavy",)), Example("t", "y", "late")]
+    assert best_of(exact_match, ["heavy", "late"], examples) == 1.0
+    assert best_of(rouge_l, ["dark heavy", "early"], examples) == pytest.approx((2 / 3 + 0) / 2)
 
 
 def test_average_is_over_tasks_and_metrics_they_have():

@@ -50,21 +50,39 @@ def join_heads(A_heads: Tensor, B_heads: Tensor) -> tuple[Tensor, Tensor]:
     return A, B
 
 
+def heads_first(skills: Tensor) -> Tensor:
+    """Skills [..., K, h, x, y] -> [..., h, K, x, y] (a view): each head's K blocks side by side, the layout
+    `mix_heads` reads. Serving keeps its inventory stored this way (made contiguous once)."""
+    return skills.transpose(-4, -3)
+
+
+def mix_heads(weights: Tensor, skills: Tensor) -> Tensor:
+    """The mixing of MHR, the one implementation every path uses: per task and head, the weighted sum of the
+    skills' blocks.
+
+    weights [..., T, h, K], skills [..., h, K, x, y] (`heads_first`) -> [..., T, h, x, y]; one batched
+    matmul over (..., head).
+    """
+    x, y = skills.shape[-2:]
+    mixed = weights.to(skills.dtype).transpose(-3, -2) @ skills.flatten(-2)  # [..., h, T, K] @ [..., h, K, x*y]
+    return mixed.transpose(-3, -2).unflatten(-1, (x, y))                    # [..., T, h, x, y]
+
+
 def mix_skills(weights: Tensor, lora_A: Tensor, lora_B: Tensor) -> tuple[Tensor, Tensor]:
     """Materialize task LoRAs from mixing weights.
 
     weights [..., T, h, K], lora_A [..., K, h, d_in/h, r], lora_B [..., K, h, r, d_out/h]
     -> A [..., T, d_in, r], B [..., T, r, d_out]. The same weights mix A and B.
     """
-    weights = weights.to(lora_A.dtype)
-    A_heads = torch.einsum("...thk,...khdr->...thdr", weights, lora_A)
-    B_heads = torch.einsum("...thk,...khrd->...thrd", weights, lora_B)
-    return join_heads(A_heads, B_heads)
+    return join_heads(mix_heads(weights, heads_first(lora_A)), mix_heads(weights, heads_first(lora_B)))
 
 
 def average_skills(lora_A: Tensor, lora_B: Tensor) -> tuple[Tensor, Tensor]:
-    """The MHR-mu adapter: the mean over skills of A and of B -> A [..., d_in, r], B [..., r, d_out]."""
-    return join_heads(lora_A.mean(dim=-4), lora_B.mean(dim=-4))
+    """The MHR-mu adapter, the uniform mixture of the skills -> A [..., d_in, r], B [..., r, d_out]."""
+    K, h = lora_A.shape[-4:-2]
+    uniform = uniform_weights(h, K, dtype=lora_A.dtype, device=lora_A.device)[None]  # one task: [1, h, K]
+    A, B = mix_skills(uniform, lora_A, lora_B)
+    return A.select(-3, 0), B.select(-3, 0)
 
 
 def lora_delta(x: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from mhr.adapter import LoRA
-from mhr.functional import join_heads, routing_weights
+from mhr.functional import heads_first, join_heads, mix_heads, routing_weights, uniform_weights
 from mhr.inject import mhr_layers
 
 
@@ -37,16 +37,15 @@ class SkillInventory:
         if len(shapes) != 1:
             raise ValueError(f"every module needs the same (K, h, r); found {sorted(shapes)}")
         self.n_skills, self.n_heads, self.rank = shapes.pop()
-        # Stored heads first with each skill's block flattened, [G, h, K, d/h * r]: mixing is then one batched
-        # matmul over (module, head) that reads the skills in place, instead of permuting them per call.
-        self._groups = [(names, self._heads_first(lora_A, names, device, dtype),
-                         self._heads_first(lora_B, names, device, dtype)) for names in groups.values()]
+        # Stored heads first, [G, h, K, x, y]: mixing (`mix_heads`) is then one batched matmul over (module, head)
+        # that reads the skills in place, instead of permuting them per call.
+        self._groups = [(names, self._stacked(lora_A, names, device, dtype),
+                         self._stacked(lora_B, names, device, dtype)) for names in groups.values()]
 
     @staticmethod
-    def _heads_first(tensors: Mapping[str, Tensor], names: list[str], device, dtype) -> Tensor:
+    def _stacked(tensors: Mapping[str, Tensor], names: list[str], device, dtype) -> Tensor:
         stacked = torch.stack([tensors[n] for n in names]).to(device=device, dtype=dtype)  # [G, K, h, x, y]
-        G, K, h = stacked.shape[:3]
-        return stacked.transpose(1, 2).reshape(G, h, K, -1).contiguous()                  # [G, h, K, x*y]
+        return heads_first(stacked).contiguous()                                            # [G, h, K, x, y]
 
     @classmethod
     def from_model(cls, model: nn.Module) -> SkillInventory:
@@ -69,11 +68,8 @@ class SkillInventory:
     def tensors(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Per-module (lora_A [K, h, d_in/h, r], lora_B [K, h, r, d_out/h]), views into the stored skills."""
         A, B = {}, {}
-        K, h, r = self.n_skills, self.n_heads, self.rank
         for names, A_hk, B_hk in self._groups:
-            G = len(names)
-            A_view = A_hk.view(G, h, K, -1, r).transpose(1, 2)  # [G, K, h, d_in/h, r]
-            B_view = B_hk.view(G, h, K, r, -1).transpose(1, 2)  # [G, K, h, r, d_out/h]
+            A_view, B_view = A_hk.transpose(1, 2), B_hk.transpose(1, 2)  # [G, K, h, d_in/h, r], [G, K, h, r, d_out/h]
             for i, name in enumerate(names):
                 A[name], B[name] = A_view[i], B_view[i]
         return {n: A[n] for n in self.modules}, {n: B[n] for n in self.modules}
@@ -98,7 +94,8 @@ class SkillInventory:
                 w = torch.stack([weights[n] for n in names]).to(self.device)
             self._check_weights(w)
             single = w.dim() == 3
-            A_t, B_t = self._mix(w[:, None] if single else w, A_hk, B_hk)  # [G, T, d_in, r]
+            w = w[:, None] if single else w                                          # [G, T, h, K]
+            A_t, B_t = join_heads(mix_heads(w, A_hk), mix_heads(w, B_hk))           # [G, T, d_in, r], [G, T, r, d_out]
             for i, name in enumerate(names):
                 A[name], B[name] = (A_t[i, 0], B_t[i, 0]) if single else (A_t[i], B_t[i])
         return LoRA({n: A[n] for n in self.modules}, {n: B[n] for n in self.modules}, self.alpha)
@@ -109,26 +106,9 @@ class SkillInventory:
             return self.materialize(routing_weights(logits))
         return self.materialize({n: routing_weights(t) for n, t in logits.items()})
 
-    def _mix(self, w: Tensor, A_hk: Tensor, B_hk: Tensor) -> tuple[Tensor, Tensor]:
-        """Weights [G, T, h, K] -> A [G, T, d_in, r], B [G, T, r, d_out] (heads concatenated)."""
-        G, T, h, _ = w.shape
-        r = self.rank
-        w = w.to(A_hk.dtype).transpose(1, 2)                                        # [G, h, T, K]
-        A_heads = (w @ A_hk).view(G, h, T, -1, r).transpose(1, 2)                   # [G, T, h, d_in/h, r]
-        B_heads = (w @ B_hk).view(G, h, T, r, -1).transpose(1, 2)                   # [G, T, h, r, d_out/h]
-        return join_heads(A_heads, B_heads)
-
     def average(self) -> LoRA:
-        """The MHR-mu adapter: per module the mean over skills of A and of B."""
-        A, B = {}, {}
-        h, r = self.n_heads, self.rank
-        for names, A_hk, B_hk in self._groups:
-            G = len(names)
-            A_mu, B_mu = join_heads(A_hk.mean(dim=2).view(G, h, -1, r),            # [G, h, d_in/h, r]
-                                    B_hk.mean(dim=2).view(G, h, r, -1))            # [G, h, r, d_out/h]
-            for i, name in enumerate(names):
-                A[name], B[name] = A_mu[i], B_mu[i]
-        return LoRA({n: A[n] for n in self.modules}, {n: B[n] for n in self.modules}, self.alpha)
+        """The MHR-mu adapter: per module the uniform mixture of the skills (`mhr.functional.average_skills`)."""
+        return self.materialize(uniform_weights(self.n_heads, self.n_skills))
 
     def _check_weights(self, w: Tensor) -> None:
         if w.dim() not in (3, 4) or tuple(w.shape[-2:]) != (self.n_heads, self.n_skills):

@@ -5,8 +5,8 @@ Owns the serving copy of a bundle's skill inventory, resident on the device and 
 mixing a task is one pass over K contiguous streams per head: the compiled `mix_skills` op writes the sum
 straight into the slot (CPU float32 or bfloat16), else one batched matmul per group and side, [G*h, 1, K] @
 [G*h, K, block], then a copy. A routed task is a `MixedLoRA` (its mixing weights) until it is written into
-a slot. The math is DESIGN.md section 1 (as `mhr.functional`), with the LoRA scaling folded into the B
-skills once, so that both sides mix with the same weights.
+a slot. The math is `mhr.functional.mix_heads` (the compiled op is tested against it), with the LoRA scaling
+folded into the B skills once, so that both sides mix with the same weights.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from mhr.adapter import LoRA
 from mhr.bundle import Bundle
-from mhr.functional import routing_weights
+from mhr.functional import heads_first, join_heads, mix_heads, routing_weights, uniform_weights
 from server.model.layers import GroupedLoRA, copy_into
 
 
@@ -39,8 +39,8 @@ class ServingInventory:
         self.groups, self.n_skills, self.n_heads, self.rank = groups, c.n_skills, c.n_heads, c.rank
         self.A_skills, self.B_skills = [], []
         for names in groups:
-            A = torch.stack([bundle.lora_A[n] for n in names]).transpose(1, 2)    # [G, h, K, d_in/h, r]
-            B = torch.stack([bundle.lora_B[n] for n in names]).transpose(1, 2)    # [G, h, K, r, d_out/h]
+            A = heads_first(torch.stack([bundle.lora_A[n] for n in names]))       # [G, h, K, d_in/h, r]
+            B = heads_first(torch.stack([bundle.lora_B[n] for n in names]))       # [G, h, K, r, d_out/h]
             self.A_skills.append(A.to(device, dtype).contiguous())
             self.B_skills.append((B * c.scaling).to(device, dtype).contiguous())  # mixes to a scaled B
         self.dims = [bundle.modules[names[0]] for names in groups]                 # (d_in, d_out) per group
@@ -58,9 +58,9 @@ class ServingInventory:
         return MixedLoRA(self, self._stacked(weights))
 
     def average(self) -> MixedLoRA:
-        """The MHR-mu adapter: every head averages every skill."""
+        """The MHR-mu adapter: every head averages every skill (`mhr.functional.average_skills`)."""
         modules = sum(len(names) for names in self.groups)
-        return MixedLoRA(self, torch.full((modules, self.n_heads, self.n_skills), 1.0 / self.n_skills))
+        return MixedLoRA(self, uniform_weights(self.n_heads, self.n_skills).expand(modules, -1, -1))
 
     def dense(self, lora: LoRA) -> GroupedLoRA:
         """An ordinary LoRA regrouped, its scaling folded into B; modules it leaves out get zeros."""
@@ -92,11 +92,9 @@ class MixedLoRA:
         """Per group A [G, d_in, r] (heads stacked along d_in) and B [G, r, d_out] scaled (heads along d_out)."""
         out = []
         for A_skills, B_skills, w in zip(self.inventory.A_skills, self.inventory.B_skills, self.weights, strict=True):
-            G, h, K = w.shape
-            w = w.reshape(G * h, 1, K)
-            A = torch.bmm(w, A_skills.view(G * h, K, -1)).view(G, -1, self.rank)
-            B = torch.bmm(w, B_skills.view(G * h, K, -1)).view(G, h, self.rank, -1)   # [G, h, r, d_out/h]
-            out.append((A, B.transpose(1, 2).reshape(G, self.rank, -1)))
+            w = w[:, None]                                                        # [G, 1 task, h, K]
+            A, B = join_heads(mix_heads(w, A_skills), mix_heads(w, B_skills))     # [G, 1, d_in, r], [G, 1, r, d_out]
+            out.append((A[:, 0], B[:, 0]))
         return out
 
     @staticmethod

@@ -206,6 +206,10 @@ def adapt(bundle: Annotated[Path, typer.Option(help="bundle directory; the task 
 @app.command()
 def zeroshot(bundle: Annotated[Path, typer.Option(help="bundle directory; its zero-shot adapter is replaced")],
              data: Annotated[Path, typer.Option(help="the multi-task training records: " + DATA_HELP)],
+             validation_data: Annotated[Path | None, _none(
+                 "records of tasks the bundle was not trained on: the extra steps are early-stopped on them and "
+                 "the best of backbone alone, plain average and trained average is stored")] = None,
+             eval_every: Annotated[int | None, _none("steps between validation scores", "steps / 10")] = None,
              max_per_task: MaxPerTask = None, config: Config = None, steps: Steps = None,
              batch_size: BatchSize = None,
              grad_accum: GradAccum = None, lr: Lr = None, warmup_steps: Warmup = None, schedule: Schedule = None,
@@ -220,9 +224,16 @@ def zeroshot(bundle: Annotated[Path, typer.Option(help="bundle directory; its ze
                           lr=lr, warmup_steps=warmup_steps, schedule=schedule, weight_decay=weight_decay,
                           max_grad_norm=max_grad_norm, seed=seed, dtype=dtype, device=device,
                           max_length=max_length, save_every=save_every, checkpoint_dir=checkpoint_dir)
+        validation = read_data(validation_data) if validation_data else None
         result = run_zeroshot(bundle, read_data(data, max_per_task=max_per_task), cfg, data_name=str(data),
+                              validation=validation, eval_every=eval_every or max(1, cfg.steps // 10),
                               backbone=model, progress=not quiet)
     typer.echo(f"zero-shot adapter of {bundle} trained: {result.summary()}")
+    if validation_data:
+        chosen = mhr.Bundle.load(bundle).training["zero_shot"]
+        typer.echo("validation exact match: " + ", ".join(
+            f"{name} {score['exact_match']:.3f}" for name, score in chosen["candidates"].items())
+            + f"; stored: {chosen['selected']}")
 
 
 @app.command(name="eval")

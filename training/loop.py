@@ -8,6 +8,7 @@ schedule, resuming from and writing checkpoints.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -107,8 +108,12 @@ def eval_loss(model: nn.Module, data: TaskBatches, n_batches: int, config: Train
 
 
 def train(model: nn.Module, data: TaskBatches, config: TrainConfig, *, eval_data: TaskBatches | None = None,
-          progress: bool = True, world: World = SINGLE) -> TrainResult:
+          progress: bool = True, world: World = SINGLE,
+          after_step: Callable[[int], None] | None = None) -> TrainResult:
     """Optimize the parameters of `model` that require grad for `config.steps` steps.
+
+    `after_step(steps_done)` is called after every optimizer step (e.g. to evaluate and keep the best
+    weights); it must leave the model in training mode.
 
     Resumes from the latest checkpoint in `config.checkpoint_dir` when there is one. Leaves the model in
     eval mode. Seed the RNGs (`training.model.seed_everything`) before building the model for a
@@ -144,5 +149,7 @@ def train(model: nn.Module, data: TaskBatches, config: TrainConfig, *, eval_data
             bar.write(f"step {result.steps}: eval loss {result.eval_losses[result.steps]:.4f}")
         if config.save_every and result.steps % config.save_every == 0 and world.is_main:
             checkpoint.save(config.checkpoint_dir, result.steps, model, optimizer, scheduler)
+        if after_step is not None:
+            after_step(result.steps)
     model.eval()
     return result

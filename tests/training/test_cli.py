@@ -59,8 +59,10 @@ def test_suite_train_adapt_zeroshot_eval_plot(tmp_path, tiny_llama_path):
     only.write_text("\n".join(line for line in lines if json.loads(line)["task"] == held) + "\n")
     result = invoke("adapt", "--bundle", tmp_path / "b", "--data", only, "--task", held, "--method", "mhr-z", *SMALL)
     assert result.exit_code == 0, result.output
-    result = invoke("zeroshot", "--bundle", tmp_path / "b", "--data", tmp_path / "s" / "train.jsonl", *SMALL)
+    result = invoke("zeroshot", "--bundle", tmp_path / "b", "--data", tmp_path / "s" / "train.jsonl",
+                    "--validation-data", tmp_path / "s" / "validation-test.jsonl", "--eval-every", 1, *SMALL)
     assert result.exit_code == 0, result.output
+    assert "validation exact match: backbone " in result.output and "stored: " in result.output
     result = invoke("eval", "--bundle", tmp_path / "b", "--data", tmp_path / "s" / "heldout-test.jsonl",
                     "--task", held, "--out", tmp_path / "report.json", "--max-new-tokens", 4,
                     "--model", tiny_llama_path, "--device", "cpu")

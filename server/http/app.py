@@ -54,6 +54,27 @@ def create_app(engine: ServingEngine, *, api_key: str | None = None, admin_key: 
     metrics = ServerMetrics(engine.stats)
     serving = Serving(engine, metrics)
     state = {"ready": False, "stopping": False}  # stopping: set by `begin_shutdown`, never cleared
+    app = FastAPI(title="mhr-serve", lifespan=_lifespan(engine, state), docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json" if api_docs else None)
+    app.state.serving, app.state.metrics, app.state.lifecycle = serving, metrics, state
+    _install_error_handlers(app, metrics)
+    limits = Limits(api_key, admin_key, max_body_bytes or default_body_limit(serving.max_prompt_chars),
+                    deployer.max_upload_bytes if deployer is not None else 0)
+    app.add_middleware(RequestGuard, limits=limits, rejected=metrics.rejected)
+    _add_operations(app, engine, metrics, state)
+    _add_inference(app, engine, serving)
+
+    @app.put("/admin/slots", include_in_schema=False)
+    async def slots(body: SlotsRequest) -> SlotsResponse:
+        return await serving.resize_slots(body.n_slots)
+
+    if deployer is not None:
+        app.include_router(deployer.router(), include_in_schema=False)
+    return app
+
+
+def _lifespan(engine: ServingEngine, state: dict):
+    """Run the engine for as long as the app serves; `state` says when it is ready."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -68,13 +89,11 @@ def create_app(engine: ServingEngine, *, api_key: str | None = None, admin_key: 
             with contextlib.suppress(asyncio.CancelledError):
                 await loop_task
 
-    app = FastAPI(title="mhr-serve", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url="/openapi.json" if api_docs else None)
-    app.state.serving, app.state.metrics, app.state.lifecycle = serving, metrics, state
-    _install_error_handlers(app, metrics)
-    limits = Limits(api_key, admin_key, max_body_bytes or default_body_limit(serving.max_prompt_chars),
-                    deployer.max_upload_bytes if deployer is not None else 0)
-    app.add_middleware(RequestGuard, limits=limits, rejected=metrics.rejected)
+    return lifespan
+
+
+def _add_operations(app: FastAPI, engine: ServingEngine, metrics: ServerMetrics, state: dict) -> None:
+    """Probes and metrics: /health, /ready, /metrics."""
 
     @app.get("/health")
     async def health() -> dict:
@@ -91,6 +110,10 @@ def create_app(engine: ServingEngine, *, api_key: str | None = None, admin_key: 
     async def prometheus() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE)
 
+
+def _add_inference(app: FastAPI, engine: ServingEngine, serving: Serving) -> None:
+    """The /v1 routes: OpenAI's completions, chat completions and models, and the native task routes."""
+
     @app.get("/v1/models")
     async def models() -> ModelList:
         return model_list(engine)
@@ -106,37 +129,23 @@ def create_app(engine: ServingEngine, *, api_key: str | None = None, admin_key: 
     @app.post("/v1/tasks/{task}/generate")
     async def generate(task: str, body: GenerateRequest, request: Request) -> Response:
         if body.stream:
-            prepared = await serving.generate_inputs(task, body)
-            lines = await serving.generate_stream(prepared, request.is_disconnected)
-            return _sse(lines, prepared.adapter)
+            return _sse(*await serving.generate_stream(task, body, request.is_disconnected))
         result = await serving.generate(task, body, request.is_disconnected)
         return _json(result, result.adapter)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         if body.stream:
-            prepared = await serving.completion_inputs(body)
-            lines = await serving.completion_stream(body, prepared, request.is_disconnected)
-            return _sse(lines, prepared.adapter)
+            return _sse(*await serving.completion_stream(body, request.is_disconnected))
         result = await serving.completion(body, request.is_disconnected)
         return _json(result, result.mhr.adapter)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         if body.stream:
-            prepared = await serving.chat_inputs(body)
-            lines = await serving.chat_stream(body, prepared, request.is_disconnected)
-            return _sse(lines, prepared.adapter)
+            return _sse(*await serving.chat_stream(body, request.is_disconnected))
         result = await serving.chat(body, request.is_disconnected)
         return _json(result, result.mhr.adapter)
-
-    @app.put("/admin/slots", include_in_schema=False)
-    async def slots(body: SlotsRequest) -> SlotsResponse:
-        return await serving.resize_slots(body.n_slots)
-
-    if deployer is not None:
-        app.include_router(deployer.router(), include_in_schema=False)
-    return app
 
 
 def default_body_limit(max_prompt_chars: int) -> int:
@@ -187,7 +196,7 @@ def begin_shutdown(app: FastAPI, drain_seconds: float | None = None) -> None:
     loop = state.get("loop")
     if drain_seconds is not None and loop is not None:
         cut_after = max(0.0, drain_seconds - min(1.0, 0.2 * drain_seconds))  # the margin: time to send the ends
-        loop.call_soon_threadsafe(loop.call_later, cut_after, app.state.serving.cut_streams)
+        loop.call_soon_threadsafe(loop.call_later, cut_after, app.state.serving.runner.cut_streams)
 
 
 def _json(model, adapter: str) -> JSONResponse:

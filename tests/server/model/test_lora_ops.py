@@ -151,6 +151,15 @@ def test_cpu_kernel_falls_back_when_it_cannot_be_built(tmp_path, monkeypatch, ca
     assert "CPU kernels unavailable" in caplog.text and "cpu_kernel=false" in caplog.text
 
 
+def test_cpu_kernel_falls_back_when_a_source_is_missing(tmp_path, monkeypatch, caplog):
+    # an install that left out a header (simd.h was once missing from the wheel) must not stop the start
+    monkeypatch.setenv("MHR_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_kernel, "HEADERS", [tmp_path / "missing.h"])
+    with caplog.at_level(logging.WARNING, logger="server.model.cpu_kernel"):
+        assert cpu_kernel._build() is False
+    assert "CPU kernels unavailable" in caplog.text and "missing.h" in caplog.text
+
+
 def test_cpu_kernel_build_survives_a_build_that_was_killed(tmp_path):
     # torch's loader guards a build with a lock file; a build killed midway leaves it behind, and the next
     # process would wait for it forever. Here a build directory (a copy of the real one) with that file in it.

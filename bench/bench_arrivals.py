@@ -2,7 +2,7 @@
 
     python -m bench.bench_arrivals [--every 4] [--rounds 3] [--threads 2]
 
-On the REFERENCE.md workload (the same backbone, 16 prompts and tasks as `bench_engine`), request i is
+On the reference workload (the same backbone, 16 prompts and tasks as `bench_engine`), request i is
 submitted before step `i * --every`, so that most steps admit a prompt while others decode. The engine
 runs a step as one forward: the running rows' next tokens and the new prompts packed into one input for
 every linear, attention part by part (docs/engine.md, "The step"). The baseline is the same engine with

@@ -2,7 +2,7 @@
 
     python -m bench.bench_chunked [--long 224] [--chunk 32] [--rounds 3] [--threads 2]
 
-On the REFERENCE.md workload (the same backbone and tasks as `bench_engine`): 8 requests start decoding,
+On the reference workload (the same backbone and tasks as `bench_engine`): 8 requests start decoding,
 then a prompt of `--long` tokens arrives, and a short one (`SHORT` tokens) right after it. With
 `max_prefill_tokens` above the long prompt's length the engine prefills it in one step; with `--chunk` it
 takes one chunk a step, and the short prompt starts beside a chunk (docs/engine.md, "Long prompts, in

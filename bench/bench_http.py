@@ -7,7 +7,7 @@ Without --url it builds a backbone and a bundle of 16 routed tasks in a temp dir
 process (uvicorn on a loopback port, in a thread: client and server share the CPU and the GIL), or with
 --subprocess as `python -m server` in a process of its own.
 --small uses the tiny test model of `tests/tiny.py` (runs in well under a minute on 2 cores); the default
-is the REFERENCE.md backbone shape (hidden 512, 8 layers) with the tiny tokenizer's vocabulary.
+is the reference workload's backbone shape (hidden 512, 8 layers) with the tiny tokenizer's vocabulary.
 With --url it loads a running server instead (tasks from its /v1/tasks).
 
 Each client count runs a closed loop: that many clients each send their next request as soon as the

@@ -2,7 +2,7 @@
 
     python -m bench.bench_linear [--rows 1 4 16 64 256 1024] [--repeats 15] [--threads 2]
 
-Builds the REFERENCE.md backbone's frozen linears (8 layers of q, k, v, o, gate, up, down and the
+Builds the reference workload's backbone's frozen linears (8 layers of q, k, v, o, gate, up, down and the
 lm_head: ~118 MB float32, more than the last-level cache, so every pass reads them from memory) three
 ways: `nn.Linear` with the weights as loaded, with the weights stored transposed (what the engine does
 without the compiled kernels, `server.model.layers.column_major_weights`), and `server.model.layers.PanelLinear`

@@ -3,7 +3,7 @@ prefix cache.
 
     python -m bench.bench_prefix [--prefix 160] [--question 16] [--rounds 3] [--threads 2]
 
-On the REFERENCE.md workload's backbone and tasks: 4 tasks, each with its own `--prefix`-token prefix, shared by
+On the reference workload's backbone and tasks: 4 tasks, each with its own `--prefix`-token prefix, shared by
 4 requests that add `--question` tokens of their own; 16 new tokens each. The engine with a prefix cache has
 served one earlier request per task (its prefix is cached); the other prefills every prompt whole. Each round
 submits the 16 requests together (new questions every round) to both engines in turn; prints the medians of the

@@ -2,10 +2,10 @@
 
     python -m bench.bench_vllm [--shape reference|small] [--repeats 3] [--threads 2] [--cold 8]
 
-Needs vLLM (the `.venv-vllm` environment). On the REFERENCE.md workload (16 prompts, 16 routed tasks, 64
+Needs vLLM (the `.venv-vllm` environment). On the reference workload (16 prompts, 16 routed tasks, 64
 greedy tokens each, EOS ignored, fp32) it prints generated tokens/s and median time to first token of:
 the vLLM engine (adapters materialized by mhr, served as LoRA directories), raw vLLM on the same AsyncLLM
-with the same adapters prepared on disk beforehand (DESIGN.md: engine >= 0.95x raw), and the torch engine.
+with the same adapters prepared on disk beforehand (target: engine >= 0.95x raw), and the torch engine.
 Then the cost of a cold task: a never-seen task through the vLLM engine (materialize + write the PEFT
 directory + vLLM load + prefill of a 1-token request) vs. raw vLLM given a prepared directory it has never
 seen, vs. an adapter vLLM already holds. Never asserts: numbers depend on the machine and its load.
@@ -40,7 +40,7 @@ def vllm_engine_for(w: Workload, n_cold: int):
     config = ServerConfig(engine="vllm", bundle=str(w.bundle_dir), max_rank=8, max_running=n,
                           max_seq_len=max(map(len, w.prompts)) + w.new_tokens, vllm_max_loras=n,
                           vllm_max_cpu_loras=2 * n + 2 * n_cold + 2)
-    # Prefix caching off: repeated prompts would skip their prefill (REFERENCE.md pitfalls). The workload's
+    # Prefix caching off: repeated prompts would skip their prefill (a pitfall of measuring vLLM). The workload's
     # backbone has no tokenizer: tokens only, like the torch engine here.
     return VLLMEngine(mhr.Bundle.load(w.bundle_dir), config, tokenizer=None,
                       engine_args=dict(kv_cache_memory_bytes=512 << 20, enable_prefix_caching=False,

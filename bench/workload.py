@@ -1,4 +1,4 @@
-"""The shared benchmark workload (REFERENCE.md, "Measured here"), built locally with random weights.
+"""The shared benchmark workload (docs/architecture.md, "Performance targets"), built locally with random weights.
 
 A Llama-style backbone (33.7M parameters: hidden 512, intermediate 1376, 8 layers, 8 heads, vocab 8192),
 16 prompts of 16-64 tokens, one task per prompt, LoRA rank 8 / alpha 16 on q,k,v,o,gate,up,down, 64

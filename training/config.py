@@ -30,7 +30,7 @@ class TrainConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    """Settings of one run. Paper defaults where the paper has one (REFERENCE.md, mttl configs).
+    """Settings of one run. Paper defaults where the paper has one (its mttl configs).
 
     Args:
         method: pre-training "lora" (one shared LoRA), "poly" (h = 1) or "mhr"; adaptation also "mhr-z"

@@ -1,4 +1,4 @@
-"""Plain, loop-based references for the MHR math, written from DESIGN.md section 1 (not from mhr/).
+"""Plain, loop-based references for the MHR math, written from docs/architecture.md, "The math" (not from mhr/).
 
 Everything here runs in float64 with explicit Python loops over heads, skills and rows, so a test that
 compares mhr's vectorised float32 code against it checks the math, not the code against itself.

@@ -225,7 +225,7 @@ def test_routed_task_lora_is_the_models_materialization(built):
         got = loaded.task_lora(task)
         want = from_layers.materialize_logits({m: layer.router.logits[i].detach() for m, layer in layers.items()})
         assert_same_lora(got, want)
-        for m, layer in layers.items():  # and the float64 loop reference of DESIGN.md section 1
+        for m, layer in layers.items():  # and the float64 loop reference of docs/architecture.md, "The math"
             A_ref, B_ref = task_lora(layer.lora_A, layer.lora_B, eval_weights(layer.router.logits[i]))
             torch.testing.assert_close(got.A[m].double(), A_ref, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(got.B[m].double(), B_ref, rtol=1e-5, atol=1e-6)

@@ -212,7 +212,7 @@ def memory_table(w: Workload) -> list[tuple[int, float, float]]:
 
 
 def ratios(seconds: dict[str, float], engine: str) -> list[tuple[str, float, str]]:
-    """The ratios of the targets (docs/architecture.md) for the runs named `engine` ("engine" or "engine (HF forward)")."""
+    """The ratios of the targets (docs/architecture.md) of the runs named `engine` ("engine", "engine (HF forward)")."""
     tok_s = {name: 1 / s for name, s in seconds.items()}  # the same tokens in every run
     mixed = tok_s[f"{engine}, 16 tasks"]
     rows = [

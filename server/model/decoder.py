@@ -6,7 +6,7 @@ forward for all) for models whose architecture is exactly Llama's
 windows: Qwen2's q/k/v bias lives in its linears, which are called as they are; Qwen3's per-head query and
 key norms are the model's own modules) without transformers' per-layer
 machinery (mask preparation, attention-interface dispatch, keyword plumbing, output dataclasses). On a
-small backbone that machinery costs as much as the matmuls at decode (docs/architecture.md, "Performance targets"). It calls
+small backbone that machinery costs as much as the matmuls at decode (docs/engine.md). It calls
 the model's own modules and weights: its embedding, RMSNorms, rotary embedding (so every rope type the
 model supports is applied as the model applies it), MLP, lm_head, and the `BatchedLoRALinear`
 projections. `lean_decoder_for` picks it, or None: the engine then runs the transformers forward.

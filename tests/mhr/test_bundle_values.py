@@ -2,8 +2,8 @@
 
 Each alpha (the config's, a dense task's, the zero-shot adapter's) is refused with an error naming
 manifest.json and the field, on load (a manifest edited on disk) and on every way into a bundle (the
-task API, save). Refusals leave the directory byte-for-byte as it was. The fixtures and helpers are those
-of test_bundle.
+task API, save). Refusals leave the directory byte-for-byte as it was. The fixtures (tests/mhr/conftest.py)
+and helpers (tests/mhr/bundles.py) are those of the other bundle tests.
 """
 
 from __future__ import annotations
@@ -15,10 +15,7 @@ import pytest
 
 from mhr import Bundle, BundleError, MHRConfig
 from mhr.adapter import MAX_SCALING, scale_problem
-from tests.mhr import test_bundle
-from tests.mhr.test_bundle import CONFIG, DENSE_MODULES, edit_manifest, load_error, manifest_of, random_lora
-
-built, saved, bundle = test_bundle.built, test_bundle.saved, test_bundle.bundle  # its fixtures, used here
+from tests.mhr.bundles import CONFIG, DENSE_MODULES, edit_manifest, load_error, manifest_of, random_lora
 
 BAD_ALPHAS = [math.inf, -math.inf, math.nan, 1e308, 0, -1.0]
 

@@ -126,7 +126,7 @@ def test_async_stream_delivers_every_token(make_engine, tiny_tokenizer):
 
 
 def test_bfloat16_engine_serves_mixed_tasks_on_the_compiled_op(make_engine, tiny_tokenizer):
-    """Its logits against torch ops' are in test_lean.py (two bfloat16 paths round differently, so greedy
+    """Its logits against torch ops' are in model/test_decoder.py (two bfloat16 paths round differently, so greedy
     tokens may part at a near tie)."""
     engine, plain = make_engine(dtype=torch.bfloat16), make_engine(dtype=torch.bfloat16, cpu_kernel=False)
     requests = mixed_requests(tiny_tokenizer)[:5]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 import time
 from collections.abc import Callable
@@ -27,14 +26,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-from transformers.utils import CHAT_TEMPLATE_FILE
+from transformers import LlamaForCausalLM
 
 from training import suite_v1 as suite
+from training.backbone import attach_chat_template, backbone_config, train_lm, train_tokenizer
 from training.config import TrainConfig
-from training.data import IGNORE, Example, read_jsonl
+from training.data import Example, read_jsonl
 
 # Bump when anything below changes what a build produces: a cache of another version is rebuilt.
 RECIPE_VERSION = 1
@@ -43,21 +40,6 @@ SERVING = "serving"  # the copy of the bundle the server serves and admin deploy
 SERVING_MARKER = "serving.build"  # which build the served copy was made from (a hash of its marker)
 DEFAULT_CACHE = Path(".cache/mhr-demo")
 DEMO_ADMIN_KEY = "demo-admin-key"
-
-BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
-
-# The model was trained on "<s>prompt answer</s>" only, so a user message renders exactly as the completion
-# prompt "<s>prompt" (the answer's leading space is the model's to generate) and chat gets the completion's
-# answer. A conversation renders as training examples in a row, an assistant message as " answer</s>"; a
-# message that follows another non-assistant one joins its prompt after a space (e.g. system, then user).
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' -%}{{- ' ' + message['content'] + eos_token -}}"
-    "{%- elif loop.first or loop.previtem['role'] == 'assistant' -%}{{- bos_token + message['content'] -}}"
-    "{%- else -%}{{- ' ' + message['content'] -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}")
-
 
 @dataclass(frozen=True)
 class Recipe:
@@ -127,84 +109,20 @@ def backbone_examples(recipe: Recipe) -> list[Example]:
             for ex in suite.generate(task, recipe.backbone_examples, seed=recipe.seed + 1000)]
 
 
-def train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
-    """A character-level tokenizer (one token per character seen in `texts`), BOS prepended."""
-    tok = Tokenizer(models.WordLevel(unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # every character a piece
-    tok.decoder = decoders.Fuse()  # pieces are joined without separators
-    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=[PAD, BOS, EOS, UNK],
-                                                             show_progress=False))
-    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
-                                                       special_tokens=[(BOS, tok.token_to_id(BOS))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                   unk_token=UNK, model_max_length=512)
-
-
-def backbone_config(recipe: Recipe, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
-    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=recipe.hidden, num_hidden_layers=recipe.layers,
-                       num_attention_heads=recipe.heads, num_key_value_heads=recipe.heads,
-                       head_dim=recipe.hidden // recipe.heads, intermediate_size=recipe.intermediate,
-                       max_position_embeddings=512, tie_word_embeddings=True,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
-
-
-def lm_batch(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
-    """Right-padded ids with labels on every real token ("<s> prompt answer </s>"): plain causal LM."""
-    ids = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
-    length = max(map(len, ids))
-    input_ids = torch.tensor([i + [tokenizer.pad_token_id] * (length - len(i)) for i in ids])
-    mask = torch.tensor([[1] * len(i) + [0] * (length - len(i)) for i in ids])
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": input_ids.masked_fill(mask == 0, IGNORE)}
-
-
 def pretrain_backbone(recipe: Recipe, out: Path, log: Callable[[str], None] = print) -> Path:
     """Train the tokenizer, build the backbone and pre-train all of its weights; save both into `out`."""
     texts = suite_texts(recipe)
     tokenizer = train_tokenizer(texts)
     torch.manual_seed(recipe.seed)
-    model = LlamaForCausalLM(backbone_config(recipe, tokenizer)).train()
+    model = LlamaForCausalLM(backbone_config(recipe, tokenizer))
     n_params = sum(p.numel() for p in model.parameters())
     log(f"backbone: {recipe.layers} layers, hidden {recipe.hidden}, {n_params / 1e6:.2f}M parameters, "
         f"vocabulary {len(tokenizer)} characters; pre-training on {len(texts)} instances")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.backbone_lr, weight_decay=0.01, betas=(0.9, 0.98))
-    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(recipe.seed)).tolist()
-    start = time.monotonic()
-    for step in range(recipe.backbone_steps):
-        for group in optimizer.param_groups:
-            group["lr"] = recipe.backbone_lr * _lr_factor(step, recipe.backbone_warmup, recipe.backbone_steps)
-        first = step * recipe.backbone_batch % len(order)
-        batch = lm_batch(tokenizer, [texts[order[(first + i) % len(order)]] for i in range(recipe.backbone_batch)])
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if (step + 1) % 100 == 0 or step + 1 == recipe.backbone_steps:
-            log(f"  backbone step {step + 1}/{recipe.backbone_steps}: loss {loss.item():.4f} "
-                f"({time.monotonic() - start:.0f}s)")
-    model.eval()
+    train_lm(model, tokenizer, texts, steps=recipe.backbone_steps, batch=recipe.backbone_batch, lr=recipe.backbone_lr,
+             warmup=recipe.backbone_warmup, seed=recipe.seed, log=log)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
-
-
-def attach_chat_template(backbone: Path) -> None:
-    """Save CHAT_TEMPLATE beside the tokenizer in `backbone`, in the file transformers saves and loads it from.
-
-    Written apart from the tokenizer's other files, which stay byte for byte as built (no retrain, no new
-    recipe); rewritten only when it differs.
-    """
-    path = Path(backbone) / CHAT_TEMPLATE_FILE
-    if not path.is_file() or path.read_text() != CHAT_TEMPLATE:
-        path.write_text(CHAT_TEMPLATE)
-
-
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 # ----- the bundle and the cache -------------------------------------------------------------------

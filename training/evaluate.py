@@ -102,18 +102,30 @@ def evaluate_examples(model: nn.Module, tokenizer, examples: Sequence[Example], 
     if ranked:
         scores["accuracy"] = sum(choose(model, tokenizer, ex, max_length) == ex.target for ex in ranked) / len(ranked)
     if generated:
-        outputs = []
-        for i in range(0, len(generated), batch_size):
-            outputs += generate(model, tokenizer, [ex.input for ex in generated[i:i + batch_size]], max_new_tokens)
+        outputs = generations(model, tokenizer, generated, batch_size, max_new_tokens)
         scores["exact_match"] = best_of(exact_match, outputs, generated)
         scores["rouge_l"] = best_of(rouge_l, outputs, generated)
         scores["loss"] = target_loss(model, tokenizer, generated, batch_size, max_length)
     return scores
 
 
+def generations(model: nn.Module, tokenizer, examples: Sequence[Example], batch_size: int,
+                max_new_tokens: int) -> list[str]:
+    """The greedy answer to every example's prompt, `batch_size` prompts per generate call."""
+    outputs = []
+    for i in range(0, len(examples), batch_size):
+        outputs += generate(model, tokenizer, [ex.input for ex in examples[i:i + batch_size]], max_new_tokens)
+    return outputs
+
+
+def per_example(metric, outputs: Sequence[str], examples: Sequence[Example]) -> list[float]:
+    """`metric`'s best value over each example's answers (target and references)."""
+    return [max(metric(out, answer) for answer in ex.answers) for out, ex in zip(outputs, examples, strict=True)]
+
+
 def best_of(metric, outputs: Sequence[str], examples: Sequence[Example]) -> float:
-    """The mean over examples of `metric`'s best value over each example's answers (target and references)."""
-    best = [max(metric(out, answer) for answer in ex.answers) for out, ex in zip(outputs, examples, strict=True)]
+    """The mean over examples of `per_example`."""
+    best = per_example(metric, outputs, examples)
     return sum(best) / len(best)
 
 

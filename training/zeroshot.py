@@ -16,6 +16,7 @@ names the adapter it serves after that field.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,54 +45,70 @@ def _key(score: dict[str, float]) -> tuple[float, float]:
     return score["exact_match"], -score["loss"]
 
 
-def zeroshot(bundle_path: str | Path, examples: list[Example], config: TrainConfig, *, data_name: str = "",
-             validation: Sequence[Example] | None = None, eval_every: int = 0, max_new_tokens: int = 24,
-             backbone: str | None = None, progress: bool = True) -> TrainResult:
-    """Start one LoRA from the average of the bundle's skills, train it on every task of `examples` for
-    `config.steps` steps (no routing), and store it with `Bundle.set_zero_shot`.
+@dataclass
+class Candidates:
+    """The zero-shot candidates' LoRAs and validation scores (none without validation data), and the pick."""
 
-    With `validation`, the candidates (see the module docstring) are scored on it, the trained average
-    every `eval_every` steps (and at the end), and the best is stored. `backbone` overrides where the
-    bundle's backbone is loaded from.
-    """
-    bundle = mhr.Bundle.load(bundle_path)
+    loras: dict[str, mhr.LoRA]
+    scores: dict[str, dict] = field(default_factory=dict)
+    selected: str = "trained"
+    result: TrainResult | None = None
+
+
+def train_candidates(bundle: mhr.Bundle, examples: list[Example], config: TrainConfig, *,
+                     validation: Sequence[Example] | None = None, eval_every: int = 0, max_new_tokens: int = 24,
+                     backbone: str | None = None, progress: bool = True) -> Candidates:
+    """Train the skills' average on every task of `examples` for `config.steps` steps (no routing); with
+    `validation`, score the candidates on it (the trained one every `eval_every` steps and at the end,
+    keeping its best step) and select the best."""
     seed_everything(config.seed)
     # no routing rows: the average serves every task
     model, tokenizer = model_for_bundle(bundle, n_tasks=0, backbone=backbone, device=config.torch_device)
     average_lora = bundle.inventory(device=config.torch_device).average()
-    scores: dict[str, dict] = {}
+    found = Candidates({"backbone": _no_update(average_lora), "average": average_lora})
     if validation:
-        mhr.load_lora(model, _no_update(average_lora))
-        scores["backbone"] = validation_score(model, tokenizer, validation, max_new_tokens)
+        mhr.load_lora(model, found.loras["backbone"])
+        found.scores["backbone"] = validation_score(model, tokenizer, validation, max_new_tokens)
     mhr.start_average(model)
     set_trainable(model, dense=True)
-    best: dict = {}
     if validation:
-        scores["average"] = validation_score(model, tokenizer, validation, max_new_tokens)
+        found.scores["average"] = validation_score(model, tokenizer, validation, max_new_tokens)
 
     def keep_best(step: int) -> None:
         if not validation or (step % max(1, eval_every) and step != config.steps):
             return
         score = validation_score(model, tokenizer, validation, max_new_tokens)
         model.train()
-        if not best or _key(score) > _key(best["score"]):
-            best.update(score={**score, "step": step}, lora=mhr.dense_lora(model))
+        if "trained" not in found.scores or _key(score) > _key(found.scores["trained"]):
+            found.scores["trained"], found.loras["trained"] = {**score, "step": step}, mhr.dense_lora(model)
 
     data = TaskBatches(tokenizer, examples, task_names(examples), config.batch_size, config.max_length,
                        config.seed, encoder_decoder=model.config.is_encoder_decoder)
-    result = train(model, data, config, progress=progress, after_step=keep_best)
-    selected, stored = "trained", mhr.dense_lora(model)
+    found.result = train(model, data, config, progress=progress, after_step=keep_best)
     if validation:
-        scores["trained"] = best["score"]
-        selected = max(CANDIDATES, key=lambda name: _key(scores[name]))  # max keeps the first of equals
-        stored = {"backbone": _no_update(average_lora), "average": None, "trained": best["lora"]}[selected]
+        found.selected = max(CANDIDATES, key=lambda name: _key(found.scores[name]))  # the first of equals
+    else:
+        found.loras["trained"] = mhr.dense_lora(model)
+    return found
+
+
+def zeroshot(bundle_path: str | Path, examples: list[Example], config: TrainConfig, *, data_name: str = "",
+             validation: Sequence[Example] | None = None, eval_every: int = 0, max_new_tokens: int = 24,
+             backbone: str | None = None, progress: bool = True) -> TrainResult:
+    """Train the zero-shot candidates (`train_candidates`) and store the selected one in the bundle with
+    `Bundle.set_zero_shot` (the plain average as no file); `backbone` overrides where the bundle's backbone
+    is loaded from."""
+    found = train_candidates(mhr.Bundle.load(bundle_path), examples, config, validation=validation,
+                             eval_every=eval_every, max_new_tokens=max_new_tokens, backbone=backbone,
+                             progress=progress)
     bundle = mhr.Bundle.load(bundle_path)
-    bundle.set_zero_shot(stored)
-    bundle.training["zero_shot"] = {**run_metadata(config, data_name, len(examples), result), "selected": selected,
-                                    "candidates": scores, "validation_examples": len(validation or ()),
+    bundle.set_zero_shot(None if found.selected == "average" else found.loras[found.selected])
+    bundle.training["zero_shot"] = {**run_metadata(config, data_name, len(examples), found.result),
+                                    "selected": found.selected, "candidates": found.scores,
+                                    "validation_examples": len(validation or ()),
                                     "validation_tasks": task_names(validation) if validation else []}
     bundle.save(bundle_path)
-    return result
+    return found.result
 
 
 def _no_update(lora: mhr.LoRA) -> mhr.LoRA:

@@ -1,28 +1,38 @@
-"""The comparison script at minimal sizes: it runs every stage and writes the tables and the figure."""
+"""The comparison at minimal sizes: every stage runs, the tables and intervals are written."""
 
 from __future__ import annotations
 
 import json
 
 from tests.tiny import build_tiny_llama
-from training.experiments import compare
+from training import suite
+from training.experiments import compare, report
 
 
-def test_compare_writes_the_tables(tmp_path):
+def test_compare_writes_the_tables_and_intervals(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "results.md").write_text(f"old\n{compare.ANALYSIS}\nwhat the numbers show\n")
-    compare.main(["--out", str(out), "--work", str(tmp_path / "work"),
+    (out / "results.md").write_text(f"old\n{report.ANALYSIS}\nwhat the numbers show\n")
+    tasks = list(suite.HELD_OUT_TASKS[:2])
+    compare.main(["--out", str(out), "--work", str(tmp_path / "work"), "--quick",
                   "--backbone", str(build_tiny_llama(tmp_path / "model")), "--pretrain-steps", "1",
-                  "--adapt-steps", "1", "--zeroshot-steps", "1", "--shots", "2", "--seeds", "2",
-                  "--tasks", "dedupe.rot2", "--n-train", "1", "--n-test", "1", "--jobs", "1", "--threads", "1"])
+                  "--adapt-steps", "1", "--zeroshot-steps", "2", "--shots", "2", "--pool", "3", "--seeds", "2",
+                  "--fewshot-seeds", "2", "--tasks", *tasks, "--validation-tasks", suite.VALIDATION_TASKS[0],
+                  "--n-train", "1", "--n-test", "2", "--pretrain-eval", "1", "--ablation-heads", "1", "2", "4",
+                  "--lr-grid", "1e-2", "3e-2", "--jobs", "1"])
     text = (out / "results.md").read_text()
-    for row in ("| shared LoRA |", "| Poly |", "| MHR |", "| MHR-z |", "| MHR-μ |", "| backbone alone |",
-                "MHR-μ + 1 multi-task steps", "k=2 exact match"):
-        assert row in text
-    assert text.endswith(f"{compare.ANALYSIS}\nwhat the numbers show\n")  # the analysis is kept
+    for row in ("| LoRA |", "| Poly |", "| MHR |", "| MHR-z |", "| MHR-μ |", "| MHR − Poly |", "| MHR-z − MHR |",
+                "| backbone alone |", "picked on validation (served)", "| 2 |", "| lora |"):
+        assert row in text, row
+    assert text.endswith(f"{report.ANALYSIS}\nwhat the numbers show\n")  # the analysis is kept
     assert "old" not in text
     results = json.loads((out / "results.json").read_text())
-    assert results["params"]["MHR-z"] < results["params"]["MHR-μ"] < results["params"]["MHR"]
-    assert len(results["few_shot"]["MHR"]["2"]["exact_match"]["runs"]) == 2
+    assert results["few_shot"]["MHR-z"]["params"] < results["few_shot"]["MHR-μ"]["params"] \
+        < results["few_shot"]["MHR"]["params"]
+    assert len(results["learning_rates"]["MHR"]["grid"]) == 2 and len(results["learning_rates"]["MHR-z"]["grid"]) == 1
+    assert set(results["differences"]) == {"MHR − Poly", "MHR − LoRA", "MHR-z − MHR", "MHR-μ − MHR"}
+    for interval in results["differences"].values():
+        assert interval["low"] <= interval["mean"] <= interval["high"]
+    assert set(results["ablation"]) == {"1", "2", "4"}
+    assert set(results["zero_shot"]["selected"].values()) <= {"backbone", "average", "trained"}
     assert (out / "routing.png").read_bytes()[:4] == b"\x89PNG"

@@ -12,13 +12,13 @@ from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 import mhr
-from training import cli, demo
+from training import backbone, cli, demo
 from training import suite_v1 as suite
 
 
 def test_tokenizer_is_character_level_and_round_trips():
     texts = [f"{ex.input} {ex.target}" for ex in suite.generate("reverse.upper", 20, seed=0)]
-    tokenizer = demo.train_tokenizer(texts)
+    tokenizer = backbone.train_tokenizer(texts)
     text = "reverse then upper: kabadu UDABAK"
     ids = tokenizer(text)["input_ids"]
     assert ids[0] == tokenizer.bos_token_id and len(ids) == len(text) + 1  # one token per character
@@ -28,10 +28,10 @@ def test_tokenizer_is_character_level_and_round_trips():
 
 def test_chat_renders_a_user_message_as_the_completion_prompt(tmp_path):
     texts = [f"{ex.input} {ex.target}" for ex in suite.generate("reverse.upper", 20, seed=0)]
-    demo.train_tokenizer(texts).save_pretrained(tmp_path)
+    backbone.train_tokenizer(texts).save_pretrained(tmp_path)
     built = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    demo.attach_chat_template(tmp_path)
-    demo.attach_chat_template(tmp_path)  # once is enough; the tokenizer's own files are left as built
+    backbone.attach_chat_template(tmp_path)
+    backbone.attach_chat_template(tmp_path)  # once is enough; the tokenizer's own files are left as built
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name in built} == built
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     prompt = suite.prompt("reverse.upper", "kabadu")
@@ -47,7 +47,7 @@ def test_chat_renders_a_user_message_as_the_completion_prompt(tmp_path):
 
 def test_backbone_heads_are_at_least_32_wide():
     recipe = demo.Recipe()
-    config = demo.backbone_config(recipe, demo.train_tokenizer(["ab"]))
+    config = backbone.backbone_config(recipe, backbone.train_tokenizer(["ab"]))
     assert config.head_dim >= 32 and config.num_attention_heads * config.head_dim == config.hidden_size
 
 
@@ -109,7 +109,7 @@ def test_a_deployed_task_outlives_the_next_demo_run(tmp_path, pretrained, tiny_l
     second = CliRunner().invoke(cli.app, ["demo", "--cache-dir", str(root), "--quiet"])
     assert second.exit_code == 0 and "(kept" in second.output
     assert "reverse.sort" in mhr.Bundle.load(root / "serving").task_names
-    assert (root / "backbone" / "chat_template.jinja").read_text() == demo.CHAT_TEMPLATE  # a cached build gains it
+    assert (root / "backbone" / "chat_template.jinja").read_text() == backbone.CHAT_TEMPLATE  # a cached build gains it
     reset = CliRunner().invoke(cli.app, ["demo", "--cache-dir", str(root), "--quiet", "--reset"])
     assert reset.exit_code == 0 and "(fresh" in reset.output
     assert "reverse.sort" not in mhr.Bundle.load(root / "serving").task_names

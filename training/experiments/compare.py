@@ -1,17 +1,23 @@
-"""The paper's comparison on the compositional suite: multi-task pre-training, few-shot and zero-shot.
+"""The paper's comparison on the task suite, with seeds, tuned learning rates and confidence intervals.
 
-    python -m training.experiments.compare [--out docs] [--backbone DIR] [options]
+    python -m training.experiments.compare [--out docs] [--quick] [options]     (`make results`)
 
-On a pre-trained backbone (default: the demo backbone of `training.demo`, built or reused from its cache):
-  1. multi-task pre-training of a shared LoRA (rank K*r), Poly (K skills, h = 1) and MHR (K skills, h heads)
-     on the suite's training tasks: the three inventories hold the same number of adapter weights;
-  2. few-shot adaptation of every held-out task with LoRA (the shared LoRA, fine-tuned), Poly, MHR, MHR-z and
-     MHR-mu, for each k in --shots and each of --seeds seeds (exact match median and range over seeds);
-  3. zero-shot on the held-out tasks: the backbone alone, the shared LoRA, the plain MHR-mu average, and
-     MHR-mu after --zeroshot-steps extra multi-task steps;
-  4. trainable parameters per method, and the routing heatmap of the MHR bundle.
-Writes results.md, results.json and routing.png into --out. In an existing results.md, text below the line
-`<!-- analysis -->` is kept.
+On the shipped backbone (`training.backbone`, never trained on the suite), for each of --seeds
+pre-training seeds:
+  1. multi-task pre-training on the 62 training tasks of a shared LoRA (rank K*r, the skills' scale),
+     Poly (h = 1) and MHR (h = --heads), plus MHR with the other --ablation-heads: the same adapter weights;
+  2. learning rates: each few-shot method's adapter learning rate (and routing-logits learning rate for
+     routed methods) picked from a small grid by exact match on the validation tasks (their own words),
+     with the first pre-training seed and few-shot seed; never on a test word or a held-out task;
+  3. few-shot adaptation of every held-out task with LoRA, Poly, MHR, MHR-z and MHR-mu for each of
+     --fewshot-seeds seeds, each its own k-subset of a pool of --pool instances; the head ablation adapts
+     MHR inventories of every h in --ablation-heads the same way;
+  4. zero-shot on the held-out tasks: the backbone alone, the skills' plain average, and the average
+     trained --zeroshot-steps more multi-task steps, early-stopped on the validation tasks; the candidate
+     that validation picks is the one a bundle serves.
+Every score is kept per test instance; differences come with paired bootstrap 95% intervals over
+pre-training seeds, tasks and test words (`training.experiments.stats`). Writes results.md (text below
+the line `<!-- analysis -->` of an existing one is kept), results.json and routing.png into --out.
 """
 
 from __future__ import annotations
@@ -19,8 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -29,245 +33,188 @@ from pathlib import Path
 
 import torch
 
-import mhr
 from training import suite
-from training.adapt import prepare
-from training.config import TrainConfig
-from training.data import Example, TaskBatches, read_jsonl
-from training.demo import TARGET_MODULES
-from training.evaluate import evaluate_bundle, evaluate_examples
-from training.loop import train
-from training.model import load_backbone, model_for_bundle, seed_everything
-from training.pretrain import pretrain
-from training.zeroshot import zeroshot
+from training.backbone import SHIPPED, shipped_recipe
+from training.data import read_jsonl
+from training.experiments import report
+from training.experiments.runs import FEW_SHOT, ROUTED, Sizes, fewshot_job, pretrain_job, zeroshot_job
 
-# (label, bundle, adaptation method); "lora" fine-tunes the shared LoRA (the average of its one skill)
-FEW_SHOT = (("LoRA", "lora", "mhr-mu"), ("Poly", "poly", "poly"), ("MHR", "mhr", "mhr"),
-            ("MHR-z", "mhr", "mhr-z"), ("MHR-μ", "mhr", "mhr-mu"))
-ANALYSIS = "<!-- analysis -->"
+COMMAND = "python -m training.experiments.compare"
+# The full run's sizes (under 90 minutes on 2 cores); each option's help shows its default in brackets.
+DEFAULTS = dict(ablation_heads=[1, 2, 4, 8], ablation_fewshot_seeds=1, seeds=3, fewshot_seeds=3, shots=16, pool=64,
+                pretrain_steps=1000, adapt_steps=50, zeroshot_steps=200, lr_grid=[3e-3, 1e-2, 3e-2],
+                logits_lr_grid=[0.1, 1.0], tasks=list(suite.HELD_OUT_TASKS),
+                validation_tasks=list(suite.VALIDATION_TASKS[:4]), n_train=64, n_test=32, pretrain_eval=8)
+QUICK = dict(seeds=2, fewshot_seeds=2, tasks=list(suite.HELD_OUT_TASKS[:4]),
+             validation_tasks=list(suite.VALIDATION_TASKS[:2]), pretrain_steps=60, adapt_steps=20,
+             zeroshot_steps=20, n_train=16, n_test=8, pool=16, shots=8, lr_grid=[1e-2], logits_lr_grid=[0.3],
+             ablation_heads=[1, 4], ablation_fewshot_seeds=1, pretrain_eval=2)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                epilog=f"Options left out take the full run's sizes {DEFAULTS}, or with --quick "
+                                       f"{QUICK}.")
     p.add_argument("--out", type=Path, default=Path("docs"), help="directory for results.md/.json, routing.png")
     p.add_argument("--work", type=Path, default=None, help="directory for bundles and data (default: a temp dir)")
-    p.add_argument("--backbone", type=Path, default=None,
-                   help="pre-trained backbone directory (default: the demo backbone, built if not cached)")
+    p.add_argument("--backbone", type=Path, default=SHIPPED, help="backbone directory")
+    p.add_argument("--quick", action="store_true", help="a smoke test in minutes (options given explicitly win)")
     p.add_argument("--skills", type=int, default=8, help="K")
     p.add_argument("--heads", type=int, default=4, help="h of MHR")
     p.add_argument("--rank", type=int, default=4, help="r of each skill; the shared LoRA gets rank K*r")
-    p.add_argument("--pretrain-steps", type=int, default=300)
-    p.add_argument("--adapt-steps", type=int, default=40)
-    p.add_argument("--zeroshot-steps", type=int, default=100)
-    p.add_argument("--shots", type=int, nargs="+", default=[8, 32], help="few-shot sizes k")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per (task, method, k)")
-    p.add_argument("--tasks", nargs="+", default=list(suite.HELD_OUT_TASKS), choices=suite.HELD_OUT_TASKS,
-                   metavar="TASK", help="held-out tasks to adapt")
-    p.add_argument("--prompts", choices=suite.PROMPT_STYLES, default="named",
-                   help="suite prompts: naming the two skills, or the same for every task (routing must carry it)")
-    p.add_argument("--n-train", type=int, default=64, help="instances per training task")
-    p.add_argument("--n-test", type=int, default=16, help="test instances per task")
-    p.add_argument("--lr", type=float, default=1e-2, help="adapter learning rate")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
-    p.add_argument("--jobs", type=int, default=2, help="processes running the few-shot runs")
-    return p.parse_args(argv)
+    p.add_argument("--ablation-heads", type=int, nargs="+", default=None, help="h of the head ablation")
+    p.add_argument("--ablation-fewshot-seeds", type=int, default=None,
+                   help="few-shot seeds of the head ablation's own inventories")
+    p.add_argument("--seeds", type=int, default=None, help="pre-training seeds")
+    p.add_argument("--fewshot-seeds", type=int, default=None, help="few-shot seeds per pre-training seed")
+    p.add_argument("--shots", type=int, default=None, help="k")
+    p.add_argument("--pool", type=int, default=None, help="instances per held-out task the shots come from")
+    p.add_argument("--pretrain-steps", type=int, default=None, help="pre-training steps")
+    p.add_argument("--adapt-steps", type=int, default=None, help="steps of every few-shot method")
+    p.add_argument("--zeroshot-steps", type=int, default=None, help="extra multi-task steps of zero-shot MHR-mu")
+    p.add_argument("--lr-grid", type=float, nargs="+", default=None, help="adapter learning rates")
+    p.add_argument("--logits-lr-grid", type=float, nargs="+", default=None, help="routing logits")
+    p.add_argument("--tasks", nargs="+", default=None, choices=suite.HELD_OUT_TASKS, metavar="TASK",
+                   help="held-out tasks")
+    p.add_argument("--validation-tasks", nargs="+", default=None, choices=suite.VALIDATION_TASKS, metavar="TASK",
+                   help="validation tasks")
+    p.add_argument("--n-train", type=int, default=None, help="instances per training task")
+    p.add_argument("--n-test", type=int, default=None, help="test (and validation) instances per task")
+    p.add_argument("--pretrain-eval", type=int, default=None, help="held-in test instances per training task")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--jobs", type=int, default=2, help="worker processes")
+    args = p.parse_args(argv)
+    for name, value in {**DEFAULTS, **(QUICK if args.quick else {})}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.pool <= args.shots:
+        p.error(f"--pool ({args.pool}) must be larger than --shots ({args.shots}): seeds draw different subsets")
+    return args
 
 
-def config(args, method: str, steps: int, seed: int = 0, **changes) -> TrainConfig:
-    """The TrainConfig of one run; `changes` override fields (pre-training: batch 16, the LoRA's rank)."""
-    fields = dict(method=method, skills=args.skills, heads=args.heads, rank=args.rank, alpha=8.0,
-                  target_modules=list(TARGET_MODULES), steps=steps, batch_size=8, lr=args.lr, logits_lr=0.1,
-                  warmup_steps=min(20, steps // 10), seed=seed, device="cpu", max_length=64)
-    return TrainConfig(**{**fields, **changes})
+def inventories(args) -> dict[str, tuple[str, int]]:
+    """Inventory name -> (pre-training method, heads): the shared LoRA, Poly, MHR and the ablation's MHRs."""
+    found = {"lora": ("lora", 1), "poly": ("poly", 1), "mhr": ("mhr", args.heads)}
+    found.update({f"mhr-h{h}": ("mhr", h) for h in args.ablation_heads if h not in (1, args.heads)})
+    return found
 
 
-def trainable(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def grid(args, label: str) -> list[tuple[float, float]]:
+    """The (adapter lr, logits lr) pairs tried for a method: MHR-z trains logits only, dense methods none."""
+    if label == "MHR-z":
+        return [(args.lr_grid[0], g) for g in args.logits_lr_grid]
+    if label in ROUTED:
+        return [(lr, g) for lr in args.lr_grid for g in args.logits_lr_grid]
+    return [(lr, args.logits_lr_grid[0]) for lr in args.lr_grid]
 
 
-def adapt_score(bundle: mhr.Bundle, method: str, task: str, shots: list[Example], test: list[Example],
-                cfg, eval_model, tokenizer) -> tuple[dict, int]:
-    """Adapt `task` on `shots` in memory (the bundle is not changed); its metrics on `test`, and the
-    trainable parameters of the run."""
-    seed_everything(cfg.seed)
-    model, tok = model_for_bundle(bundle, n_tasks=1, device="cpu")
-    prepare(model, method, bundle.config)
-    n_params = trainable(model)
-    train(model, TaskBatches(tok, shots, [task], cfg.batch_size, cfg.max_length, cfg.seed), cfg, progress=False)
-    if method == "mhr-z":
-        logits = {n: layer.router.logits[0].detach() for n, layer in mhr.mhr_layers(model).items()}
-        lora = bundle.inventory().materialize_logits(logits)
-    elif method in ("mhr", "poly"):
-        logits = {n: layer.router.logits[0].detach() for n, layer in mhr.mhr_layers(model).items()}
-        lora = mhr.SkillInventory.from_model(model).materialize_logits(logits)
-    else:
-        lora = mhr.dense_lora(model)
-    mhr.load_lora(eval_model, lora)
-    return evaluate_examples(eval_model, tokenizer, test, max_new_tokens=16, batch_size=32), n_params
+def run_all(pool: ProcessPoolExecutor, function, jobs: list[dict], what: str) -> list[dict]:
+    log(f"{what}: {len(jobs)} runs")
+    done = []
+    for result in pool.map(function, jobs):
+        done.append(result)
+        if len(done) % 50 == 0:
+            log(f"  {len(done)}/{len(jobs)}")
+    return done
 
 
-_EVAL_MODELS: dict[str, tuple] = {}  # per worker process: bundle path -> (evaluation model, tokenizer)
+def pick_rates(grid_runs: list[dict]) -> dict[str, dict]:
+    """Per method: the grid point of best mean exact match on the validation tasks (then lowest loss)."""
+    chosen = {}
+    for label in FEW_SHOT:
+        points: dict[tuple, list] = {}
+        for r in grid_runs:
+            if r["label"] == label:
+                points.setdefault((r["lr"], r["logits_lr"]), []).append(r)
+        table = [{"lr": lr, "logits_lr": g,
+                  "exact_match": sum(sum(r["correct"]) / len(r["correct"]) for r in rs) / len(rs),
+                  "loss": sum(r["loss"] for r in rs) / len(rs)} for (lr, g), rs in points.items()]
+        best = max(table, key=lambda t: (t["exact_match"], -t["loss"]))
+        chosen[label] = {"lr": best["lr"], "logits_lr": best["logits_lr"], "grid": table}
+    return chosen
 
 
-def few_shot_job(job: tuple) -> dict:
-    """One adaptation run (in a worker process): seed s takes a different k-subset of the task's shots."""
-    label, bundle_path, method, k, seed, task, pool, test, cfg = job
-    bundle = mhr.Bundle.load(bundle_path)
-    if bundle_path not in _EVAL_MODELS:
-        _EVAL_MODELS[bundle_path] = model_for_bundle(bundle, n_tasks=0)
-    eval_model, tokenizer = _EVAL_MODELS[bundle_path]
-    shots = [pool[(seed * k + i) % len(pool)] for i in range(k)]
-    metrics, n_params = adapt_score(bundle, method, task, shots, test, cfg, eval_model, tokenizer)
-    return {"label": label, "k": k, "seed": seed, "task": task, "metrics": metrics, "params": n_params}
+def fewshot_jobs(args, data: dict, sizes: Sizes, work: Path, rates: dict) -> list[dict]:
+    """The few-shot runs: every method, seed, few-shot seed and held-out task, then the head ablation."""
+    def job(label, bundle, seed, f, task, name):
+        return {"label": label, "name": name, "bundle": str(work / f"seed{seed}" / bundle), "task": task,
+                "seed": seed, "fewshot_seed": f, "k": args.shots, "pool": data["pool"][task],
+                "test": data["test"][task], "sizes": sizes, "stage": "test", **rates[label]}
+
+    jobs = [job(label, FEW_SHOT[label][0], s, f, t, label) for label in FEW_SHOT for s in range(args.seeds)
+            for f in range(args.fewshot_seeds) for t in args.tasks]
+    jobs += [job("MHR", name, s, f, t, f"MHR h={h}") for name, (_, h) in inventories(args).items()
+             if name.startswith("mhr-h") for s in range(args.seeds) for f in range(args.ablation_fewshot_seeds)
+             for t in args.tasks]
+    return jobs
 
 
-def spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+def load_data(args, work: Path) -> dict:
+    paths = suite.write_suite(work / "suite", args.n_train, args.n_test, args.pool, seed=0)
+    by_task = {}
+    for name in ("heldout-train", "heldout-test", "validation-train", "validation-test", "test"):
+        for ex in read_jsonl(paths[name]):
+            by_task.setdefault(name, {}).setdefault(ex.task, []).append(ex)
+    return {"train": read_jsonl(paths["train"]),
+            "held_in_test": [ex for exs in by_task["test"].values() for ex in exs[:args.pretrain_eval]],
+            "pool": {**by_task["heldout-train"], **by_task["validation-train"]},
+            "test": {**by_task["heldout-test"], **by_task["validation-test"]},
+            "validation": [ex for t in args.validation_tasks for ex in by_task["validation-test"][t]]}
 
 
 def run(args) -> dict:
     work = args.work or Path(tempfile.mkdtemp(prefix="mhr-compare-"))
     work.mkdir(parents=True, exist_ok=True)
-    backbone = args.backbone
-    if backbone is None:
-        from training.demo import build
-        backbone = build(progress=False, log=lambda m: print(m, flush=True)).backbone
-    paths = suite.write_suite(work / "suite", args.n_train, args.n_test, max(args.shots), seed=0, style=args.prompts)
-    train_data, test_data = read_jsonl(paths["train"]), read_jsonl(paths["test"])
-    held_shots, held_test = read_jsonl(paths["heldout-train"]), read_jsonl(paths["heldout-test"])
-    held_test = [ex for ex in held_test if ex.task in args.tasks]
-    results: dict = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                     "backbone": str(backbone), "pretrain": {}, "few_shot": {}, "zero_shot": {}, "params": {}}
-    results["settings"]["backbone"] = str(backbone)
-
-    log(f"multi-task pre-training on {len(suite.TRAIN_TASKS)} tasks, {args.pretrain_steps} steps each")
-    bundles = {}
-    for method in ("lora", "poly", "mhr"):
-        changes = {"rank": args.rank * args.skills} if method == "lora" else {}
-        cfg = config(args, method, args.pretrain_steps, batch_size=16, **changes)
-        bundles[method], result = pretrain(str(backbone), train_data, cfg, work / method, progress=False)
-        report = evaluate_bundle(work / method, test_data, max_new_tokens=16, batch_size=64)
-        n_tasks = len(suite.TRAIN_TASKS)
-        inventory = sum(a.numel() + b.numel() for a, b in zip(bundles[method].lora_A.values(),
-                                                               bundles[method].lora_B.values(), strict=True))
-        routing = sum(t.numel() for t in bundles[method].routing.values()) if method != "lora" else 0
-        results["pretrain"][method] = {**report["average"], "final_loss": result.final_loss,
-                                       "inventory_params": inventory, "routing_params": routing,
-                                       "routing_params_per_task": routing // n_tasks}
-        log(f"  {method}: exact match {report['average']['exact_match']:.3f}, loss {report['average']['loss']:.3f}")
-
-    log("zero-shot on held-out tasks")
-    eval_model, tokenizer = load_backbone(str(backbone))
-    results["zero_shot"]["backbone alone"] = evaluate_examples(eval_model, tokenizer, held_test, max_new_tokens=16,
-                                                               batch_size=32)
-    results["zero_shot"]["shared LoRA"] = evaluate_bundle(work / "lora", held_test, zero_shot=True,
-                                                          max_new_tokens=16, batch_size=64)["average"]
-    results["zero_shot"]["MHR-μ, plain average"] = evaluate_bundle(work / "mhr", held_test, zero_shot=True,
-                                                                   max_new_tokens=16, batch_size=64)["average"]
-    shutil.copytree(work / "mhr", work / "mhr-zs", dirs_exist_ok=True)
-    zeroshot(work / "mhr-zs", train_data, config(args, "mhr-mu", args.zeroshot_steps), progress=False)
-    label = f"MHR-μ + {args.zeroshot_steps} multi-task steps"
-    results["zero_shot"][label] = evaluate_bundle(work / "mhr-zs", held_test, zero_shot=True, max_new_tokens=16,
-                                                  batch_size=64)["average"]
-    for name, scores in results["zero_shot"].items():
-        log(f"  {name}: exact match {scores['exact_match']:.3f}")
-
-    log(f"few-shot: {len(args.tasks)} tasks x {len(FEW_SHOT)} methods x k in {args.shots} x {args.seeds} seeds"
-        f" ({args.jobs} processes)")
-    jobs = [(label, str(work / source), method, k, seed, task, [ex for ex in held_shots if ex.task == task],
-             [ex for ex in held_test if ex.task == task], config(args, method, args.adapt_steps, seed=seed))
-            for label, source, method in FEW_SHOT for k in args.shots for seed in range(args.seeds)
-            for task in args.tasks]
-    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=torch.set_num_threads, initargs=(args.threads or 1,)) as pool:
-        done = []
-        for d in pool.map(few_shot_job, jobs):
-            done.append(d)
-            if len(done) % 20 == 0:
-                log(f"  {len(done)}/{len(jobs)} runs done")
-    for label, _, _ in FEW_SHOT:
-        for k in args.shots:
-            per_seed = []
-            for seed in range(args.seeds):
-                runs = [d for d in done if d["label"] == label and d["k"] == k and d["seed"] == seed]
-                per_seed.append({m: statistics.mean(r["metrics"][m] for r in runs) for m in ("exact_match", "loss")})
-                results["params"][label] = runs[0]["params"]
-            results["few_shot"].setdefault(label, {})[k] = {m: spread([s[m] for s in per_seed])
-                                                            for m in ("exact_match", "loss")}
-            r = results["few_shot"][label][k]["exact_match"]
-            log(f"  {label:6s} k={k:<3d} exact match median {r['median']:.3f} [{r['min']:.3f}, {r['max']:.3f}]")
-
+    data = load_data(args, work)
+    sizes = Sizes(skills=args.skills, rank=args.rank, pretrain_steps=args.pretrain_steps,
+                  adapt_steps=dict.fromkeys(FEW_SHOT, args.adapt_steps))
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=torch.set_num_threads,
+                             initargs=(args.threads,)) as pool:
+        pretrained = run_all(pool, pretrain_job, [
+            {"name": name, "method": method, "heads": heads, "seed": s, "backbone": str(args.backbone),
+             "train": data["train"], "test": data["held_in_test"], "out": str(work / f"seed{s}" / name),
+             "sizes": sizes} for s in range(args.seeds) for name, (method, heads) in inventories(args).items()],
+            f"pre-training ({len(suite.TRAIN_TASKS)} tasks, {args.pretrain_steps} steps)")
+        grid_jobs = [{"label": label, "name": label, "bundle": str(work / "seed0" / FEW_SHOT[label][0]), "task": t,
+                      "seed": 0, "fewshot_seed": 0, "k": args.shots, "pool": data["pool"][t], "test": data["test"][t],
+                      "sizes": sizes, "stage": "grid", "lr": lr, "logits_lr": g}
+                     for label in FEW_SHOT for lr, g in grid(args, label) for t in args.validation_tasks]
+        rates = pick_rates(run_all(pool, fewshot_job, grid_jobs, "learning rates on the validation tasks"))
+        log("chosen: " + ", ".join(f"{k} lr {v['lr']:g} logits {v['logits_lr']:g}" for k, v in rates.items()))
+        fewshot = run_all(pool, fewshot_job, fewshot_jobs(args, data, sizes, work, rates), "few-shot")
+        zero = run_all(pool, zeroshot_job, [
+            {"seed": s, "bundle": str(work / f"seed{s}" / "mhr"), "train": data["train"],
+             "validation": data["validation"], "test": [ex for t in args.tasks for ex in data["test"][t]],
+             "tasks": args.tasks, "steps": args.zeroshot_steps, "eval_every": max(1, args.zeroshot_steps // 8),
+             "lr": rates["MHR-μ"]["lr"], "sizes": sizes} for s in range(args.seeds)], "zero-shot")
+    import mhr
     from training.plot import plot_routing
     args.out.mkdir(parents=True, exist_ok=True)
-    plot_routing(mhr.Bundle.load(work / "mhr"), args.out / "routing.png")
-    return results
+    plot_routing(mhr.Bundle.load(work / "seed0" / "mhr"), args.out / "routing.png")
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    return report.summarize(settings, sizes.to_dict(), shipped_recipe(args.backbone), pretrained, rates,
+                            fewshot, zero)
 
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def markdown(results: dict, command: str, seconds: float) -> str:
-    s = results["settings"]
-    lines = ["# Results: the paper's comparison on the compositional suite", "",
-             f"Made by `{command}` in {seconds / 60:.0f} minutes "
-             f"(torch threads: {torch.get_num_threads()}, fp32, CPU).", "",
-             "## Settings", "",
-             f"- Backbone: `{results['backbone']}` (pre-trained on the suite's training tasks, "
-             "see `training/demo.py`).",
-             f"- Suite seed 0: {len(suite.TRAIN_TASKS)} training tasks x {s['n_train']} instances; held-out tasks "
-             f"{', '.join(s['tasks'])}; {s['n_test']} test instances per task on words never trained on; prompts "
-             + ("name the two skills (\"reverse then upper: kabadu\")." if s.get("prompts", "named") == "named"
-                else "the same for every task (\"word: kabadu\"): only the adapter says which task."),
-             f"- Inventories: K = {s['skills']} skills of rank {s['rank']} on all seven linear layers per block; "
-             f"MHR h = {s['heads']}, Poly h = 1, shared LoRA rank {s['skills'] * s['rank']} (same adapter weights). "
-             f"Pre-training {s['pretrain_steps']} steps of 16, lr {s['lr']} (adapters), 0.1 (logits).",
-             f"- Few-shot: k in {s['shots']}, {s['seeds']} seeds (each a different k-subset and init), "
-             f"{s['adapt_steps']} steps of 8. Exact match averaged over tasks per seed; median [min, max] over seeds.",
-             f"- Zero-shot MHR-μ: {s['zeroshot_steps']} extra multi-task steps of the skills' average.",
-             "- Greedy decoding, at most 16 new tokens; loss = cross-entropy per target token.", "",
-             "## Multi-task pre-training (training tasks, held-in test words)", "",
-             "| method | exact match | loss | adapter weights | routing per task |",
-             "| --- | ---: | ---: | ---: | ---: |"]
-    names = {"lora": "shared LoRA", "poly": "Poly", "mhr": "MHR"}
-    for m, r in results["pretrain"].items():
-        lines.append(f"| {names[m]} | {r['exact_match']:.3f} | {r['loss']:.3f} | {r['inventory_params']:,} | "
-                     f"{r['routing_params_per_task']:,} |")
-    shots = sorted({k for v in results["few_shot"].values() for k in v})
-    lines += ["", "## Few-shot adaptation of the held-out tasks", "",
-              "Exact match, median [min, max] over seeds; loss median.", "",
-              "| method | trainable params | " + " | ".join(f"k={k} exact match | k={k} loss" for k in shots) + " |",
-              "| --- | ---: | " + " | ".join("---: | ---:" for _ in shots) + " |"]
-    for label, by_k in results["few_shot"].items():
-        cells = []
-        for k in shots:
-            em, loss = by_k[k]["exact_match"], by_k[k]["loss"]
-            cells += [f"{em['median']:.3f} [{em['min']:.3f}, {em['max']:.3f}]", f"{loss['median']:.3f}"]
-        lines.append(f"| {label} | {results['params'][label]:,} | " + " | ".join(cells) + " |")
-    lines += ["", "## Zero-shot on the held-out tasks", "", "| adapter | exact match | loss |", "| --- | ---: | ---: |"]
-    for name, r in results["zero_shot"].items():
-        lines.append(f"| {name} | {r['exact_match']:.3f} | {r['loss']:.3f} |")
-    lines += ["", "## Routing", "", "![routing of the MHR bundle](routing.png)", "",
-              "Per head: tasks x skills, routing weights averaged over layers; right: task similarity.", ""]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     start = time.monotonic()
     results = run(args)
-    seconds = time.monotonic() - start
-    command = "python -m training.experiments.compare " + " ".join(argv if argv is not None else sys.argv[1:])
-    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    kept = ""
-    old = args.out / "results.md"
-    if old.exists() and ANALYSIS in old.read_text():
-        kept = ANALYSIS + old.read_text().split(ANALYSIS, 1)[1]
-    old.write_text(markdown(results, command.strip(), seconds) + ("\n" + kept if kept else ""))
-    log(f"wrote {old}, {args.out / 'results.json'}, {args.out / 'routing.png'} ({seconds / 60:.1f} min)")
+    results["command"] = " ".join([COMMAND, *argv])
+    results["minutes"] = round((time.monotonic() - start) / 60, 1)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    page = args.out / "results.md"
+    kept = page.read_text().split(report.ANALYSIS, 1)[1] if page.exists() and report.ANALYSIS in page.read_text() \
+        else ""
+    page.write_text(report.markdown(results) + (f"\n{report.ANALYSIS}{kept}" if kept else ""))
+    log(f"wrote {page}, {args.out / 'results.json'}, {args.out / 'routing.png'} ({results['minutes']} min)")
 
 
 if __name__ == "__main__":

@@ -172,21 +172,27 @@ def attach_chat_template(backbone: Path) -> None:
         path.write_text(CHAT_TEMPLATE)
 
 
+def fit_and_save(texts: list[str], shape, out: Path, *, steps: int, batch: int, lr: float, warmup: int, seed: int,
+                 log: Callable[[str], None] = print) -> Path:
+    """Train a tokenizer on `texts`, build a Llama of `shape` (hidden, layers, heads, intermediate), pre-train
+    all of its weights on `texts` (`train_lm`) and save model and tokenizer into `out`."""
+    tokenizer = train_tokenizer(texts)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(backbone_config(shape, tokenizer))
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"backbone: {shape.layers} layers, hidden {shape.hidden}, {n_params / 1e6:.2f}M parameters, "
+        f"vocabulary {len(tokenizer)} characters; pre-training on {len(texts)} lines")
+    train_lm(model, tokenizer, texts, steps=steps, batch=batch, lr=lr, warmup=warmup, seed=seed, log=log)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return Path(out)
+
+
 def build_backbone(out: str | Path = SHIPPED, recipe: BackboneRecipe = BackboneRecipe(),
                    log: Callable[[str], None] = print) -> Path:
     """Build the backbone of `recipe` into `out`: weights, tokenizer, chat template and recipe.json."""
-    out = Path(out)
-    texts = corpus(recipe)
-    tokenizer = train_tokenizer(texts)
-    torch.manual_seed(recipe.seed)
-    model = LlamaForCausalLM(backbone_config(recipe, tokenizer))
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"backbone: {recipe.layers} layers, hidden {recipe.hidden}, {n_params / 1e6:.2f}M parameters, "
-        f"vocabulary {len(tokenizer)} characters; {len(texts)} lines of generic text and backbone skills")
-    train_lm(model, tokenizer, texts, steps=recipe.steps, batch=recipe.batch, lr=recipe.lr, warmup=recipe.warmup,
-             seed=recipe.seed, log=log)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    out = fit_and_save(corpus(recipe), recipe, Path(out), steps=recipe.steps, batch=recipe.batch, lr=recipe.lr,
+                       warmup=recipe.warmup, seed=recipe.seed, log=log)
     attach_chat_template(out)
     (out / RECIPE_FILE).write_text(json.dumps({"backbone_version": BACKBONE_VERSION, "recipe": asdict(recipe),
                                                "torch": torch.__version__, "threads": torch.get_num_threads()},

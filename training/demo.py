@@ -25,11 +25,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import torch
-from transformers import LlamaForCausalLM
-
 from training import suite_v1 as suite
-from training.backbone import attach_chat_template, backbone_config, train_lm, train_tokenizer
+from training.backbone import attach_chat_template, fit_and_save
 from training.config import TrainConfig
 from training.data import Example, read_jsonl
 
@@ -111,18 +108,8 @@ def backbone_examples(recipe: Recipe) -> list[Example]:
 
 def pretrain_backbone(recipe: Recipe, out: Path, log: Callable[[str], None] = print) -> Path:
     """Train the tokenizer, build the backbone and pre-train all of its weights; save both into `out`."""
-    texts = suite_texts(recipe)
-    tokenizer = train_tokenizer(texts)
-    torch.manual_seed(recipe.seed)
-    model = LlamaForCausalLM(backbone_config(recipe, tokenizer))
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"backbone: {recipe.layers} layers, hidden {recipe.hidden}, {n_params / 1e6:.2f}M parameters, "
-        f"vocabulary {len(tokenizer)} characters; pre-training on {len(texts)} instances")
-    train_lm(model, tokenizer, texts, steps=recipe.backbone_steps, batch=recipe.backbone_batch, lr=recipe.backbone_lr,
-             warmup=recipe.backbone_warmup, seed=recipe.seed, log=log)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return fit_and_save(suite_texts(recipe), recipe, out, steps=recipe.backbone_steps, batch=recipe.backbone_batch,
+                        lr=recipe.backbone_lr, warmup=recipe.backbone_warmup, seed=recipe.seed, log=log)
 
 
 # ----- the bundle and the cache -------------------------------------------------------------------

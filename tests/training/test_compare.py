@@ -36,3 +36,8 @@ def test_compare_writes_the_tables_and_intervals(tmp_path):
     assert set(results["ablation"]) == {"1", "2", "4"}
     assert set(results["zero_shot"]["selected"].values()) <= {"backbone", "average", "trained"}
     assert (out / "routing.png").read_bytes()[:4] == b"\x89PNG"
+    assert "MHR − Poly" in results["loss_differences"]
+    (out / "results.md").write_text(f"stale\n{report.ANALYSIS}\nwhat the numbers show\n")
+    compare.main(["--out", str(out), "--rerender"])  # the same report from the kept runs, no run again
+    assert json.loads((out / "results.json").read_text()) == results
+    assert (out / "results.md").read_text() == text

@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("docs"), help="directory for results.md/.json, routing.png")
     p.add_argument("--work", type=Path, default=None, help="directory for bundles and data (default: a temp dir)")
     p.add_argument("--backbone", type=Path, default=SHIPPED, help="backbone directory")
+    p.add_argument("--rerender", action="store_true",
+                   help="write results.md and results.json again from the runs kept in --out/results.json")
     p.add_argument("--quick", action="store_true", help="a smoke test in minutes (options given explicitly win)")
     p.add_argument("--skills", type=int, default=8, help="K")
     p.add_argument("--heads", type=int, default=4, help="h of MHR")
@@ -206,9 +208,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.monotonic()
-    results = run(args)
-    results["command"] = " ".join([COMMAND, *argv])
-    results["minutes"] = round((time.monotonic() - start) / 60, 1)
+    if args.rerender:  # the report again from the runs results.json keeps, with their command and time
+        results = report.resummarize(json.loads((args.out / "results.json").read_text()))
+    else:
+        results = run(args)
+        results["command"] = " ".join([COMMAND, *argv])
+        results["minutes"] = round((time.monotonic() - start) / 60, 1)
     (args.out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     page = args.out / "results.md"
     kept = page.read_text().split(report.ANALYSIS, 1)[1] if page.exists() and report.ANALYSIS in page.read_text() \

@@ -26,11 +26,12 @@ def scores_array(runs: list[dict], seeds: list, fewshot_seeds: list, tasks: list
     return np.array([[[index[(s, f, t)] for t in tasks] for f in fewshot_seeds] for s in seeds], dtype=float)
 
 
-def few_shot_arrays(fewshot: list[dict], settings: dict) -> dict[str, np.ndarray]:
-    """Per method (and ablation variant), its runs as an array over the few-shot seeds it ran."""
+def few_shot_arrays(fewshot: list[dict], settings: dict, loss: bool = False) -> dict[str, np.ndarray]:
+    """Per method (and ablation variant), its runs as an array over the few-shot seeds it ran: exact match
+    per test instance, or (`loss`) each run's mean target loss as one value."""
     arrays = {}
     for name in dict.fromkeys(r["name"] for r in fewshot):
-        runs = [r for r in fewshot if r["name"] == name]
+        runs = [r if not loss else {**r, "correct": [r["loss"]]} for r in fewshot if r["name"] == name]
         fewshot_seeds = sorted({r["fewshot_seed"] for r in runs})
         arrays[name] = scores_array(runs, range(settings["seeds"]), fewshot_seeds, settings["tasks"])
     return arrays
@@ -58,7 +59,7 @@ def ablation(arrays: dict[str, np.ndarray], settings: dict) -> dict:
 
 def summarize(settings: dict, sizes: dict, backbone: dict, pretrained: list[dict], rates: dict,
               fewshot: list[dict], zero: list[dict]) -> dict:
-    arrays = few_shot_arrays(fewshot, settings)
+    arrays, losses = few_shot_arrays(fewshot, settings), few_shot_arrays(fewshot, settings, loss=True)
     params = {r["name"]: r["params"] for r in fewshot}
     few = {name: {"exact_match": bootstrap(a).to_dict(), "params": params[name],
                   "loss": float(np.mean([r["loss"] for r in fewshot if r["name"] == name]))}
@@ -75,6 +76,7 @@ def summarize(settings: dict, sizes: dict, backbone: dict, pretrained: list[dict
         "settings": settings, "sizes": sizes, "backbone": backbone, "pretrain": pre, "learning_rates": rates,
         "few_shot": few,
         "differences": {name: paired(arrays[a], arrays[b]).to_dict() for name, a, b in FEW_SHOT_CLAIMS},
+        "loss_differences": {name: paired(losses[a], losses[b]).to_dict() for name, a, b in FEW_SHOT_CLAIMS},
         "ablation": ablation(arrays, settings),
         "zero_shot": {
             "scores": {n: bootstrap(a).to_dict() for n, a in zarrays.items()},
@@ -82,7 +84,17 @@ def summarize(settings: dict, sizes: dict, backbone: dict, pretrained: list[dict
                                if n != "backbone"},
             "selected": {str(z["seed"]): z["selected"] for z in zero},
             "validation": {str(z["seed"]): z["validation"] for z in zero}},
+        # every run's own scores: `resummarize` recomputes everything above from them
+        "runs": {"pretrained": pretrained, "rates": rates, "fewshot": fewshot, "zero": zero},
     }
+
+
+def resummarize(results: dict) -> dict:
+    """`summarize` again from a results.json's runs (after a change of the report, without running again)."""
+    keep = {k: results[k] for k in ("command", "minutes") if k in results}
+    runs = results["runs"]
+    return {**summarize(results["settings"], results["sizes"], results["backbone"], runs["pretrained"],
+                        runs["rates"], runs["fewshot"], runs["zero"]), **keep}
 
 
 def _ci(d: dict, signed: bool = False) -> str:
@@ -139,6 +151,9 @@ def markdown(r: dict) -> str:
                      f"{logits} |")
     lines += ["", "Differences (paired):", "", "| difference | exact match | half-width |", "| --- | ---: | ---: |"]
     lines += [f"| {n} | {_ci(d, True)} | {d['half_width']:.3f} |" for n, d in r["differences"].items()]
+    lines += ["", "The same differences in target loss (nats per token, lower is better; one value per run, so the "
+              "interval resamples seeds and tasks):", "", "| difference | loss |", "| --- | ---: |"]
+    lines += [f"| {n} | {_ci(d, True)} |" for n, d in r["loss_differences"].items()]
     lines += ["", "## Head ablation (MHR few-shot, same K, r and steps)", "",
               f"The first {s['ablation_fewshot_seeds']} few-shot seed(s) of each pre-training seed.", "",
               "| heads | exact match | minus h = 1 (Poly) |", "| ---: | ---: | ---: |"]

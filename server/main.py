@@ -64,11 +64,9 @@ def serve(
     from server.config import ServerConfig, ServerConfigError
 
     options = {"bundle": bundle, "model": model, "device": device, "dtype": dtype, "kv_dtype": kv_dtype,
-               "n_slots": slots,
-               "max_rank": max_rank, "max_running": max_running, "max_seq_len": max_seq_len,
+               "n_slots": slots, "max_rank": max_rank, "max_running": max_running, "max_seq_len": max_seq_len,
                "max_waiting": max_waiting, "max_prefill_tokens": max_prefill_tokens,
-               "prefix_cache_mb": prefix_cache_mb, "allow_zero_shot": zero_shot,
-               "host": host, "port": port,
+               "prefix_cache_mb": prefix_cache_mb, "allow_zero_shot": zero_shot, "host": host, "port": port,
                "api_key": api_key, "admin_key": admin_key, "drain_seconds": drain_seconds,
                "max_upload_mb": max_upload_mb, "max_body_mb": max_body_mb, "api_docs": api_docs,
                "engine": engine, "cpu_kernel": cpu_kernel}

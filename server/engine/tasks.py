@@ -138,6 +138,11 @@ class TaskRegistry:
             return TaskSummary(name, "routed", self.bundle.config.rank, task.metadata, routing)
         return TaskSummary(name, "dense", self.bundle.adapters[name].rank, task.metadata, None)
 
+    def uniform_mixture(self) -> Mixture:
+        """The MHR-μ mixture as a per-request mixture: every head averages every skill."""
+        config = self.bundle.config
+        return self.mixture(skills=[[1.0] * config.n_skills] * config.n_heads)
+
     def mixture(self, shares: Mapping[str, float] | None = None,
                 skills: list[list[float]] | None = None) -> Mixture:
         """A per-request mixture: routed tasks' routing weights averaged with `shares` (task -> weight), or

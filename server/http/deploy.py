@@ -1,4 +1,5 @@
-"""Hot deploys: the admin routes that add, replace or remove a task, or reload the whole bundle, live.
+"""Hot deploys: the admin routes that add, replace or remove a task (from an upload, or routed from a few
+examples without gradients: `server.engine.route_search`), or reload the whole bundle, live.
 
 Every change is validated in full, written to the bundle on disk (atomically, by `mhr.Bundle.save`),
 and only then applied to the running engine, so a failed upload changes nothing anywhere and a restart
@@ -26,8 +27,11 @@ from fastapi import APIRouter, Request
 import mhr
 from mhr.bundle_check import check_task_name
 from server.engine.contract import ServingEngine
+from server.engine.requests import InvalidRequest
+from server.engine.route_search import Example, RouteSearch
 from server.engine.tasks import BASE, MIXTURE_PREFIX, ZERO_SHOT
 from server.http.errors import APIError
+from server.http.protocol import RouteRequest, RouteResponse
 from server.http.uploads import Upload, parse_upload
 
 RESERVED = (ZERO_SHOT, BASE)  # adapter names responses use; a task under one would be ambiguous
@@ -58,6 +62,10 @@ class Deployer:
         async def replace(task: str, request: Request, alpha: float | None = None) -> dict:
             return await self.put(task, await self._body(task, request), _content_type(request), alpha,
                                   replace=True)
+
+        @router.post("/tasks/{task}/route", status_code=201)
+        async def route(task: str, body: RouteRequest) -> RouteResponse:
+            return await self.route(task, body)
 
         @router.delete("/tasks/{task}")
         async def delete(task: str) -> dict:
@@ -95,19 +103,49 @@ class Deployer:
         if upload.lora is not None and upload.lora.rank > max_rank:
             raise APIError(400, f"LoRA rank {upload.lora.rank} exceeds the server's slot rank {max_rank}: "
                                 "restart with a larger --max-rank", param="body")
+        exists, revision = await self._deploy(task, upload, replace, {"deployed": "admin"})
+        return {"task": task, "kind": "routed" if upload.logits is not None else "dense",
+                "replaced": exists, "revision": revision}
+
+    async def route(self, task: str, body: RouteRequest) -> RouteResponse:
+        """A new routed task from examples, chosen without gradients (`server.engine.route_search`), deployed as
+        a PUT of its logits would be."""
+        _check_name(task)
+        if not body.replace and task in self.engine.tasks:
+            raise APIError(409, f"task {task!r} already exists: send \"replace\": true to replace it",
+                           code="task_exists")
+        examples = [Example(e.input, e.output) for e in body.examples]
+        search = RouteSearch(self.engine, examples, body.budget)
+        limit = self.engine.config.max_seq_len
+        for i, (ids, _) in enumerate(search.encoded):
+            if len(ids) > limit:
+                raise APIError(400, f"example {i} has {len(ids)} tokens with its answer; the context limit is "
+                                    f"{limit}", param=f"examples.{i}", code="context_length_exceeded")
+        try:
+            found = await search.run(task)
+        except InvalidRequest as e:  # an engine that cannot score prompts (vLLM)
+            raise APIError(400, f"this engine cannot score examples: {e}", code="not_supported") from None
+        metadata = {"deployed": "route", "mixture": found.mixture, "loss": round(found.loss_after, 6),
+                    "examples": len(examples)}
+        exists, revision = await self._deploy(task, Upload(logits=found.logits), body.replace, metadata)
+        return RouteResponse(task=task, replaced=exists, revision=revision, mixture=found.mixture,
+                             loss_before=found.loss_before, loss_after=found.loss_after,
+                             evaluations=found.evaluations, seconds=round(found.seconds, 3))
+
+    async def _deploy(self, task: str, upload: Upload, replace: bool, metadata: dict) -> tuple[bool, int]:
+        """Write the task to the bundle on disk, then serve it; returns (it replaced a task, the revision)."""
         async with self._lock:
             exists = task in self.engine.tasks
 
             def change(bundle: mhr.Bundle) -> bool:
                 if not replace and (exists or task in bundle.task_names):
                     raise APIError(409, f"task {task!r} already exists: use PUT to replace it", code="task_exists")
-                _apply(bundle, task, upload)
+                _apply(bundle, task, upload, metadata)
                 return True
 
             revision = await asyncio.to_thread(self._persist, change)
             await asyncio.to_thread(self.engine.put_task, task, logits=upload.logits, lora=upload.lora)
-        return {"task": task, "kind": "routed" if upload.logits is not None else "dense",
-                "replaced": exists, "revision": revision}
+        return exists, revision
 
     async def delete(self, task: str) -> dict:
         """Remove a task from the bundle on disk and stop serving it (404 if the engine does not serve it)."""
@@ -183,8 +221,8 @@ def _check_name(task: str) -> None:
                        code="invalid_task_name")
 
 
-def _apply(bundle: mhr.Bundle, task: str, upload: Upload) -> None:
+def _apply(bundle: mhr.Bundle, task: str, upload: Upload, metadata: dict) -> None:
     if upload.logits is not None:
-        bundle.add_routed_task(task, upload.logits, replace=True, metadata={"deployed": "admin"})
+        bundle.add_routed_task(task, upload.logits, replace=True, metadata=metadata)
     else:
-        bundle.add_dense_task(task, upload.lora, replace=True, metadata={"deployed": "admin"})
+        bundle.add_dense_task(task, upload.lora, replace=True, metadata=metadata)

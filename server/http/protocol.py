@@ -378,6 +378,37 @@ class TaskList(BaseModel):
     zero_shot: str | None                      # the id serving unknown tasks, None when fallback is off
 
 
+# ----- admin: a new task's routing from examples ----------------------------------------------------
+
+MAX_EXAMPLES = 64
+
+
+class RouteExample(Strict):
+    input: Text = Field(min_length=1)
+    output: Text = Field(min_length=1)
+
+
+class RouteRequest(Strict):
+    """POST /admin/tasks/{task}/route: examples of the new task; `budget`: mixtures scored at most in the search
+    after the candidates; `replace`: the name may already be served."""
+
+    examples: list[RouteExample] = Field(min_length=1, max_length=MAX_EXAMPLES)
+    budget: int = Field(24, ge=0, le=200)
+    replace: bool = False
+
+
+class RouteResponse(BaseModel):
+    task: str
+    kind: Literal["routed"] = "routed"
+    replaced: bool
+    revision: int
+    mixture: dict[str, float]   # the tasks mixed, by share ("uniform": the skills' average)
+    loss_before: float          # the examples' loss under what served the name before (zero-shot for a new name)
+    loss_after: float
+    evaluations: int            # routings scored
+    seconds: float
+
+
 # ----- admin: engine capacity ------------------------------------------------------------------------
 
 class SlotsRequest(Strict):

@@ -124,6 +124,16 @@ class TaskRegistry:
     def backbone(self) -> str:
         return self.bundle.backbone
 
+    @property
+    def zero_shot_source(self) -> str:
+        """What the zero-shot adapter is: the candidate `mhr zeroshot` selected on validation data ("backbone",
+        "average" or "trained", as the bundle records it), else "trained" for a stored adapter, "average"
+        without one."""
+        recorded = self.bundle.training.get("zero_shot")
+        if isinstance(recorded, dict) and isinstance(recorded.get("selected"), str):
+            return recorded["selected"]
+        return "trained" if self.bundle.zero_shot is not None else "average"
+
     def adapter_name(self, task: str) -> str:
         """The name of the adapter that would serve `task` now: the task, or ZERO_SHOT. Raises UnknownTask."""
         key = self.resolve(task)

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.engine.contract import ServingEngine
+from server.engine.tasks import ZERO_SHOT
 from server.http.catalog import model_list, task_info, task_list
 from server.http.errors import APIError
 from server.http.guard import REQUEST_ID_HEADER, Limits, RequestGuard
@@ -41,6 +42,7 @@ from server.http.protocol import (
 from server.http.serving import Serving
 
 ADAPTER_HEADER = "X-MHR-Adapter"
+ZERO_SHOT_HEADER = "X-MHR-Zero-Shot"  # on responses the zero-shot adapter served: which candidate it is
 MiB = 2**20
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ def create_app(engine: ServingEngine, *, api_key: str | None = None, admin_key: 
     without one). `deployer` (a `server.http.deploy.Deployer`) handles admin changes to the bundle.
     `max_body_bytes` bounds every request body but uploads (None: `default_body_limit`); `api_docs` serves
     the OpenAPI schema."""
-    metrics = ServerMetrics(engine.stats)
+    metrics = ServerMetrics(engine.stats, lambda: engine.tasks.zero_shot_source)
     serving = Serving(engine, metrics)
     state = {"ready": False, "stopping": False}  # stopping: set by `begin_shutdown`, never cleared
     app = FastAPI(title="mhr-serve", lifespan=_lifespan(engine, state), docs_url=None, redoc_url=None,
@@ -129,23 +131,23 @@ def _add_inference(app: FastAPI, engine: ServingEngine, serving: Serving) -> Non
     @app.post("/v1/tasks/{task}/generate")
     async def generate(task: str, body: GenerateRequest, request: Request) -> Response:
         if body.stream:
-            return _sse(*await serving.generate_stream(task, body, request.is_disconnected))
+            return _sse(*await serving.generate_stream(task, body, request.is_disconnected), engine)
         result = await serving.generate(task, body, request.is_disconnected)
-        return _json(result, result.adapter)
+        return _json(result, result.adapter, engine)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         if body.stream:
-            return _sse(*await serving.completion_stream(body, request.is_disconnected))
+            return _sse(*await serving.completion_stream(body, request.is_disconnected), engine)
         result = await serving.completion(body, request.is_disconnected)
-        return _json(result, result.mhr.adapter)
+        return _json(result, result.mhr.adapter, engine)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         if body.stream:
-            return _sse(*await serving.chat_stream(body, request.is_disconnected))
+            return _sse(*await serving.chat_stream(body, request.is_disconnected), engine)
         result = await serving.chat(body, request.is_disconnected)
-        return _json(result, result.mhr.adapter)
+        return _json(result, result.mhr.adapter, engine)
 
 
 def default_body_limit(max_prompt_chars: int) -> int:
@@ -199,13 +201,20 @@ def begin_shutdown(app: FastAPI, drain_seconds: float | None = None) -> None:
         loop.call_soon_threadsafe(loop.call_later, cut_after, app.state.serving.runner.cut_streams)
 
 
-def _json(model, adapter: str) -> JSONResponse:
-    return JSONResponse(model.model_dump(mode="json"), headers={ADAPTER_HEADER: adapter})
+def _adapter_headers(adapter: str, engine: ServingEngine) -> dict[str, str]:
+    """The adapter that served a response, and for the zero-shot adapter which candidate it is."""
+    if adapter == ZERO_SHOT:
+        return {ADAPTER_HEADER: adapter, ZERO_SHOT_HEADER: engine.tasks.zero_shot_source}
+    return {ADAPTER_HEADER: adapter}
 
 
-def _sse(lines: AsyncIterator[str], adapter: str) -> StreamingResponse:
+def _json(model, adapter: str, engine: ServingEngine) -> JSONResponse:
+    return JSONResponse(model.model_dump(mode="json"), headers=_adapter_headers(adapter, engine))
+
+
+def _sse(lines: AsyncIterator[str], adapter: str, engine: ServingEngine) -> StreamingResponse:
     return StreamingResponse(lines, media_type="text/event-stream",
-                             headers={ADAPTER_HEADER: adapter, "Cache-Control": "no-cache"})
+                             headers=_adapter_headers(adapter, engine) | {"Cache-Control": "no-cache"})
 
 
 def _install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:

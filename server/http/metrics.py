@@ -24,7 +24,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class ServerMetrics:
     """Every metric of one server process, in its own registry."""
 
-    def __init__(self, engine_stats: Callable[[], object]) -> None:
+    def __init__(self, engine_stats: Callable[[], object], zero_shot_source: Callable[[], str] | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("mhr_requests", "Finished requests by serving adapter and outcome.",
@@ -45,7 +45,7 @@ class ServerMetrics:
         self.token_seconds = Histogram("mhr_time_per_output_token_seconds",
                                        "Mean time between a request's generated tokens after the first, per request.",
                                        buckets=TOKEN_BUCKETS, registry=r)
-        r.register(_EngineCollector(engine_stats))
+        r.register(_EngineCollector(engine_stats, zero_shot_source))
 
     def finished(self, adapter: str, result: Result, seconds: float) -> None:
         self.requests.labels(adapter, result.finish_reason).inc()
@@ -69,8 +69,8 @@ class ServerMetrics:
 class _EngineCollector:
     """Reads the engine's stats at scrape time."""
 
-    def __init__(self, engine_stats: Callable[[], object]) -> None:
-        self._stats = engine_stats
+    def __init__(self, engine_stats: Callable[[], object], zero_shot_source: Callable[[], str] | None) -> None:
+        self._stats, self._zero_shot_source = engine_stats, zero_shot_source
 
     def collect(self) -> Iterator[Metric]:
         s = self._stats()
@@ -83,6 +83,11 @@ class _EngineCollector:
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=value)
+        if self._zero_shot_source is not None:
+            info = GaugeMetricFamily("mhr_zero_shot_adapter", "The zero-shot adapter's candidate (backbone, average, "
+                                     "trained), as 1 under its label.", labels=["source"])
+            info.add_metric([self._zero_shot_source()], 1)
+            yield info
         cache = s.cache
         counters = {
             "mhr_adapter_cache_hits": ("Adapter lookups served from a slot.", cache.hits),

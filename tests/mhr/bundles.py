@@ -38,10 +38,10 @@ def load_model(path: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def injected_model(path: Path, n_tasks: int, seed: int = 0) -> torch.nn.Module:
+def injected_model(path: Path, n_tasks: int, seed: int = 0, config: MHRConfig = CONFIG) -> torch.nn.Module:
     """The tiny Llama with MHR layers whose B and routing logits are random (they start at ~0)."""
     model = load_model(path)
-    mhr.inject(model, CONFIG, n_tasks)
+    mhr.inject(model, config, n_tasks)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in mhr.mhr_layers(model).values():

@@ -19,20 +19,16 @@ import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
 
 import mhr
 from mhr import Bundle, LoRA, MHRConfig, Mode, PeftFormatError, export_peft, import_peft
 from mhr.export_peft import import_peft_files
+from tests.mhr.bundles import injected_model, load_model
 
 TARGETS = ["q_proj", "v_proj"]
 MODULES = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in TARGETS]
 TASKS = ["t0", "t1"]
 ATOL = 1e-5
-
-
-def load_model(path: Path) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def input_ids(vocab_size: int) -> torch.Tensor:
@@ -53,14 +49,7 @@ def assert_adapter_matters(adapted: torch.Tensor, bare: torch.Tensor) -> None:
 def mhr_model(path: Path, n_heads: int, n_tasks: int, seed: int = 0) -> tuple[torch.nn.Module, MHRConfig]:
     """The tiny Llama with MHR layers whose B and routing logits are random (they start at ~0)."""
     config = MHRConfig(n_skills=3, n_heads=n_heads, rank=4, alpha=8.0, target_modules=TARGETS)
-    model = load_model(path)
-    mhr.inject(model, config, n_tasks)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in mhr.mhr_layers(model).values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.5)
-            layer.router.logits.copy_(torch.randn(layer.router.logits.shape, generator=g) * 2.0)
-    return model.eval(), config
+    return injected_model(path, n_tasks, seed, config), config
 
 
 def random_lora(rank: int, alpha: float, seed: int, modules: list[str] = MODULES) -> LoRA:

@@ -49,6 +49,7 @@ class Deployer:
     def __init__(self, engine: ServingEngine, bundle_dir: str | Path, max_upload_bytes: int) -> None:
         self.engine, self.bundle_dir, self.max_upload_bytes = engine, Path(bundle_dir), max_upload_bytes
         self._lock = asyncio.Lock()
+        self._searching = False  # one routing search at a time: each scores dozens of batches on the engine
 
     def router(self) -> APIRouter:
         router = APIRouter(prefix="/admin")  # keys are checked before any body is read: `server.http.guard`
@@ -114,6 +115,16 @@ class Deployer:
         if not body.replace and task in self.engine.tasks:
             raise APIError(409, f"task {task!r} already exists: send \"replace\": true to replace it",
                            code="task_exists")
+        if self._searching:
+            raise APIError(429, "a routing search is running: retry when it ends", type="rate_limit_error",
+                           code="search_running", headers={"Retry-After": "2"})
+        self._searching = True
+        try:
+            return await self._route(task, body)
+        finally:
+            self._searching = False
+
+    async def _route(self, task: str, body: RouteRequest) -> RouteResponse:
         examples = [Example(e.input, e.output) for e in body.examples]
         search = RouteSearch(self.engine, examples, body.budget)
         limit = self.engine.config.max_seq_len

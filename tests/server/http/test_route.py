@@ -4,6 +4,7 @@ deployed like an upload (on disk first, then served), with the examples' loss be
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -12,6 +13,7 @@ from server.engine.route_search import Example, RouteSearch, weights_to_logits
 from tests.server import loopback as http
 from tests.server.admin_helpers import ADMIN, admin_app, copy_bundle, engine_on
 from tests.server.conftest import ROUTED
+from tests.server.http.test_faults import wait_until
 from tests.server.loopback import serve_app
 
 PROMPTS = ["The quiet river copies the stone", "A small bird", "Under the old bridge", "Seven lanterns",
@@ -123,3 +125,18 @@ def test_the_route_needs_the_admin_key(served):
     base, _, _ = served
     r = http.post(f"{base}/admin/tasks/new-task/route", json={"examples": [{"input": "a", "output": "b"}]})
     assert r.status_code == 401
+
+
+def test_one_search_at_a_time_a_second_gets_429(tiny_llama_path, tiny_tokenizer, bundle_path, tmp_path):
+    bundle_dir = copy_bundle(bundle_path, tmp_path / "bundle")
+    engine = engine_on(tiny_llama_path, tiny_tokenizer, bundle_dir, max_seq_len=96, max_running=1)
+    with serve_app(admin_app(engine, bundle_dir)) as base, ThreadPoolExecutor(2) as pool:
+        long = {"model": ROUTED[1], "prompt": PROMPTS[0], "max_tokens": 80, "temperature": 0}
+        blocker = pool.submit(http.post, f"{base}/v1/completions", json=long)  # holds the only row
+        wait_until(lambda: engine.stats().running == 1, what="the blocking request")
+        first = pool.submit(http.post, f"{base}/admin/tasks/first/route", json={"examples": EXAMPLES}, headers=ADMIN)
+        wait_until(lambda: engine.stats().waiting >= 1, what="the first search to score")
+        second = http.post(f"{base}/admin/tasks/second/route", json={"examples": EXAMPLES}, headers=ADMIN)
+        assert blocker.result().status_code == 200 and first.result().status_code == 201
+    assert second.status_code == 429 and second.json()["error"]["code"] == "search_running", second.text
+    assert second.headers["retry-after"] == "2"

@@ -1,8 +1,11 @@
-"""The comparison at minimal sizes: every stage runs, the tables and intervals are written."""
+"""The comparison at minimal sizes: every stage runs, the tables and intervals are written; and the command in
+docs/results.md's header is exactly what `make results` runs."""
 
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 from tests.tiny import build_tiny_llama
 from training import suite
@@ -41,3 +44,12 @@ def test_compare_writes_the_tables_and_intervals(tmp_path):
     compare.main(["--out", str(out), "--rerender"])  # the same report from the kept runs, no run again
     assert json.loads((out / "results.json").read_text()) == results
     assert (out / "results.md").read_text() == text
+
+
+def test_make_results_runs_the_command_in_the_header():
+    """docs/results.md says what made it; `make results` must run exactly that."""
+    root = Path(__file__).resolve().parents[2]
+    header = re.search(r"Made by `([^`]+)`", (root / "docs" / "results.md").read_text()).group(1)
+    recipe = (root / "Makefile").read_text().split("\nresults:", 1)[1].split("\n\n", 1)[0]
+    commands = [line.strip().replace("$(VENV)/bin/", "") for line in recipe.splitlines()[1:] if line.strip()]
+    assert commands == [header]

@@ -203,6 +203,13 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def results_json(results: dict) -> str:
+    """The results indented, except the runs' per-instance scores: one line for them keeps the file readable."""
+    head = json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=2, ensure_ascii=False)
+    runs = json.dumps(results["runs"], ensure_ascii=False, separators=(",", ":"))
+    return f'{head[:-2]},\n  "runs": {runs}\n}}\n'
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -214,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         results = run(args)
         results["command"] = " ".join([COMMAND, *argv])
         results["minutes"] = round((time.monotonic() - start) / 60, 1)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    (args.out / "results.json").write_text(results_json(results))
     page = args.out / "results.md"
     kept = page.read_text().split(report.ANALYSIS, 1)[1] if page.exists() and report.ANALYSIS in page.read_text() \
         else ""

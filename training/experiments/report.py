@@ -7,6 +7,8 @@ bootstrap intervals of the differences the paper's claims rest on, parameters, c
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from training.experiments.runs import FEW_SHOT
@@ -102,10 +104,19 @@ def _ci(d: dict, signed: bool = False) -> str:
     return f"{f.format(d['mean'])} [{f.format(d['low'])}, {f.format(d['high'])}]"
 
 
+def _shown(path: str) -> str:
+    """A path inside the repository as relative to it (the same page on every machine), others as given."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return path
+
+
 def _settings_lines(r: dict) -> list[str]:
     s, z, recipe = r["settings"], r["sizes"], r["backbone"].get("recipe", {})
     return [
-        f"- Backbone: `{s['backbone']}` (version {r['backbone'].get('backbone_version', '?')}: "
+        f"- Backbone: `{_shown(s['backbone'])}` (version {r['backbone'].get('backbone_version', '?')}: "
         f"{recipe.get('layers', '?')} layers, hidden {recipe.get('hidden', '?')}, pre-trained on generic text "
         "and word skills that are none of the suite's tasks; `training/backbone.py`).",
         f"- Suite v2 (`training/suite.py`): 62 training tasks x {s['n_train']} instances, prompts that do not name "

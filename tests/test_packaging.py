@@ -45,6 +45,8 @@ def test_the_wheel_and_the_sdist_carry_every_kernel_source(wheel, tmp_path):
     assert {"server/model/csrc/simd.h", "server/model/csrc/mix_skills.cpp"} <= set(KERNEL_SOURCES)
     in_wheel = set(zipfile.ZipFile(wheel).namelist())
     assert set(KERNEL_SOURCES) <= in_wheel, set(KERNEL_SOURCES) - in_wheel
+    shipped = {str(p.relative_to(ROOT)) for p in (ROOT / "training/assets/backbone").iterdir()}
+    assert shipped and shipped <= in_wheel, shipped - in_wheel  # the generic backbone the mhr commands use
     sdist = build("sdist", tmp_path)
     with tarfile.open(sdist) as t:
         in_sdist = {name.split("/", 1)[1] for name in t.getnames() if "/" in name}

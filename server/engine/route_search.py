@@ -78,7 +78,7 @@ class RouteSearch:
         started = time.monotonic()
         loss_before = await self._loss(task=task)  # what serves the name now (its routing, or the zero-shot adapter)
         tasks = self.engine.tasks
-        routed = [t for t in tasks.task_names if tasks.summary(t).kind == "routed"]
+        routed = tasks.routed_names
         if len(routed) > MAX_CANDIDATES:
             routed = random.Random(self.seed).sample(routed, MAX_CANDIDATES)
         scored = {(t,): await self._loss(mixture=tasks.mixture({t: 1.0})) for t in routed}

@@ -134,6 +134,11 @@ class TaskRegistry:
             return recorded["selected"]
         return "trained" if self.bundle.zero_shot is not None else "average"
 
+    @property
+    def routed_names(self) -> list[str]:
+        """The served tasks given by routing (not by a LoRA of their own)."""
+        return [t for t in self._keys if self.bundle.task(t).kind is TaskKind.ROUTED]
+
     def adapter_name(self, task: str) -> str:
         """The name of the adapter that would serve `task` now: the task, or ZERO_SHOT. Raises UnknownTask."""
         key = self.resolve(task)

@@ -126,7 +126,7 @@ class Deployer:
 
     async def _route(self, task: str, body: RouteRequest) -> RouteResponse:
         examples = [Example(e.input, e.output) for e in body.examples]
-        search = RouteSearch(self.engine, examples, body.budget)
+        search = await asyncio.to_thread(RouteSearch, self.engine, examples, body.budget)  # tokenizes
         limit = self.engine.config.max_seq_len
         for i, (ids, _) in enumerate(search.encoded):
             if len(ids) > limit:

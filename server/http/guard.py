@@ -30,7 +30,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 REQUEST_ID_HEADER = "x-request-id"
-UPLOADS = "/admin/tasks/"
+UPLOADS = "/admin/tasks/"  # + a task name, nothing after it: the upload routes
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,8 @@ class RequestGuard:
     async def _bounded(self, scope: Scope, receive: Receive) -> Receive:
         """`receive` for the app: an upload's, passed through after its declared size is checked; any other
         body's, read whole here (at most the limit) and replayed."""
-        upload = scope["method"] in ("PUT", "POST") and scope["path"].startswith(UPLOADS)
+        path = scope["path"]
+        upload = scope["method"] in ("PUT", "POST") and path.startswith(UPLOADS) and "/" not in path[len(UPLOADS):]
         limit = self.limits.max_upload_bytes if upload else self.limits.max_body_bytes
         declared = _header(scope, b"content-length")
         if declared.isdigit() and int(declared) > limit:

@@ -140,3 +140,12 @@ def test_one_search_at_a_time_a_second_gets_429(tiny_llama_path, tiny_tokenizer,
         assert blocker.result().status_code == 200 and first.result().status_code == 201
     assert second.status_code == 429 and second.json()["error"]["code"] == "search_running", second.text
     assert second.headers["retry-after"] == "2"
+
+
+def test_a_route_body_has_the_request_body_limit_not_the_upload_limit(served):
+    """Only the upload routes stream large bodies; examples are parsed JSON, bounded like any request."""
+    base, engine, _ = served
+    examples = [{"input": "a" * 60_000, "output": "b"}] * 64  # ~3.8 MB, over the test server's default limit
+    r = http.post(f"{base}/admin/tasks/new-task/route", json={"examples": examples}, headers=ADMIN)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text[:300]
+    assert "new-task" not in engine.tasks

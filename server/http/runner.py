@@ -30,7 +30,7 @@ FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 _CUT = object()  # put in an open stream's queue at the drain deadline
 
 Disconnected = Callable[[], Awaitable[bool]]
-Render = Callable[[int, TokenEvent, "str | None"], str]
+Render = Callable[[int, TokenEvent, "str | None"], str]  # (choice index, event, finish reason) -> an SSE payload
 
 
 @dataclass
@@ -103,7 +103,7 @@ class Runner:
                 raise _unavailable(r)
         return results
 
-    async def open_stream(self, prepared: Prepared, render: Callable[[int, TokenEvent, str | None], str],
+    async def open_stream(self, prepared: Prepared, render: Render,
                           usage: Callable[[Usage], str] | None, disconnected: Disconnected) -> AsyncIterator[str]:
         """Submit `prepared` and wait for its first event (the client watched meanwhile), so that the response's
         head can name the adapter that serves it and a request that fails before its first token gets an error
@@ -125,7 +125,7 @@ class Runner:
         return _after(first.result(), lines)
 
     async def stream(self, prepared: Prepared, handles: list[RequestHandle],
-                     render: Callable[[int, TokenEvent, str | None], str],
+                     render: Render,
                      usage: Callable[[Usage], str] | None) -> AsyncIterator[str]:
         """SSE lines for submitted requests: `render(index, event, finish_reason)` per event that brings text,
         log-probabilities or the end, then usage, then [DONE]. A request that fails before any line went out

@@ -74,8 +74,8 @@ class Serving:
         self.engine, self.tokenizer, self.metrics = engine, engine.tokenizer, metrics
         self.token_text = functools.lru_cache(maxsize=2**16)(lambda token: self.tokenizer.decode([token]))
         self.max_prompt_chars = prompt_char_limit(self.tokenizer, engine.config.max_seq_len)
-        # one thread: a fast tokenizer is not safe to call from several threads at once, and a bounded
-        # prompt takes milliseconds
+        # one thread: a bounded prompt takes milliseconds, and requests tokenized one after another hold one
+        # prompt's tokenizer memory (~400 bytes a character) at a time, however many arrive together
         self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="mhr-tokenize")
         self.runner = Runner(engine, metrics)
 

@@ -23,7 +23,7 @@ from mhr.inject import (
     start_average,
     use_tasks,
 )
-from mhr.layer import MHRLinear, Mode
+from mhr.layer import FrozenLinear, MHRLinear, Mode
 from mhr.materialize import SkillInventory
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "InjectionError",
     "LoRA",
     "MHRConfig",
+    "FrozenLinear",
     "MHRLinear",
     "Mode",
     "SkillInventory",

@@ -10,20 +10,20 @@ from torch import Tensor, nn
 
 from mhr.adapter import LoRA
 from mhr.config import MHRConfig
-from mhr.layer import MHRLinear, Mode
+from mhr.layer import FrozenLinear, MHRLinear, Mode
 
 
 class InjectionError(ValueError):
     """The config's targets do not fit the model; the message lists every problem."""
 
 
-def find_targets(model: nn.Module, config: MHRConfig) -> dict[str, nn.Linear]:
-    """The nn.Linear modules of `model` that the config targets, by full name.
+def find_targets(model: nn.Module, config: MHRConfig) -> dict[str, nn.Linear | FrozenLinear]:
+    """The linear layers (nn.Linear or `FrozenLinear`) of `model` that the config targets, by full name.
 
     Raises InjectionError when a target matches no linear layer or a matched layer's dims are not
     divisible by the number of heads, listing every such problem.
     """
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear | FrozenLinear)}
     targets = {name: m for name, m in linears.items() if config.matches(name)}
     errors = [f"target {t!r} matches no nn.Linear of {type(model).__name__}"
               for t in config.unmatched_targets(list(linears))]
@@ -40,7 +40,7 @@ def find_targets(model: nn.Module, config: MHRConfig) -> dict[str, nn.Linear]:
 
 
 def inject(model: nn.Module, config: MHRConfig, n_tasks: int) -> dict[str, MHRLinear]:
-    """Replace every targeted nn.Linear of `model` in place by an MHRLinear wrapping it.
+    """Replace every targeted linear layer of `model` in place by an MHRLinear wrapping it.
 
     The base weights are frozen and untouched; each layer gets a router with `n_tasks` rows.
     Returns the new layers by module name (the name of the linear they wrap).
@@ -55,7 +55,7 @@ def inject(model: nn.Module, config: MHRConfig, n_tasks: int) -> dict[str, MHRLi
 
 
 def remove(model: nn.Module) -> nn.Module:
-    """Put the original nn.Linear modules back; returns the model."""
+    """Put the original linear layers back; returns the model."""
     for name, layer in mhr_layers(model).items():
         model.set_submodule(name, layer.base)
     return model

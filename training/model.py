@@ -64,12 +64,18 @@ def load_inventory(model: nn.Module, bundle: mhr.Bundle) -> None:
             layer.lora_B.copy_(bundle.lora_B[name])
 
 
+def add_inventory(model: nn.Module, bundle: mhr.Bundle, n_tasks: int) -> None:
+    """Inject the bundle's MHR layers into `model` (its backbone) with `n_tasks` fresh routing rows, and
+    load the bundle's skills into them."""
+    mhr.inject(model, bundle.config, n_tasks)
+    load_inventory(model, bundle)
+
+
 def model_for_bundle(bundle: mhr.Bundle, n_tasks: int, backbone: str | None = None,
                      device: torch.device | str = "cpu") -> tuple[nn.Module, object]:
     """The bundle's backbone (or `backbone`, e.g. the same model moved elsewhere; checked against the bundle's
     fingerprint) on `device` with the bundle's inventory and `n_tasks` fresh routing rows."""
     model, tokenizer = load_backbone(backbone or bundle.backbone, device=device)
     bundle.check_backbone(model)
-    mhr.inject(model, bundle.config, n_tasks)
-    load_inventory(model, bundle)
+    add_inventory(model, bundle, n_tasks)
     return model, tokenizer

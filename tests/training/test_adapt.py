@@ -9,7 +9,7 @@ import mhr
 from tests.mhr import reference
 from tests.training.conftest import small_config
 from training import suite
-from training.adapt import adapt, prepare, store
+from training.adapt import adapt, adapted, prepare, store
 from training.data import DataError
 from training.model import model_for_bundle
 
@@ -103,7 +103,7 @@ def test_mhr_stores_the_materialized_task_lora(pretrained):
     generator = torch.Generator().manual_seed(0)
     for layer in mhr.mhr_layers(model).values():
         reference.randomize(layer, generator)
-    store(bundle, model, "mhr", NEW, {}, replace=False)
+    store(bundle, NEW, adapted(model, "mhr"), {}, replace=False)
     stored = bundle.adapters[NEW]
     for name, layer in mhr.mhr_layers(model).items():
         A_ref, B_ref = reference.routed_task_lora(layer, 0)

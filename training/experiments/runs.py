@@ -16,12 +16,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 import mhr
-from training.adapt import prepare
+from training.adapt import adaptation_data, start
 from training.config import TrainConfig
-from training.data import Example, TaskBatches
+from training.data import Example
 from training.evaluate import evaluate_bundle, exact_match, generations, per_example, target_loss
 from training.loop import train
-from training.model import model_for_bundle, seed_everything
+from training.model import load_backbone, model_for_bundle
 from training.pretrain import pretrain
 from training.zeroshot import CANDIDATES, train_candidates
 
@@ -111,13 +111,11 @@ def fewshot_job(job: dict) -> dict:
     label, task = job["label"], job["task"]
     cfg = adapt_config(sizes, label, job["fewshot_seed"], job["lr"], job["logits_lr"])
     bundle = mhr.Bundle.load(job["bundle"])
-    seed_everything(cfg.seed)
-    model, tokenizer = model_for_bundle(bundle, n_tasks=1, device="cpu")
-    prepare(model, cfg.method, bundle.config)
+    model, tokenizer = load_backbone(bundle.backbone)
+    start(model, bundle, cfg)
     n_params = trainable(model)
     shots = draw_shots(job["pool"], job["k"], job["seed"], job["fewshot_seed"], task)
-    train(model, TaskBatches(tokenizer, shots, [task], cfg.batch_size, cfg.max_length, cfg.seed), cfg,
-          progress=False)
+    train(model, adaptation_data(tokenizer, shots, task, cfg), cfg, progress=False)
     if cfg.method in ("mhr", "poly", "mhr-z"):  # served as it would be: the new row, materialized
         logits = {n: layer.router.logits[0].detach() for n, layer in mhr.mhr_layers(model).items()}
         mhr.load_lora(model, mhr.SkillInventory.from_model(model).materialize_logits(logits))

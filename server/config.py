@@ -55,6 +55,9 @@ class ServerConfig(BaseSettings):
         cpu_kernel: on CPU in float32 or bfloat16, run the backbone's linears with the requests' adapters,
             and cold tasks, with the compiled kernels (`server.model.cpu_kernel`, built on first use; torch ops if
             they cannot be built).
+        compile: run the torch engine's decode steps (Llama-family backbones) as a compiled graph
+            (`server.model.compiled`: torch.compile, one graph per bucket of rows, compiled on its first step,
+            CUDA graphs on GPU); eager if the compilation fails (logged). Steps with prompts in them run eagerly.
         max_upload_mb: largest admin upload (the request body, and what an uploaded archive unpacks to), MiB.
         max_body_mb: largest body of any other request, MiB; a larger one is refused (413) before it is read.
             None: room for a full batch of the longest prompts that fit in max_seq_len (1 to 64 MiB;
@@ -97,6 +100,7 @@ class ServerConfig(BaseSettings):
     drain_seconds: float = Field(30.0, ge=0, allow_inf_nan=False)
     kv_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     cpu_kernel: bool = True
+    compile: bool = False
     max_upload_mb: float = Field(256.0, gt=0, allow_inf_nan=False)
     max_body_mb: float | None = Field(None, gt=0, allow_inf_nan=False)
     api_docs: bool = False

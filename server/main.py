@@ -64,6 +64,10 @@ def serve(
                                            help="compiled kernels for the backbone's linears with their "
                                                 "adapters and for cold tasks on CPU, float32 or bfloat16 "
                                                 "(built on first use) (default: on)")] = None,
+    compile: Annotated[bool | None, Opt("--compile/--no-compile",
+                                        help="compile the torch engine's decode steps (torch.compile, one graph "
+                                             "per bucket of rows, compiled on first use; CUDA graphs on GPU; "
+                                             "eager if it fails) (default: off)")] = None,
 ) -> None:
     """Serve a bundle's tasks over HTTP (OpenAI-compatible and per-task routes, metrics, hot deploys)."""
     from server.config import ServerConfig, ServerConfigError
@@ -75,7 +79,7 @@ def serve(
                "api_key": api_key, "admin_key": admin_key, "drain_seconds": drain_seconds,
                "max_upload_mb": max_upload_mb, "max_body_mb": max_body_mb, "api_docs": api_docs,
                "max_jobs": max_jobs, "max_queued_jobs": max_queued_jobs, "job_share": job_share,
-               "engine": engine, "cpu_kernel": cpu_kernel}
+               "engine": engine, "cpu_kernel": cpu_kernel, "compile": compile}
     try:
         settings = ServerConfig.load(config, **{k: v for k, v in options.items() if v is not None})
     except ServerConfigError as e:

@@ -89,6 +89,15 @@ class LeanDecoder:
         sizes = [k.shape[0] * k.shape[1] for k in kept]
         return [part.view(*k.shape[:2], -1) for part, k in zip(logits.split(sizes), kept, strict=True)]
 
+    def decode(self, ids: Tensor, positions: Tensor, write: Tensor, mask: Tensor, plan: SlotPlan,
+               kv: RowKVCache) -> Tensor:
+        """Logits [N, V] of one new token for each of N rows: the forward of a single decode part, with its
+        `Attention` given as tensors only (what `server.model.compiled` compiles: the attended length is
+        `mask`'s last dim, not a Python int). ids, positions [N]; write [N * kv_heads], mask [N, 1, 1, K]
+        as `RowKVCache.begin_decode` makes them."""
+        attention = Attention(mask, positions[:, None], ("decode", write, ids.shape[0], mask.shape[-1]))
+        return self([Part(ids[:, None], attention, plan, 1)], kv)[0][:, 0]
+
     def _attention(self, attn: nn.Module, x: Tensor, parts: list[Part], rope: list[tuple[Tensor, Tensor]],
                    kv: RowKVCache, layer: int) -> Tensor:
         D = self.head_dim

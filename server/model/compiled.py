@@ -1,0 +1,128 @@
+"""The lean decoder's decode step compiled with `torch.compile`, over a few static row buckets.
+
+Owns running a step that only decodes (one new token for each running row, no prompt in it) through a
+compiled `LeanDecoder.decode`: the rows are padded up to a bucket (powers of two up to `max_rows`), so the step
+compiles once per bucket and never again while serving; the attended length is a dynamic dimension of the one
+graph (on CUDA rounded up to `kv_block` positions, so that each bucket records a CUDA graph per block of
+lengths, `mode="reduce-overhead"`, not one per length). Inductor fuses the elementwise work between the
+linears (residual + RMSNorm, SiLU·mul, rotary) into C++ loops on CPU and Triton kernels on CUDA; the CPU
+linears' compiled op (`server.model.cpu_kernel`) is called from the graph as an opaque op, given a fake
+implementation here (`register_fake_ops`). Steps with prompts in them (prefill, chunks) run the eager decoder,
+as does every step once a compilation has failed (logged). Which rows run and their KV rows are the engine's
+business; padding rows read the empty slot 0 and write position 0 of free KV rows, which nothing reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import Tensor
+from torch._library import simple_registry
+
+from server.engine.kv_cache import Attention, RowKVCache
+from server.model.decoder import LeanDecoder, Part
+from server.model.layers import SlotContext
+from server.model.lora_ops import SlotPlan
+
+log = logging.getLogger(__name__)
+
+
+def row_buckets(max_rows: int) -> list[int]:
+    """The padded row counts a decode step compiles for: the powers of two below `max_rows`, then `max_rows`."""
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    return [1 << i for i in range(max_rows.bit_length()) if 1 << i < max_rows] + [max_rows]
+
+
+def register_fake_ops() -> None:
+    """Give the CPU linears' compiled op (when its library is loaded) a fake implementation, so the compiler
+    traces through it: it returns nothing and writes its output `y` in place (its schema says so)."""
+    op = "mhr_serve::panel_linear"
+    if hasattr(torch.ops.mhr_serve, "panel_linear") and not simple_registry.singleton.find(op).fake_impl.kernel:
+        torch.library.register_fake(op)(lambda y, x, panels, bias, A=None, B=None, slots=None: None)
+
+
+class CompiledDecode:
+    """`decoder`'s forward of a step's parts (as `LeanDecoder.__call__`), decode-only steps compiled.
+
+    Args:
+        decoder: the lean forward of the engine's model.
+        context: the model's slot context (set here to the padded rows' plan for a compiled step).
+        kv: the engine's KV cache (its buffers are the graph's, written in place).
+        max_rows: the most rows a decode step has (the KV cache's running rows).
+        kv_block: the attended length is rounded up to a multiple of this (default: 1 on CPU, 256 on CUDA).
+    """
+
+    def __init__(self, decoder: LeanDecoder, context: SlotContext, kv: RowKVCache, max_rows: int,
+                 kv_block: int | None = None) -> None:
+        register_fake_ops()
+        self.decoder, self.context, self.kv = decoder, context, kv
+        self.buckets = row_buckets(max_rows)
+        self.cuda = kv.device.type == "cuda"
+        self.kv_block = kv_block or (256 if self.cuda else 1)
+        self.compile_seconds: dict[int, float] = {}   # per bucket: its first step's time (the compilation)
+        self.failed = False
+        self._step = torch.compile(decoder.decode, fullgraph=True, dynamic=False,
+                                   mode="reduce-overhead" if self.cuda else None)
+
+    def __call__(self, parts: list[Part], kv: RowKVCache) -> list[Tensor]:
+        """Each part's logits [n, keep, V]: compiled when `parts` is one decode part, else eager."""
+        part = parts[0]
+        n = part.ids.shape[0]
+        if self.failed or len(parts) > 1 or part.ids.shape[1] != 1 or part.keep != 1 or n > self.buckets[-1]:
+            return self.decoder(parts, kv)
+        bucket = next(b for b in self.buckets if b >= n)
+        try:
+            return [self._run(part, bucket)[:n, None]]
+        except Exception as e:  # noqa: BLE001 - any compiler failure: serve on, eagerly
+            self.failed = True
+            log.warning("compiling the decode step failed (%s: %s): decode steps run eagerly from now on",
+                        type(e).__name__, str(e).strip().splitlines()[0] if str(e).strip() else "")
+            return self.decoder(parts, kv)
+
+    def warm_up(self) -> float:
+        """Compile every bucket now, before serving (a step of padding rows each, which write into the KV
+        cache's rows: none may be running); returns the seconds it took."""
+        if self.kv.n_active:
+            raise RuntimeError(f"warm_up runs before serving: {self.kv.n_active} KV rows are in use")
+        start = time.perf_counter()
+        none = torch.zeros(0, dtype=torch.long, device=self.kv.device)
+        empty = Part(none[:, None], Attention(torch.ones(0, 1, 1, 2, dtype=torch.bool, device=none.device),
+                                              none[:, None], ("decode", none, 0, 2)), SlotPlan(none, 0), 1)
+        for bucket in self.buckets:
+            with torch.inference_mode():  # as the engine's steps run
+                self._run(empty, bucket)
+        return time.perf_counter() - start
+
+    def _run(self, part: Part, bucket: int) -> Tensor:
+        """The compiled step of `part` (n rows) padded to `bucket` rows: logits [bucket, V]."""
+        n = part.ids.shape[0]
+        mask, positions, (_, write, _, _) = part.attention
+        K = mask.shape[-1]
+        K_padded = -(-K // self.kv_block) * self.kv_block
+        padded_mask = torch.zeros(bucket, 1, 1, K_padded, dtype=torch.bool, device=mask.device)
+        padded_mask[:n, ..., :K] = mask
+        padded_mask[n:, ..., 0] = True                          # padding rows attend to what they write
+        _, heads, max_len, _ = self.kv.keys[0].shape             # padding rows write position 0 of their rows
+        pad_write = torch.arange(n * heads, bucket * heads, device=write.device) * max_len
+        torch._dynamo.mark_dynamic(padded_mask, 3)
+        args = (_pad(part.ids[:, 0], bucket), _pad(positions[:, 0], bucket), torch.cat((write, pad_write)),
+                padded_mask, SlotPlan(_pad(part.plan.rows, bucket), None), self.kv)
+        self.context.plan = args[4]
+        if self.cuda:
+            torch.compiler.cudagraph_mark_step_begin()
+        if bucket in self.compile_seconds:
+            logits = self._step(*args)
+        else:
+            start = time.perf_counter()
+            logits = self._step(*args)
+            self.compile_seconds[bucket] = time.perf_counter() - start
+            log.info("decode step compiled for %d rows in %.1f s", bucket, self.compile_seconds[bucket])
+        return logits.clone() if self.cuda else logits  # a CUDA graph's output is overwritten by its next replay
+
+
+def _pad(t: Tensor, size: int) -> Tensor:
+    """`t` [n] with zeros after it up to [size]."""
+    return torch.cat((t, t.new_zeros(size - t.shape[0])))

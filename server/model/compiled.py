@@ -110,14 +110,15 @@ class CompiledDecode:
         torch._dynamo.mark_dynamic(padded_mask, 3)
         args = (_pad(part.ids[:, 0], bucket), _pad(positions[:, 0], bucket), torch.cat((write, pad_write)),
                 padded_mask, SlotPlan(_pad(part.plan.rows, bucket), None), self.kv)
-        self.context.plan = args[4]
+        plan, self.context.plan = self.context.plan, args[4]
         if self.cuda:
             torch.compiler.cudagraph_mark_step_begin()
-        if bucket in self.compile_seconds:
+        start = time.perf_counter()
+        try:
             logits = self._step(*args)
-        else:
-            start = time.perf_counter()
-            logits = self._step(*args)
+        finally:  # the step's own plan again (an eager forward after a failure reads it)
+            self.context.plan = plan
+        if bucket not in self.compile_seconds:
             self.compile_seconds[bucket] = time.perf_counter() - start
             log.info("decode step compiled for %d rows in %.1f s", bucket, self.compile_seconds[bucket])
         return logits.clone() if self.cuda else logits  # a CUDA graph's output is overwritten by its next replay

@@ -131,9 +131,12 @@ def app_for(settings, engine):
     with its upload limit."""
     from server.http.app import create_app
     from server.http.deploy import Deployer
+    from server.http.jobs import JobLimits
 
     return create_app(engine, api_key=settings.api_key, admin_key=settings.admin_key,
                       deployer=Deployer(engine, settings.bundle, settings.max_upload_bytes),
+                      job_limits=JobLimits(settings.max_jobs, settings.max_queued_jobs, settings.job_share,
+                                           settings.max_job_examples),
                       max_body_bytes=settings.max_body_bytes, api_docs=settings.api_docs)
 
 

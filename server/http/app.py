@@ -22,9 +22,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.engine.contract import ServingEngine
 from server.engine.tasks import ZERO_SHOT
+from server.http.admin_protocol import SlotsRequest, SlotsResponse
 from server.http.catalog import model_list, task_info, task_list
+from server.http.deploy import Deployer
 from server.http.errors import APIError
 from server.http.guard import REQUEST_ID_HEADER, Limits, RequestGuard
+from server.http.jobs import JobLimits, JobRunner
 from server.http.metrics import CONTENT_TYPE, ServerMetrics
 from server.http.protocol import (
     MAX_BATCH_INPUTS,
@@ -34,8 +37,6 @@ from server.http.protocol import (
     ErrorResponse,
     GenerateRequest,
     ModelList,
-    SlotsRequest,
-    SlotsResponse,
     TaskInfo,
     TaskList,
 )
@@ -48,11 +49,12 @@ log = logging.getLogger(__name__)
 
 
 def create_app(engine: ServingEngine, *, api_key: str | None = None, admin_key: str | None = None,
-               deployer=None, max_body_bytes: int | None = None, api_docs: bool = False) -> FastAPI:
+               deployer: Deployer | None = None, job_limits: JobLimits | None = None,
+               max_body_bytes: int | None = None, api_docs: bool = False) -> FastAPI:
     """The app serving `engine`. `api_key` guards inference routes, `admin_key` the admin routes (off
-    without one). `deployer` (a `server.http.deploy.Deployer`) handles admin changes to the bundle.
-    `max_body_bytes` bounds every request body but uploads (None: `default_body_limit`); `api_docs` serves
-    the OpenAPI schema."""
+    without one). `deployer` handles admin changes to the bundle, and adaptation jobs (`server.http.jobs`,
+    within `job_limits`) deploy through it. `max_body_bytes` bounds every request body but uploads (None:
+    `default_body_limit`); `api_docs` serves the OpenAPI schema."""
     metrics = ServerMetrics(engine.stats, lambda: engine.tasks.zero_shot_source)
     serving = Serving(engine, metrics)
     state = {"ready": False, "stopping": False}  # stopping: set by `begin_shutdown`, never cleared
@@ -71,7 +73,9 @@ def create_app(engine: ServingEngine, *, api_key: str | None = None, admin_key: 
         return await serving.resize_slots(body.n_slots)
 
     if deployer is not None:
+        app.state.jobs = JobRunner(deployer, metrics, job_limits or JobLimits())
         app.include_router(deployer.router(), include_in_schema=False)
+        app.include_router(app.state.jobs.router(), include_in_schema=False)
     return app
 
 
@@ -87,6 +91,8 @@ def _lifespan(engine: ServingEngine, state: dict):
             yield
         finally:
             state["ready"] = False  # uvicorn has stopped accepting and drained open requests by now
+            if hasattr(app.state, "jobs"):
+                await app.state.jobs.close()
             loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loop_task

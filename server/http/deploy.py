@@ -30,8 +30,8 @@ from server.engine.contract import ServingEngine
 from server.engine.requests import InvalidRequest
 from server.engine.route_search import Example, RouteSearch
 from server.engine.tasks import BASE, MIXTURE_PREFIX, ZERO_SHOT
+from server.http.admin_protocol import RouteRequest, RouteResponse
 from server.http.errors import APIError
-from server.http.protocol import RouteRequest, RouteResponse
 from server.http.uploads import Upload, parse_upload
 
 RESERVED = (ZERO_SHOT, BASE)  # adapter names responses use; a task under one would be ambiguous
@@ -79,7 +79,7 @@ class Deployer:
         return router
 
     async def _body(self, task: str, request: Request) -> bytes:
-        _check_name(task)  # before reading a body that would be refused anyway
+        check_name(task)  # before reading a body that would be refused anyway
         limit = self.max_upload_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
@@ -98,20 +98,20 @@ class Deployer:
 
     async def put(self, task: str, body: bytes, content_type: str, alpha: float | None, replace: bool) -> dict:
         """Add (`replace` False: 409 if the name is taken) or add-or-replace a task from an upload."""
-        _check_name(task)
+        check_name(task)
         upload = await asyncio.to_thread(parse_upload, body, content_type, alpha, self.max_upload_bytes)
         max_rank = self.engine.max_rank
         if upload.lora is not None and upload.lora.rank > max_rank:
             raise APIError(400, f"LoRA rank {upload.lora.rank} exceeds the server's slot rank {max_rank}: "
                                 "restart with a larger --max-rank", param="body")
-        exists, revision = await self._deploy(task, upload, replace, {"deployed": "admin"})
+        exists, revision = await self.deploy(task, upload, replace, {"deployed": "admin"})
         return {"task": task, "kind": "routed" if upload.logits is not None else "dense",
                 "replaced": exists, "revision": revision}
 
     async def route(self, task: str, body: RouteRequest) -> RouteResponse:
         """A new routed task from examples, chosen without gradients (`server.engine.route_search`), deployed as
         a PUT of its logits would be."""
-        _check_name(task)
+        check_name(task)
         if not body.replace and task in self.engine.tasks:
             raise APIError(409, f"task {task!r} already exists: send \"replace\": true to replace it",
                            code="task_exists")
@@ -138,12 +138,12 @@ class Deployer:
             raise APIError(400, f"this engine cannot score examples: {e}", code="not_supported") from None
         metadata = {"deployed": "route", "mixture": found.mixture, "loss": round(found.loss_after, 6),
                     "examples": len(examples)}
-        exists, revision = await self._deploy(task, Upload(logits=found.logits), body.replace, metadata)
+        exists, revision = await self.deploy(task, Upload(logits=found.logits), body.replace, metadata)
         return RouteResponse(task=task, replaced=exists, revision=revision, mixture=found.mixture,
                              loss_before=found.loss_before, loss_after=found.loss_after,
                              evaluations=found.evaluations, seconds=round(found.seconds, 3))
 
-    async def _deploy(self, task: str, upload: Upload, replace: bool, metadata: dict) -> tuple[bool, int]:
+    async def deploy(self, task: str, upload: Upload, replace: bool, metadata: dict) -> tuple[bool, int]:
         """Write the task to the bundle on disk, then serve it; returns (it replaced a task, the revision)."""
         async with self._lock:
             exists = task in self.engine.tasks
@@ -160,7 +160,7 @@ class Deployer:
 
     async def delete(self, task: str) -> dict:
         """Remove a task from the bundle on disk and stop serving it (404 if the engine does not serve it)."""
-        _check_name(task)
+        check_name(task)
         async with self._lock:
             if task not in self.engine.tasks:
                 raise APIError(404, f"task {task!r} is not in the bundle", param="task", code="task_not_found")
@@ -182,7 +182,7 @@ class Deployer:
                 bundle = await asyncio.to_thread(mhr.Bundle.load, self.bundle_dir)
                 await asyncio.to_thread(self.engine.replace_bundle, bundle)
             except (mhr.BundleError, mhr.ConfigError, ValueError) as e:
-                raise APIError(400, f"reload refused, the current bundle keeps serving: {self._relative(e)}",
+                raise APIError(400, f"reload refused, the current bundle keeps serving: {self.relative(e)}",
                                code="invalid_bundle") from None
             except OSError as e:
                 raise self._disk_error("reload failed, the current bundle keeps serving", e) from None
@@ -196,13 +196,13 @@ class Deployer:
             if change(bundle):
                 bundle.save(self.bundle_dir)
         except (mhr.BundleError, mhr.ConfigError, KeyError, ValueError) as e:
-            raise APIError(400, f"change refused, nothing was modified: {self._relative(e)}",
+            raise APIError(400, f"change refused, nothing was modified: {self.relative(e)}",
                            code="invalid_adapter") from None
         except OSError as e:  # a save that failed part way left the old bundle complete (see Bundle.save)
             raise self._disk_error("change failed, the bundle on disk is unchanged", e) from None
         return bundle.revision
 
-    def _relative(self, text: object) -> str:
+    def relative(self, text: object) -> str:
         """`text` (an error, a path) with paths inside the bundle directory made relative to it."""
         text = str(text)
         for root in {str(self.bundle_dir), str(self.bundle_dir.resolve())}:
@@ -213,7 +213,7 @@ class Deployer:
         """A 500 for a bundle directory the server cannot read or write, naming no absolute path."""
         detail = error.strerror or type(error).__name__
         if error.filename is not None:
-            detail += f": {self._relative(error.filename)}"
+            detail += f": {self.relative(error.filename)}"
         return APIError(500, f"{what}: {detail}", type="server_error", code="bundle_io_error")
 
 
@@ -221,7 +221,8 @@ def _content_type(request: Request) -> str:
     return request.headers.get("content-type", "")
 
 
-def _check_name(task: str) -> None:
+def check_name(task: str) -> None:
+    """A 400 unless `task` is a valid task name that no adapter name of the responses uses."""
     try:
         check_task_name(task, where="task")
     except mhr.BundleError as e:

@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from server.engine.outputs import Result
 
+JOB_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -45,7 +46,13 @@ class ServerMetrics:
         self.token_seconds = Histogram("mhr_time_per_output_token_seconds",
                                        "Mean time between a request's generated tokens after the first, per request.",
                                        buckets=TOKEN_BUCKETS, registry=r)
+        self.job_seconds = Histogram("mhr_adapt_job_seconds", "Time from start to end of ended adaptation jobs, "
+                                     "by how they ended.", ["state"], buckets=JOB_BUCKETS, registry=r)
+        self.job_steps = Counter("mhr_adapt_steps", "Optimizer steps run by adaptation jobs (its rate: steps "
+                                 "per second).", registry=r)
+        self._jobs: Callable[[], dict[str, int]] = dict
         r.register(_EngineCollector(engine_stats, zero_shot_source))
+        r.register(_JobsCollector(lambda: self._jobs()))
 
     def finished(self, adapter: str, result: Result, seconds: float) -> None:
         self.requests.labels(adapter, result.finish_reason).inc()
@@ -58,6 +65,16 @@ class ServerMetrics:
             self.first_token_seconds.observe(result.first_token_seconds)
         if result.after_first_token_seconds is not None:
             self.token_seconds.observe(result.after_first_token_seconds / (len(result.tokens) - 1))
+
+    def watch_jobs(self, counts: Callable[[], dict[str, int]]) -> None:
+        """Report adaptation jobs by state from `counts()` at scrape time."""
+        self._jobs = counts
+
+    def job_step(self) -> None:
+        self.job_steps.inc()
+
+    def job_ended(self, state: str, seconds: float) -> None:
+        self.job_seconds.labels(state).observe(seconds)
 
     def rejected(self, reason: str) -> None:
         self.rejections.labels(reason).inc()
@@ -112,3 +129,17 @@ class _EngineCollector:
                                     value=s.prefix.bytes)
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)
+
+
+class _JobsCollector:
+    """Adaptation jobs by state, read at scrape time (none without the admin routes)."""
+
+    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        jobs = GaugeMetricFamily("mhr_adapt_jobs", "Adaptation jobs by state (ended ones: those still listed).",
+                                 labels=["state"])
+        for state, n in self._counts().items():
+            jobs.add_metric([state], n)
+        yield jobs

@@ -1,8 +1,9 @@
 """The wire format: pydantic models of every request and response body the HTTP API speaks.
 
 OpenAI-compatible completions, chat completions and models, the native per-task routes, and the error
-body. Requests forbid unknown fields and reject parameters the server does not implement with a message
-naming them, so nothing a client asks for is silently ignored. Every text field must be valid Unicode
+body (the admin routes' bodies are `server.http.admin_protocol`'s). Requests forbid unknown fields and
+reject parameters the server does not implement with a message naming them, so nothing a client asks for
+is silently ignored. Every text field must be valid Unicode
 (JSON's escapes can spell a lone surrogate, which no tokenizer can encode). The `mhr` extension field
 carries per-request skill mixing.
 """
@@ -20,7 +21,6 @@ from server.engine.requests import MAX_LOGPROBS
 MAX_STOP = 4
 MAX_BATCH_INPUTS = 64  # engine requests one HTTP request may make: prompts x choices
 MAX_LOGIT_BIAS = 300   # tokens one request may bias, as OpenAI allows
-MAX_SLOTS = 4096       # adapter slots per layer an admin may ask for (each holds one adapter on the device)
 MAX_MESSAGES = 1024    # messages of one chat request
 
 
@@ -376,50 +376,6 @@ class TaskInfo(BaseModel):
 class TaskList(BaseModel):
     tasks: list[TaskInfo]
     zero_shot: str | None                      # the id serving unknown tasks, None when fallback is off
-
-
-# ----- admin: a new task's routing from examples ----------------------------------------------------
-
-MAX_EXAMPLES = 64
-
-
-class RouteExample(Strict):
-    input: Text = Field(min_length=1)
-    output: Text = Field(min_length=1)
-
-
-class RouteRequest(Strict):
-    """POST /admin/tasks/{task}/route: examples of the new task; `budget`: mixtures scored at most in the search
-    after the candidates; `replace`: the name may already be served."""
-
-    examples: list[RouteExample] = Field(min_length=1, max_length=MAX_EXAMPLES)
-    budget: int = Field(24, ge=0, le=200)
-    replace: bool = False
-
-
-class RouteResponse(BaseModel):
-    task: str
-    kind: Literal["routed"] = "routed"
-    replaced: bool
-    revision: int
-    mixture: dict[str, float]   # the tasks mixed, by share ("uniform": the skills' average)
-    loss_before: float          # the examples' loss under what served the name before (zero-shot for a new name)
-    loss_after: float
-    evaluations: int            # routings scored
-    seconds: float
-
-
-# ----- admin: engine capacity ------------------------------------------------------------------------
-
-class SlotsRequest(Strict):
-    """PUT /admin/slots: adapter slots per layer from now on, the empty slot and the zero-shot slot included."""
-
-    n_slots: int = Field(ge=3, le=MAX_SLOTS)
-
-
-class SlotsResponse(BaseModel):
-    n_slots: int
-    slots_in_use: int
 
 
 OpenAISampling.model_rebuild()

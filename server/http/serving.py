@@ -26,6 +26,7 @@ from server.engine.outputs import Result, TokenEvent
 from server.engine.requests import InvalidRequest, Request, SamplingParams
 from server.engine.slots import SlotsBusy
 from server.engine.tasks import InvalidMixture, Mixture, UnknownTask
+from server.http.admin_protocol import SlotsResponse
 from server.http.errors import APIError
 from server.http.logprobs import chat_logprobs, completion_logprobs
 from server.http.metrics import ServerMetrics
@@ -46,7 +47,6 @@ from server.http.protocol import (
     GenerateResponse,
     Sampling,
     SkillMix,
-    SlotsResponse,
     Usage,
 )
 from server.http.runner import FINISH_REASONS, Disconnected, Prepared, Runner, usage_of

@@ -23,16 +23,11 @@ from torch import Tensor
 from server.engine.contract import ServingEngine
 from server.engine.requests import Request, SamplingParams
 from server.engine.tasks import Mixture
+from training.data import IGNORE, Example, encode
 
 MAX_CANDIDATES = 64   # routed tasks scored one by one; a larger bundle is sampled (seeded)
 TOP = 3               # the best candidates whose mixtures are searched
 SCORE = SamplingParams(max_new_tokens=0, prompt_logprobs=0)  # log-probabilities of the prompt, nothing generated
-
-
-@dataclass(frozen=True)
-class Example:
-    input: str
-    output: str
 
 
 @dataclass
@@ -48,12 +43,11 @@ class RouteResult:
     seconds: float
 
 
-def encode(tokenizer, example: Example) -> tuple[list[int], int]:
-    """The example as the adapters are trained on it: prompt, then " " + answer + EOS; and how many of its last
-    tokens are the answer's."""
-    prompt = tokenizer(example.input)["input_ids"]
-    answer = tokenizer(" " + example.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return prompt + answer, len(answer)
+def encode_whole(tokenizer, example: Example) -> tuple[list[int], int]:
+    """The example's tokens as the adapters are trained on them (`training.data.encode`, never truncated), and how
+    many of its last tokens are the answer's."""
+    encoded = encode(tokenizer, example, 0, max_length=2**62)
+    return encoded.input_ids, sum(label != IGNORE for label in encoded.labels)
 
 
 def weights_to_logits(weights: Mapping[str, Tensor], floor: float = 1e-6) -> dict[str, Tensor]:
@@ -71,7 +65,7 @@ class RouteSearch:
 
     def __init__(self, engine: ServingEngine, examples: list[Example], budget: int, seed: int = 0) -> None:
         self.engine, self.budget, self.seed = engine, budget, seed
-        self.encoded = [encode(engine.tokenizer, e) for e in examples]
+        self.encoded = [encode_whole(engine.tokenizer, e) for e in examples]
         self.evaluations = 0
 
     async def run(self, task: str) -> RouteResult:

@@ -28,11 +28,12 @@ import mhr
 from mhr.bundle_check import check_task_name
 from server.engine.contract import ServingEngine
 from server.engine.requests import InvalidRequest
-from server.engine.route_search import Example, RouteSearch
+from server.engine.route_search import RouteSearch
 from server.engine.tasks import BASE, MIXTURE_PREFIX, ZERO_SHOT
 from server.http.admin_protocol import RouteRequest, RouteResponse
 from server.http.errors import APIError
 from server.http.uploads import Upload, parse_upload
+from training.data import Example
 
 RESERVED = (ZERO_SHOT, BASE)  # adapter names responses use; a task under one would be ambiguous
 
@@ -125,7 +126,7 @@ class Deployer:
             self._searching = False
 
     async def _route(self, task: str, body: RouteRequest) -> RouteResponse:
-        examples = [Example(e.input, e.output) for e in body.examples]
+        examples = [Example(task, e.input, e.output) for e in body.examples]
         search = await asyncio.to_thread(RouteSearch, self.engine, examples, body.budget)  # tokenizes
         limit = self.engine.config.max_seq_len
         for i, (ids, _) in enumerate(search.encoded):

@@ -28,6 +28,7 @@ import torch
 from fastapi import APIRouter
 
 import mhr
+from server.engine.route_search import encode_whole
 from server.http.admin_protocol import AdaptRequest, JobInfo, JobList
 from server.http.deploy import Deployer, check_name
 from server.http.errors import APIError
@@ -36,7 +37,7 @@ from server.http.uploads import Upload
 from server.model.training_view import training_view
 from training.adapt import adaptation_data, adapted, start
 from training.config import TrainConfig, TrainConfigError
-from training.data import DataError, Example, encode, parse_record
+from training.data import DataError, Example, parse_record
 from training.loop import Optimization, TrainResult, run_metadata
 
 KEEP_ENDED = 100  # ended jobs kept for GET, the oldest dropped first
@@ -219,7 +220,7 @@ class JobRunner:
         """The job's batches; every example (prompt, answer and EOS) must fit the server's context."""
         tokenizer, limit = self.engine.tokenizer, self.engine.config.max_seq_len
         for i, example in enumerate(examples):
-            n = len(encode(tokenizer, example, 0, max_length=2**62).input_ids)
+            n = len(encode_whole(tokenizer, example)[0])
             if n > limit:
                 raise APIError(400, f"example {i} has {n} tokens with its answer; the context limit is {limit}",
                                param=f"examples.{i}", code="context_length_exceeded")

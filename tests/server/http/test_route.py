@@ -9,12 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import mhr
-from server.engine.route_search import Example, RouteSearch, weights_to_logits
+from server.engine.route_search import RouteSearch, weights_to_logits
 from tests.server import loopback as http
 from tests.server.admin_helpers import ADMIN, admin_app, copy_bundle, engine_on
 from tests.server.conftest import ROUTED
 from tests.server.http.test_faults import wait_until
 from tests.server.loopback import serve_app
+from training.data import Example
 
 PROMPTS = ["The quiet river copies the stone", "A small bird", "Under the old bridge", "Seven lanterns",
            "The market opens", "Wind over the field"]
@@ -72,7 +73,7 @@ class Synthetic(RouteSearch):
     """The search with a loss of its own: the squared distance of a mixture's weights from `target`'s."""
 
     def __init__(self, engine, target, budget):
-        super().__init__(engine, [Example("x", "y")], budget)
+        super().__init__(engine, [Example("t", "x", "y")], budget)
         self.target = target
 
     async def _loss(self, task=None, mixture=None):

@@ -23,12 +23,14 @@ from training import distributed
 from training import suite as suite_module
 from training.config import TrainConfig, TrainConfigError, resolve_device
 from training.data import DataError
+from training.remote import REMOTE_SETTINGS, RemoteError, Server, adapt_remote
 from training.superni import read_data
 
 app = typer.Typer(help="Train, adapt and evaluate Multi-Head Adapter Routing (MHR) bundles.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 PLUGIN_GROUP = "mhr.commands"
-USER_ERRORS = (DataError, TrainConfigError, mhr.BundleError, mhr.ConfigError, mhr.InjectionError, OSError)
+USER_ERRORS = (DataError, TrainConfigError, mhr.BundleError, mhr.ConfigError, mhr.InjectionError, OSError,
+               RemoteError)
 DEFAULT = TrainConfig()
 PromptStyle = Enum("PromptStyle", {style: style for style in suite_module.PROMPT_STYLES}, type=str)
 
@@ -179,9 +181,14 @@ def train(model: Annotated[str, typer.Option(help="backbone: local directory or 
 
 
 @app.command()
-def adapt(bundle: Annotated[Path, typer.Option(help="bundle directory; the task is added to it")],
-          data: Annotated[Path, typer.Option(help="the new task's records: " + DATA_HELP)],
+def adapt(data: Annotated[Path, typer.Option(help="the new task's records: " + DATA_HELP)],
           task: Annotated[str, typer.Option(help="name of the new task (every record must have it)")],
+          bundle: Annotated[Path | None, _none("bundle directory; the task is added to it (or give --server)")] = None,
+          server: Annotated[str | None, _none(
+              "URL of a running server (http://host:port): it trains the task on the backbone it serves and "
+              "deploys it; this command follows the job until the task is live (Ctrl-C cancels it)")] = None,
+          admin_key: Annotated[str | None, typer.Option(envvar="MHR_ADMIN_KEY", show_default=False,
+                                                        help="the server's admin key (env MHR_ADMIN_KEY)")] = None,
           method: Annotated[str, typer.Option(help="mhr | mhr-z | mhr-mu | poly | lora")] = "mhr-z",
           shots: Annotated[int | None, _none("use the first N records", "all")] = None,
           replace: Annotated[bool, typer.Option(help="overwrite the task if the bundle has it")] = False,
@@ -190,14 +197,28 @@ def adapt(bundle: Annotated[Path, typer.Option(help="bundle directory; the task 
           weight_decay: WeightDecay = None, max_grad_norm: MaxGradNorm = None, seed: Seed = None,
           dtype: Dtype = None, device: Device = None, max_length: MaxLength = None, save_every: SaveEvery = None,
           checkpoint_dir: CheckpointDir = None, model: Backbone = None, quiet: Quiet = False) -> None:
-    """Few-shot adaptation of a new task from the bundle's inventory; the task is added to the bundle."""
-    from training.adapt import adapt as run_adapt
+    """Few-shot adaptation of a new task from a bundle's inventory: here (--bundle), or by a running server
+    (--server) with the same settings and the same result."""
     with user_errors(), progress_bars(not quiet):
+        if (bundle is None) == (server is None):
+            raise TrainConfigError("give exactly one of --bundle (adapt here) and --server (adapt on a server)")
+        local_only = {"--dtype": dtype, "--device": device, "--max-length": max_length, "--save-every": save_every,
+                      "--checkpoint-dir": checkpoint_dir, "--model": model}
+        if server is not None and (given := [name for name, value in local_only.items() if value is not None]):
+            raise TrainConfigError(f"{', '.join(given)} apply to adapting here: the server trains on its own "
+                                   "backbone, device and context")
         cfg = make_config(config, method=method, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                           logits_lr=logits_lr, warmup_steps=warmup_steps, schedule=schedule,
                           weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, dtype=dtype,
                           device=device, max_length=max_length, save_every=save_every, checkpoint_dir=checkpoint_dir)
         examples = read_data(data, known_tasks={task})[:shots]
+        if server is not None:
+            job = adapt_remote(Server(server, admin_key), task, examples,
+                               {k: getattr(cfg, k) for k in REMOTE_SETTINGS}, replace=replace, progress=not quiet)
+            typer.echo(f"task {task!r} is live on {server} (revision {job['revision']}; {cfg.method}, "
+                       f"{len(examples)} shots, {job['step']} steps, final loss {job['loss']:.4f})")
+            return
+        from training.adapt import adapt as run_adapt
         result = run_adapt(bundle, examples, task, cfg, data_name=str(data), replace=replace, backbone=model,
                            progress=not quiet)
     typer.echo(f"task {task!r} added to {bundle} ({cfg.method}, {len(examples)} shots, {result.summary()})")

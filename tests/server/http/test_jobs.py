@@ -216,3 +216,32 @@ def test_shutdown_cancels_running_jobs_and_writes_nothing(served):
         wait_job(base, job["id"], states=("running",))
     assert mhr.Bundle.load(bundle_dir).revision == revision
     assert "interrupted" not in mhr.Bundle.load(bundle_dir).task_names
+
+
+def test_mhr_adapt_server_follows_the_job_until_the_task_is_live(served, tmp_path):
+    from typer.testing import CliRunner
+
+    from tests.server.admin_helpers import ADMIN_KEY
+    from training.cli import app
+
+    shots = tmp_path / "shots.jsonl"
+    shots.write_text("\n".join(json.dumps({"task": "cli-task", "input": e["input"], "target": e["output"]})
+                               for e in EXAMPLES))
+    _, _, server = served()
+    runner = CliRunner()
+    with server as base:
+        args = ["adapt", "--server", base, "--data", str(shots), "--task", "cli-task", "--steps", "4", "--quiet"]
+        result = runner.invoke(app, [*args, "--admin-key", ADMIN_KEY])
+        assert result.exit_code == 0, result.output
+        assert f"task 'cli-task' is live on {base}" in result.output and "4 steps" in result.output
+        assert "cli-task" in [t["name"] for t in http.get(f"{base}/v1/tasks").json()["tasks"]]
+        (job,) = http.get(f"{base}/admin/jobs", headers=ADMIN).json()["jobs"]
+        assert job["steps"] == 4 and job["examples"] == len(EXAMPLES)
+        refused = runner.invoke(app, [*args, "--admin-key", "wrong-key-0123456789"])
+        assert refused.exit_code == 2 and "401" in refused.output
+        taken = runner.invoke(app, [*args, "--admin-key", ADMIN_KEY])
+        assert taken.exit_code == 2 and "409" in taken.output and "already exists" in taken.output
+        both = runner.invoke(app, [*args, "--bundle", str(tmp_path)])
+        assert both.exit_code == 2 and "exactly one of --bundle" in both.output
+        local = runner.invoke(app, [*args, "--device", "cpu"])
+        assert local.exit_code == 2 and "--device apply to adapting here" in local.output

@@ -10,33 +10,34 @@ from torch import Tensor, nn
 
 from mhr.adapter import LoRA
 from mhr.config import MHRConfig
-from mhr.layer import FrozenLinear, MHRLinear, Mode
+from mhr.layer import MHRLinear, Mode, linear_features
 
 
 class InjectionError(ValueError):
     """The config's targets do not fit the model; the message lists every problem."""
 
 
-def find_targets(model: nn.Module, config: MHRConfig) -> dict[str, nn.Linear | FrozenLinear]:
-    """The linear layers (nn.Linear or `FrozenLinear`) of `model` that the config targets, by full name.
+def find_targets(model: nn.Module, config: MHRConfig) -> dict[str, nn.Module]:
+    """The linear layers of `model` that the config targets, by full name: nn.Linear, `FrozenLinear` or
+    transformers `Conv1D` (`mhr.layer.linear_features`).
 
     Raises InjectionError when a target matches no linear layer or a matched layer's dims are not
     divisible by the number of heads, listing every such problem.
     """
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear | FrozenLinear)}
-    targets = {name: m for name, m in linears.items() if config.matches(name)}
-    errors = [f"target {t!r} matches no nn.Linear of {type(model).__name__}"
+    linears = {name: features for name, m in model.named_modules() if (features := linear_features(m))}
+    targets = {name: features for name, features in linears.items() if config.matches(name)}
+    errors = [f"target {t!r} matches no linear layer of {type(model).__name__}"
               for t in config.unmatched_targets(list(linears))]
     h = config.n_heads
-    for name, m in targets.items():
-        if m.in_features % h or m.out_features % h:
-            errors.append(f"{name}: in_features={m.in_features}, out_features={m.out_features} "
+    for name, (d_in, d_out) in targets.items():
+        if d_in % h or d_out % h:
+            errors.append(f"{name}: in_features={d_in}, out_features={d_out} "
                           f"are not both divisible by n_heads={h}")
     if errors:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in linears})
         raise InjectionError("cannot adapt this model:\n  " + "\n  ".join(errors)
                              + f"\nits linear layers end in: {', '.join(suffixes) or '(none)'}")
-    return targets
+    return {name: model.get_submodule(name) for name in targets}
 
 
 def inject(model: nn.Module, config: MHRConfig, n_tasks: int) -> dict[str, MHRLinear]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import itertools
 import math
+import sys
 
 import torch
 from torch import Tensor, nn
@@ -51,18 +52,40 @@ class FrozenLinear(nn.Module):
     out_features: int
 
 
+def conv1d_type() -> type | None:
+    """transformers' `Conv1D` (GPT-2's linear layers: y = x @ W + b, W [in, out]) when transformers is loaded
+    (a model holding one has loaded it), else None; mhr itself never imports transformers."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def linear_features(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of a linear layer MHR layers can wrap (an nn.Linear, a `FrozenLinear`, or a
+    transformers `Conv1D`, whose weight is the transpose of an nn.Linear's), else None."""
+    if isinstance(module, nn.Linear | FrozenLinear):
+        return module.in_features, module.out_features
+    conv1d = conv1d_type()
+    if conv1d is not None and isinstance(module, conv1d):
+        return tuple(module.weight.shape)
+    return None
+
+
 class MHRLinear(nn.Module):
-    """y = base(x) + scaling * x @ A @ B, where (A, B) is chosen by `mode`.
+    """y = base(x) + scaling * x @ A @ B, where (A, B) is chosen by `mode`; `base` is a linear layer as
+    `linear_features` defines them.
 
     Parameters: the inventory lora_A [K, h, d_in/h, r] and lora_B [K, h, r, d_out/h], the router's
     logits [T, h, K] and, once `load_dense` was called, dense_A [d_in, r] and dense_B [r, d_out].
     The base layer is frozen and never modified. Adapter parameters are float32 whatever the base dtype.
     """
 
-    def __init__(self, base: nn.Linear | FrozenLinear, config: MHRConfig, n_tasks: int) -> None:
+    def __init__(self, base: nn.Module, config: MHRConfig, n_tasks: int) -> None:
         super().__init__()
         K, h, r = config.n_skills, config.n_heads, config.rank
-        d_in, d_out = base.in_features, base.out_features
+        features = linear_features(base)
+        if features is None:
+            raise TypeError(f"a {type(base).__name__} is not a linear layer MHR can wrap "
+                            "(an nn.Linear, an mhr.FrozenLinear or a transformers Conv1D)")
+        self.in_features, self.out_features = d_in, d_out = features
         if d_in % h or d_out % h:
             raise ValueError(f"in_features={d_in} and out_features={d_out} must both be divisible by n_heads={h}")
         self.base = base.requires_grad_(False)
@@ -80,14 +103,6 @@ class MHRLinear(nn.Module):
         self.mode = Mode.ROUTED
         self.task_ids: Tensor | None = None  # set for a whole forward/generate by mhr.inject.use_tasks
         self._init_skills(config.init)
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     def _init_skills(self, init: str) -> None:
         K, h, d, r = self.lora_A.shape

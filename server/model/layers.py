@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mhr import FrozenLinear
+from mhr.layer import linear_features
 from server.model.lora_ops import SlotPlan, add_lora
 
 # One adapter in slot layout: per shape group, A [G, d_in, r] and B [G, r, d_out] with the scaling in B.
@@ -60,7 +61,7 @@ class SlotContext:
 
 
 class BatchedLoRALinear(nn.Module):
-    """y = base(x) + x @ A[slot(row)] @ B[slot(row)] for the frozen nn.Linear `base`.
+    """y = base(x) + x @ A[slot(row)] @ B[slot(row)] for the frozen nn.Linear (or transformers Conv1D) `base`.
 
     Buffers (views into the shape group's storage, in the base layer's dtype and device):
     lora_A [S, d_in, r_max], lora_B [S, r_max, d_out] (see `server.model.lora_ops`).
@@ -259,7 +260,8 @@ def panel_linears(model: nn.Module, op: Callable) -> int:
 
 def wrap_model(model: nn.Module, module_names: list[str], n_slots: int,
                max_rank: int) -> tuple[SlotContext, SlotWeights]:
-    """Replace, in place, the named nn.Linear modules of `model` by BatchedLoRALinear layers.
+    """Replace, in place, the named nn.Linear (or transformers Conv1D) modules of `model` by BatchedLoRALinear
+    layers.
 
     Returns the context the engine sets per forward and the slot storage the adapter cache writes.
     """
@@ -268,9 +270,10 @@ def wrap_model(model: nn.Module, module_names: list[str], n_slots: int,
     by_shape: dict[tuple, list[str]] = {}
     for name in module_names:
         linear = model.get_submodule(name)
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"{name} is a {type(linear).__name__}, not an nn.Linear: cannot adapt it")
-        key = (linear.in_features, linear.out_features, linear.weight.dtype, linear.weight.device)
+        features = linear_features(linear)
+        if features is None or isinstance(linear, FrozenLinear):  # the slots take the weight's dtype and device
+            raise TypeError(f"{name} is a {type(linear).__name__}, not an nn.Linear or Conv1D: cannot adapt it")
+        key = (*features, linear.weight.dtype, linear.weight.device)
         by_shape.setdefault(key, []).append(name)
     context, groups, layers = SlotContext(), [], {}
     for (d_in, d_out, dtype, device), names in by_shape.items():

@@ -284,3 +284,27 @@ def test_injected_layers_keep_the_train_or_eval_mode(tiny_llama, training):
     ids = input_ids()
     with mhr.use_tasks(tiny_llama, [0, 1]):
         assert torch.equal(logits(tiny_llama, ids), logits(tiny_llama, ids)) is not training
+
+
+def test_a_conv1d_is_adapted_as_the_linear_over_its_transposed_weight():
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layer: y = x @ W + b, W [in, out]
+
+    conv = Conv1D(12, 8)  # nf (out), nx (in)
+    torch.nn.init.normal_(conv.bias)
+    linear = nn.Linear(8, 12)
+    linear.weight.data, linear.bias.data = conv.weight.data.t().clone(), conv.bias.data.clone()
+    models = [nn.Sequential(conv).eval(), nn.Sequential(linear).eval()]
+    layers = [inject(m, target_modules=["0"])["0"] for m in models]  # the same B and logits
+    with torch.no_grad():
+        layers[1].lora_A.copy_(layers[0].lora_A)
+    assert (layers[0].in_features, layers[0].out_features) == (8, 12)
+    x = torch.randn(3, 8)
+    with mhr.use_tasks(models[0], [0, 1, 2]), mhr.use_tasks(models[1], [0, 1, 2]), torch.no_grad():
+        assert torch.allclose(models[0](x), models[1](x), atol=1e-6)
+    mhr.remove(models[0])
+    assert models[0][0] is conv
+
+
+def test_a_layer_that_is_not_linear_is_refused():
+    with pytest.raises(TypeError, match="a Conv2d is not a linear layer"):
+        MHRLinear(nn.Conv2d(4, 4, 1), MHRConfig(n_heads=2), N_TASKS)

@@ -188,7 +188,8 @@ def adapt(data: Annotated[Path, typer.Option(help="the new task's records: " + D
               "URL of a running server (http://host:port): it trains the task on the backbone it serves and "
               "deploys it; this command follows the job until the task is live (Ctrl-C cancels it)")] = None,
           admin_key: Annotated[str | None, typer.Option(envvar="MHR_ADMIN_KEY", show_default=False,
-                                                        help="the server's admin key (env MHR_ADMIN_KEY)")] = None,
+                                                        show_envvar=False, help="the server's admin key (env "
+                                                        "MHR_ADMIN_KEY) (default: none)")] = None,
           method: Annotated[str, typer.Option(help="mhr | mhr-z | mhr-mu | poly | lora")] = "mhr-z",
           shots: Annotated[int | None, _none("use the first N records", "all")] = None,
           replace: Annotated[bool, typer.Option(help="overwrite the task if the bundle has it")] = False,

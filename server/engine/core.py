@@ -38,6 +38,7 @@ from server.model import cpu_kernel
 from server.model.decoder import Part, lean_decoder_for
 from server.model.layers import PANEL_DTYPES, column_major_weights, panel_linears, wrap_model
 from server.model.lora_ops import SlotPlan
+from server.model.masks import model_mask
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +347,8 @@ class Engine:
             for part in parts:
                 self.context.plan = part.plan
                 self.kv.select(part.attention)
-                out.append(self.model(input_ids=part.ids, attention_mask=part.attention.mask,
+                mask = model_mask(self.model.config, part.attention.mask, part.attention.positions)  # sliding windows
+                out.append(self.model(input_ids=part.ids, attention_mask=mask,
                                       position_ids=part.attention.positions, past_key_values=self.kv,
                                       use_cache=True, logits_to_keep=part.keep).logits)
             return out

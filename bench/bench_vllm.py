@@ -33,8 +33,7 @@ from server.engine.requests import Request, SamplingParams
 RAW_ID_BASE = 100_000  # raw vLLM's LoRA ids, far from the engine's own
 
 
-def vllm_engine_for(w: Workload, n_cold: int, **engine_args):
-    """The vLLM engine on the workload; `engine_args` override its vLLM settings (enable_lora=False: bare)."""
+def vllm_engine_for(w: Workload, n_cold: int):
     from server.vllm_backend.engine import VLLMEngine
 
     n = len(w.tasks)
@@ -45,7 +44,7 @@ def vllm_engine_for(w: Workload, n_cold: int, **engine_args):
     # backbone has no tokenizer: tokens only, like the torch engine here.
     return VLLMEngine(mhr.Bundle.load(w.bundle_dir), config, tokenizer=None,
                       engine_args=dict(kv_cache_memory_bytes=512 << 20, enable_prefix_caching=False,
-                                       skip_tokenizer_init=True) | engine_args)
+                                       skip_tokenizer_init=True))
 
 
 def torch_engine_for(w: Workload, **settings) -> Engine:
@@ -70,9 +69,9 @@ def prepared_dirs(w: Workload, out: Path, names: list[str], bundle: mhr.Bundle |
     return [mhr.export_peft(bundle.task_lora(t), out / t, base_model_name_or_path=str(w.model_dir)) for t in names]
 
 
-def raw_vllm_run(engine, w: Workload, dirs: list[Path] | None, ttft: list[float], max_tokens: int | None = None,
+def raw_vllm_run(engine, w: Workload, dirs: list[Path], ttft: list[float], max_tokens: int | None = None,
                  id_base: int = RAW_ID_BASE) -> Callable[[], None]:
-    """All prompts at once through the engine's AsyncLLM, each with its prepared LoRA directory (None: none)."""
+    """All prompts at once through the engine's AsyncLLM, each with its prepared LoRA directory."""
     from vllm import SamplingParams as VLLMParams
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
@@ -82,7 +81,7 @@ def raw_vllm_run(engine, w: Workload, dirs: list[Path] | None, ttft: list[float]
 
     async def one(i: int, prompt: list[int], path: Path) -> float:
         start = time.monotonic()
-        lora = None if path is None else LoRARequest(f"raw-{id_base + i}", id_base + i, str(path))
+        lora = LoRARequest(f"raw-{id_base + i}", id_base + i, str(path))
         first = None
         async for _ in engine.llm.generate(TokensPrompt(prompt_token_ids=prompt), params, f"raw-{next(counter)}",
                                            lora_request=lora):
@@ -90,8 +89,7 @@ def raw_vllm_run(engine, w: Workload, dirs: list[Path] | None, ttft: list[float]
         return first
 
     async def all_prompts() -> list[float]:
-        paths = dirs or [None] * len(w.prompts)
-        return await asyncio.gather(*(one(i, p, d) for i, (p, d) in enumerate(zip(w.prompts, paths, strict=True))))
+        return await asyncio.gather(*(one(i, p, d) for i, (p, d) in enumerate(zip(w.prompts, dirs, strict=True))))
 
     def run():
         ttft.append(statistics.median(engine._call(all_prompts(), timeout=600)))

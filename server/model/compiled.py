@@ -64,6 +64,9 @@ class CompiledDecode:
         self.kv_block = kv_block or (256 if self.cuda else 1)
         self.compile_seconds: dict[int, float] = {}   # per bucket: its first step's time (the compilation)
         self.failed = False
+        if self.cuda:  # the cache is written inside the graph: a CUDA graph may mutate static inputs only
+            for buffer in (*kv.keys, *kv.values):
+                torch._dynamo.mark_static_address(buffer)
         self._step = torch.compile(decoder.decode, fullgraph=True, dynamic=False,
                                    mode="reduce-overhead" if self.cuda else None)
 

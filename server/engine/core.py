@@ -35,6 +35,7 @@ from server.engine.sequence import Batch, Sequence, prefill_groups
 from server.engine.slots import AdapterCache
 from server.engine.tasks import BASE, ZERO_SHOT, TaskRegistry, UnknownTask
 from server.model import cpu_kernel
+from server.model.compiled import CompiledDecode
 from server.model.decoder import Part, lean_decoder_for
 from server.model.layers import PANEL_DTYPES, column_major_weights, panel_linears, wrap_model
 from server.model.lora_ops import SlotPlan
@@ -79,6 +80,9 @@ class Engine:
             log.info("KV cache and attention in float32: this CPU has no %s instructions (kv_dtype=%s halves the "
                      "cache's memory, at several times the attention's time)", config.dtype, config.dtype)
         self.kv = _kv_cache_for(model, config, self.device, kv)
+        # the lean forward with its decode-only steps compiled (one graph per bucket of rows), when asked
+        self.compiled = (CompiledDecode(self.lean, self.context, self.kv, config.max_running)
+                         if config.compile and self.lean is not None else None)
         self.batch = Batch(self.device)
         self._staged: Sequence | None = None   # a prompt over the step's prefill budget, prefilled in chunks
         self._staged_len = 0                   # its positions prefilled so far
@@ -342,7 +346,7 @@ class Engine:
         try:
             if self.lean is not None:
                 self.context.plan = SlotPlan.packed([(part.ids.shape[1], part.plan) for part in parts])
-                return self.lean(parts, self.kv)
+                return (self.compiled or self.lean)(parts, self.kv)
             out = []
             for part in parts:
                 self.context.plan = part.plan

@@ -56,3 +56,19 @@ def test_help_shows_what_applies_to_each_option_left_out():
     for option in options:
         assert "default: " in rows[option], rows[option]
     assert "(env MHR_BUNDLE" in rows["--bundle"] and "127.0.0.1" in rows["--host"] and "8000" in rows["--port"]
+
+
+@pytest.mark.parametrize(("flags", "compile"), [([], False), (["--compile"], True), (["--no-compile"], False)])
+def test_compile_flag_reaches_the_settings(tmp_path, monkeypatch, flags, compile):
+    import typer
+    from typer.testing import CliRunner
+
+    import server.main
+
+    chosen = []
+    monkeypatch.setattr(server.main, "run", chosen.append)
+    app = typer.Typer()
+    app.command()(server.main.serve)
+    result = CliRunner().invoke(app, [*flags, "--bundle", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert chosen[0].compile is compile

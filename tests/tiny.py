@@ -1,4 +1,4 @@
-"""Tiny Llama-style causal LM plus tokenizer, built locally so tests never touch the network.
+"""Tiny seeded causal LMs (a Llama by default) plus tokenizer, built locally so tests never touch the network.
 
 Owns: the procedural tokenizer corpus, tokenizer training, the model config and seeded weights,
 and writing both into one directory that `AutoModelForCausalLM` / `AutoTokenizer` load offline.
@@ -14,11 +14,12 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedTokenizerFast
 
 # Bump when the recipe below changes, so a stale directory is never mistaken for a fresh build.
 RECIPE_VERSION = 1
@@ -116,15 +117,22 @@ def tiny_llama_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
 
 
 def build_tiny_llama(out_dir: Path, seed: int = 0) -> Path:
-    """Write a tiny seeded Llama (float32, safetensors) and its tokenizer into `out_dir`.
+    """Write a tiny seeded Llama (float32, safetensors) and its tokenizer into `out_dir` (`build_tiny_model`)."""
+    return build_tiny_model(out_dir, tiny_llama_config, "llama", seed)
 
-    Idempotent: a directory already built by this recipe with the same seed is reused as is.
-    A directory built with another seed or recipe raises ValueError rather than being replaced.
+
+def build_tiny_model(out_dir: Path, config_for: Callable[[PreTrainedTokenizerFast], PretrainedConfig],
+                     name: str, seed: int = 0) -> Path:
+    """Write a tiny seeded causal LM (float32, safetensors) of config `config_for(tokenizer)` and the
+    tokenizer into `out_dir`; `name` tells apart the configs built by one recipe.
+
+    Idempotent: a directory already built by this recipe with the same name and seed is reused as is.
+    A directory built with another name, seed or recipe raises ValueError rather than being replaced.
     The build happens in a sibling temp directory and is renamed into place, so a crash never
     leaves a half-written model behind. Returns `out_dir`.
     """
     out_dir = Path(out_dir)
-    want = {"recipe_version": RECIPE_VERSION, "seed": seed}
+    want = {"recipe_version": RECIPE_VERSION, "model": name, "seed": seed}
     marker = out_dir / MARKER
     if marker.exists():
         have = json.loads(marker.read_text())
@@ -138,12 +146,12 @@ def build_tiny_llama(out_dir: Path, seed: int = 0) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         tokenizer = train_tokenizer()
-        config = tiny_llama_config(tokenizer)
+        config = config_for(tokenizer)
         # A local generator would be nicer, but transformers initialises from the global RNG;
         # fork it so building a model does not disturb the caller's random stream.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = LlamaForCausalLM(config).to(torch.float32).eval()
+            model = AutoModelForCausalLM.from_config(config).to(torch.float32).eval()
         model.save_pretrained(tmp)  # safetensors is the only format in transformers 5
         tokenizer.save_pretrained(tmp)
         (tmp / MARKER).write_text(json.dumps(want))

@@ -56,8 +56,9 @@ class ServerConfig(BaseSettings):
             and cold tasks, with the compiled kernels (`server.model.cpu_kernel`, built on first use; torch ops if
             they cannot be built).
         compile: run the torch engine's decode steps (Llama-family backbones) as a compiled graph
-            (`server.model.compiled`: torch.compile, one graph per bucket of rows, compiled on its first step,
-            CUDA graphs on GPU); eager if the compilation fails (logged). Steps with prompts in them run eagerly.
+            (`server.model.compiled`: torch.compile, one graph per bucket of rows, all compiled as the engine
+            starts; CUDA graphs on GPU); eager if the compilation fails (logged). Steps with prompts in them run
+            eagerly.
         max_upload_mb: largest admin upload (the request body, and what an uploaded archive unpacks to), MiB.
         max_body_mb: largest body of any other request, MiB; a larger one is refused (413) before it is read.
             None: room for a full batch of the longest prompts that fit in max_seq_len (1 to 64 MiB;

@@ -66,7 +66,7 @@ def serve(
                                                 "(built on first use) (default: on)")] = None,
     compile: Annotated[bool | None, Opt("--compile/--no-compile",
                                         help="compile the torch engine's decode steps (torch.compile, one graph "
-                                             "per bucket of rows, compiled on first use; CUDA graphs on GPU; "
+                                             "per bucket of rows, compiled at start-up; CUDA graphs on GPU; "
                                              "eager if it fails) (default: off)")] = None,
 ) -> None:
     """Serve a bundle's tasks over HTTP (OpenAI-compatible and per-task routes, metrics, hot deploys)."""

@@ -80,9 +80,11 @@ class Engine:
             log.info("KV cache and attention in float32: this CPU has no %s instructions (kv_dtype=%s halves the "
                      "cache's memory, at several times the attention's time)", config.dtype, config.dtype)
         self.kv = _kv_cache_for(model, config, self.device, kv)
-        # the lean forward with its decode-only steps compiled (one graph per bucket of rows), when asked
-        self.compiled = (CompiledDecode(self.lean, self.context, self.kv, config.max_running)
-                         if config.compile and self.lean is not None else None)
+        # the lean forward with its decode-only steps compiled (one graph per bucket of rows, all compiled now)
+        self.compiled = None
+        if config.compile and self.lean is not None:
+            self.compiled = CompiledDecode(self.lean, self.context, self.kv, config.max_running)
+            self.compiled.warm_up()
         self.batch = Batch(self.device)
         self._staged: Sequence | None = None   # a prompt over the step's prefill budget, prefilled in chunks
         self._staged_len = 0                   # its positions prefilled so far

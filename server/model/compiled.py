@@ -1,15 +1,16 @@
 """The lean decoder's decode step compiled with `torch.compile`, over a few static row buckets.
 
 Owns running a step that only decodes (one new token for each running row, no prompt in it) through a
-compiled `LeanDecoder.decode`: the rows are padded up to a bucket (powers of two up to `max_rows`), so the step
-compiles once per bucket and never again while serving; the attended length is a dynamic dimension of the one
-graph (on CUDA rounded up to `kv_block` positions, so that each bucket records a CUDA graph per block of
-lengths, `mode="reduce-overhead"`, not one per length). Inductor fuses the elementwise work between the
-linears (residual + RMSNorm, SiLU·mul, rotary) into C++ loops on CPU and Triton kernels on CUDA; the CPU
-linears' compiled op (`server.model.cpu_kernel`) is called from the graph as an opaque op, given a fake
-implementation here (`register_fake_ops`). Steps with prompts in them (prefill, chunks) run the eager decoder,
-as does every step once a compilation has failed (logged). Which rows run and their KV rows are the engine's
-business; padding rows read the empty slot 0 and write position 0 of free KV rows, which nothing reads.
+compiled `LeanDecoder.decode`: the rows are padded up to a bucket (powers of two up to `max_rows`), so the
+step compiles once per bucket (`warm_up`, as the engine starts) and never again while serving; the attended
+length is a dynamic dimension of the one graph (on CUDA rounded up to `kv_block` positions, so that each
+bucket records a CUDA graph per block of lengths, `mode="reduce-overhead"`, not one per length).
+Inductor fuses the elementwise work between the linears (residual + RMSNorm, SiLU·mul, rotary) into C++
+loops on CPU and Triton kernels on CUDA; the CPU linears' compiled op (`server.model.cpu_kernel`) is called
+from the graph as an opaque op, given a fake implementation here (`register_fake_ops`). Steps with prompts
+in them (prefill, chunks) run the eager decoder, as does every step once a compilation has failed (logged).
+Which rows run and their KV rows are the engine's business; padding rows read the empty slot 0 and write
+position 0 of free KV rows, which nothing reads.
 """
 
 from __future__ import annotations
@@ -74,30 +75,40 @@ class CompiledDecode:
         """Each part's logits [n, keep, V]: compiled when `parts` is one decode part, else eager."""
         part = parts[0]
         n = part.ids.shape[0]
-        if self.failed or len(parts) > 1 or part.ids.shape[1] != 1 or part.keep != 1 or n > self.buckets[-1]:
+        if len(parts) > 1 or part.ids.shape[1] != 1 or part.keep != 1 or n > self.buckets[-1]:
             return self.decoder(parts, kv)
-        bucket = next(b for b in self.buckets if b >= n)
-        try:
-            return [self._run(part, bucket)[:n, None]]
-        except Exception as e:  # noqa: BLE001 - any compiler failure: serve on, eagerly
-            self.failed = True
-            log.warning("compiling the decode step failed (%s: %s): decode steps run eagerly from now on",
-                        type(e).__name__, str(e).strip().splitlines()[0] if str(e).strip() else "")
-            return self.decoder(parts, kv)
+        logits = self._try(part, next(b for b in self.buckets if b >= n))
+        return self.decoder(parts, kv) if logits is None else [logits[:n, None]]
 
     def warm_up(self) -> float:
         """Compile every bucket now, before serving (a step of padding rows each, which write into the KV
-        cache's rows: none may be running); returns the seconds it took."""
+        cache's rows: none may be running); returns the seconds it took (logged)."""
         if self.kv.n_active:
             raise RuntimeError(f"warm_up runs before serving: {self.kv.n_active} KV rows are in use")
         start = time.perf_counter()
         none = torch.zeros(0, dtype=torch.long, device=self.kv.device)
         empty = Part(none[:, None], Attention(torch.ones(0, 1, 1, 2, dtype=torch.bool, device=none.device),
                                               none[:, None], ("decode", none, 0, 2)), SlotPlan(none, 0), 1)
-        for bucket in self.buckets:
-            with torch.inference_mode():  # as the engine's steps run
-                self._run(empty, bucket)
-        return time.perf_counter() - start
+        with torch.inference_mode():  # as the engine's steps run
+            for bucket in self.buckets:
+                if self._try(empty, bucket) is None:
+                    break
+        seconds = time.perf_counter() - start
+        if not self.failed:
+            log.info("decode step compiled for %s rows in %.1f s", ", ".join(map(str, self.buckets)), seconds)
+        return seconds
+
+    def _try(self, part: Part, bucket: int) -> Tensor | None:
+        """`_run`, or None once a compilation has failed (logged when it fails): the eager decoder takes over."""
+        if self.failed:
+            return None
+        try:
+            return self._run(part, bucket)
+        except Exception as e:  # noqa: BLE001 - whatever failed in the compiler: serve on, eagerly
+            self.failed = True
+            log.warning("compiling the decode step failed (%s: %s): decode steps run eagerly from now on",
+                        type(e).__name__, str(e).strip().splitlines()[0] if str(e).strip() else "")
+            return None
 
     def _run(self, part: Part, bucket: int) -> Tensor:
         """The compiled step of `part` (n rows) padded to `bucket` rows: logits [bucket, V]."""
@@ -123,7 +134,7 @@ class CompiledDecode:
             self.context.plan = plan
         if bucket not in self.compile_seconds:
             self.compile_seconds[bucket] = time.perf_counter() - start
-            log.info("decode step compiled for %d rows in %.1f s", bucket, self.compile_seconds[bucket])
+            log.debug("decode step compiled for %d rows in %.1f s", bucket, self.compile_seconds[bucket])
         return logits.clone() if self.cuda else logits  # a CUDA graph's output is overwritten by its next replay
 
 

@@ -16,10 +16,8 @@ MAX_RUNNING = 4  # buckets 1, 2, 4: few compilations on a small CPU
 
 @pytest.fixture
 def engines(make_engine):
-    """(eager, compiled) engines; every bucket of the compiled one compiled."""
-    compiled = make_engine(compile=True, max_running=MAX_RUNNING)
-    compiled.compiled.warm_up()
-    return make_engine(max_running=MAX_RUNNING), compiled
+    """(eager, compiled) engines (every bucket of the compiled one compiled as it starts)."""
+    return make_engine(max_running=MAX_RUNNING), make_engine(compile=True, max_running=MAX_RUNNING)
 
 
 @pytest.mark.parametrize(("max_rows", "buckets"), [(1, [1]), (4, [1, 2, 4]), (6, [1, 2, 4, 6]), (16, [1, 2, 4, 8, 16])])
@@ -49,15 +47,14 @@ def test_attended_length_in_blocks_gives_the_same_tokens(engines, tiny_tokenizer
 
 
 def test_a_failed_compilation_serves_eagerly(make_engine, tiny_tokenizer, caplog, monkeypatch):
-    engine = make_engine(compile=True, max_running=MAX_RUNNING)
-    requests = mixed_requests(tiny_tokenizer)[:3]
-
     def broken(*args):
         raise RuntimeError("no C++ compiler")
-    monkeypatch.setattr(engine.compiled, "_step", broken)
+    monkeypatch.setattr(CompiledDecode, "_run", broken)
     with caplog.at_level(logging.WARNING, logger="server.model.compiled"):
-        got = [r.tokens for r in engine.generate(requests)]
+        engine = make_engine(compile=True, max_running=MAX_RUNNING)  # compiles as it starts
     assert engine.compiled.failed and "decode steps run eagerly" in caplog.text
+    requests = mixed_requests(tiny_tokenizer)[:3]
+    got = [r.tokens for r in engine.generate(requests)]
     assert got == [r.tokens for r in make_engine(max_running=MAX_RUNNING).generate(requests)]
 
 

@@ -77,6 +77,16 @@ def test_write_suite_files(tmp_path):
     assert {ex.task for ex in read_jsonl(paths["heldout-test"])} == set(suite.HELD_OUT_TASKS)
 
 
+def test_write_suite_keeps_only_the_tasks_named(tmp_path):
+    only = ("sort.rot1", "upper", "rot1.dropfirst.sort", "dropfirst.sort")
+    paths = suite.write_suite(tmp_path, n_train=1, n_test=1, n_shots=1, only=only)
+    tasks = {name: [ex.task for ex in read_jsonl(path)] for name, path in paths.items()}
+    assert tasks["train"] == ["upper", "sort.rot1"]  # the suite's order
+    assert tasks["validation-test"] == ["rot1.dropfirst.sort"] and tasks["heldout-test"] == ["dropfirst.sort"]
+    with pytest.raises(ValueError, match="no.such"):
+        suite.write_suite(tmp_path, only=("no.such",))
+
+
 def test_named_prompts_spell_out_the_chain():
     plain = suite.generate("sort.rot1", 5, seed=3)
     named = suite.generate("sort.rot1", 5, seed=3, style="named")

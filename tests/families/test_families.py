@@ -9,23 +9,17 @@ import mhr
 from server.config import ServerConfig
 from server.engine.core import Engine
 from server.engine.requests import Request, SamplingParams
-from tests.families.models import FAMILIES, LEAN, build_family
+from tests.families.conftest import TASKS, train_family
+from tests.families.models import FAMILIES, LEAN
 from tests.server.engine.test_core import WORDS, peft_greedy
-from tests.training.conftest import small_config
-from training import suite
-from training.pretrain import pretrain
 
-TASKS = suite.TRAIN_TASKS[:3]
 GREEDY = SamplingParams(max_new_tokens=10)
 
 
 @pytest.mark.filterwarnings("ignore:fan_in_fan_out:UserWarning")  # PEFT on GPT-2's Conv1D says what it does
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
 def test_trained_bundle_serves_a_mixed_batch_like_peft(family, tmp_path):
-    model_path = build_family(family, tmp_path / "model")
-    examples = [ex for task in TASKS for ex in suite.generate(task, 8, seed=0)]
-    config = small_config(target_modules=list(family.targets), alpha=8.0, lr=3e-2)
-    bundle, _ = pretrain(str(model_path), examples, config, tmp_path / "bundle", progress=False)
+    model_path, bundle = train_family(family, tmp_path)
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()

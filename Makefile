@@ -45,9 +45,11 @@ test-vllm: $(VLLM_STAMP)
 test: venv
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
-# The embedded demo: built on first use (a few minutes on 2 CPU cores, no download), then cached in
-# $(DEMO_DIR) until its recipe changes; serves a copy of the bundle on 127.0.0.1:8000, which keeps the
-# tasks deployed to it from one `make demo` to the next. `make demo-reset` drops them (a fresh copy).
+# The embedded demo: an MHR bundle trained on the shipped backbone (training/assets/backbone) on first use
+# (about two minutes on 2 CPU cores, no download), then cached in $(DEMO_DIR) until its recipe or the
+# backbone changes; serves a copy of the bundle on 127.0.0.1:8000, which keeps the tasks deployed to it from
+# one `make demo` to the next. `make demo-reset` drops them (a fresh copy). tests/test_readme.py runs the
+# README's examples against it, with this admin key.
 DEMO_DIR ?= .cache/mhr-demo
 DEMO_ADMIN_KEY ?= demo-admin-key
 

@@ -1,5 +1,5 @@
-"""The demo recipe's parts that need no training: the tokenizer and its chat template, the cache rule, the
-served copy of the bundle, export-task's errors."""
+"""The demo: its build (seeded, on the shipped backbone, cached), the shipped tokenizer it serves, the served
+copy of the bundle, export-task's errors."""
 
 from __future__ import annotations
 
@@ -8,31 +8,31 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+import pytest
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 import mhr
-from training import backbone, cli, demo
-from training import suite_v1 as suite
+from training import backbone, cli, demo, suite
+
+# Two training tasks, a validation task and a held-out task, a few steps: the build's every step, in seconds.
+SMALL = demo.Recipe(tasks=("upper", "sort.rot1", "rot1.dropfirst.sort", "dropfirst.sort"), n_train=4, n_test=2,
+                    n_shots=2, skills=2, mhr_heads=2, rank=2, mhr_steps=2, zeroshot_steps=2, zeroshot_eval_every=1)
 
 
-def test_tokenizer_is_character_level_and_round_trips():
-    texts = [f"{ex.input} {ex.target}" for ex in suite.generate("reverse.upper", 20, seed=0)]
-    tokenizer = backbone.train_tokenizer(texts)
-    text = "reverse then upper: kabadu UDABAK"
+def test_the_shipped_tokenizer_is_character_level_and_round_trips():
+    tokenizer = AutoTokenizer.from_pretrained(backbone.SHIPPED)
+    text = "kabadu -> UDABAK"
     ids = tokenizer(text)["input_ids"]
     assert ids[0] == tokenizer.bos_token_id and len(ids) == len(text) + 1  # one token per character
     assert tokenizer.decode(ids, skip_special_tokens=True) == text
-    assert tokenizer(" K", add_special_tokens=False)["input_ids"] == [tokenizer.convert_tokens_to_ids(c) for c in " K"]
 
 
 def test_chat_renders_a_user_message_as_the_completion_prompt(tmp_path):
-    texts = [f"{ex.input} {ex.target}" for ex in suite.generate("reverse.upper", 20, seed=0)]
-    backbone.train_tokenizer(texts).save_pretrained(tmp_path)
+    shutil.copytree(backbone.SHIPPED, tmp_path, dirs_exist_ok=True)
     built = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    backbone.attach_chat_template(tmp_path)
-    backbone.attach_chat_template(tmp_path)  # once is enough; the tokenizer's own files are left as built
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name in built} == built
+    backbone.attach_chat_template(tmp_path)  # already there: every file stays as shipped
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == built
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     prompt = suite.prompt("reverse.upper", "kabadu")
     # as the server renders a chat request
@@ -45,20 +45,50 @@ def test_chat_renders_a_user_message_as_the_completion_prompt(tmp_path):
         "<s>hi a A</s><s>b"  # training examples ("<s>prompt answer</s>") in a row
 
 
-def test_backbone_heads_are_at_least_32_wide():
-    recipe = demo.Recipe()
-    config = backbone.backbone_config(recipe, backbone.train_tokenizer(["ab"]))
-    assert config.head_dim >= 32 and config.num_attention_heads * config.head_dim == config.hidden_size
+def test_the_demo_tasks_are_suite_tasks_of_its_skills():
+    assert set(demo.TASKS) & set(suite.TRAIN_TASKS) and set(demo.TASKS) & set(suite.HELD_OUT_TASKS)
+    assert set(demo.TASKS) & set(suite.VALIDATION_TASKS)
+    assert all(set(t.split(".")) <= set(demo.SKILLS) for t in demo.TASKS)
+
+
+@pytest.fixture(scope="module")
+def small_builds(tmp_path_factory) -> tuple[demo.DemoBuild, demo.DemoBuild]:
+    root = tmp_path_factory.mktemp("demo")
+    return tuple(demo.build(root / name, SMALL, progress=False, log=lambda _: None) for name in ("a", "b"))
+
+
+def test_a_build_is_seeded_and_leaves_the_backbone_as_shipped(small_builds):
+    first, second = small_builds
+    files = sorted(p.name for p in first.bundle.iterdir())
+    assert files == sorted(p.name for p in second.bundle.iterdir())
+    assert all((first.bundle / f).read_bytes() == (second.bundle / f).read_bytes()
+               for f in files if f.endswith(".safetensors"))
+    assert (first.exact_match, first.zero_shot_exact_match) == (second.exact_match, second.zero_shot_exact_match)
+    assert set(first.exact_match) == {"upper", "sort.rot1"} and set(first.zero_shot_exact_match) == {"dropfirst.sort"}
+    assert all((first.backbone / p.name).read_bytes() == p.read_bytes() for p in backbone.SHIPPED.iterdir())
+    served = mhr.Bundle.load(first.bundle)
+    assert served.training["zero_shot"]["validation_tasks"] == ["rot1.dropfirst.sort"]
+    assert Path(served.backbone) == first.backbone.resolve()
+
+
+def test_a_build_is_reused_for_its_recipe_only(small_builds, monkeypatch):
+    built = small_builds[0]
+    assert demo.build(built.root, SMALL, log=lambda _: None).seconds == built.seconds  # reused, not rebuilt
+    assert demo.cached(built.root, SMALL) is not None
+    assert demo.cached(built.root, demo.Recipe(**{**asdict(SMALL), "seed": 1})) is None
+    monkeypatch.setattr(demo, "backbone_hash", lambda: "another backbone")  # after `make backbone`
+    assert demo.cached(built.root, SMALL) is None
 
 
 def test_cache_needs_the_same_recipe_and_version(tmp_path):
     recipe = demo.Recipe(seed=3)
     assert demo.cached(tmp_path, recipe) is None  # nothing built
-    marker = {"recipe_version": demo.RECIPE_VERSION, "recipe": asdict(recipe), "root": str(tmp_path),
-              "exact_match": {"a.b": 1.0}, "zero_shot_exact_match": {}, "seconds": 1.0}
+    marker = {"recipe_version": demo.RECIPE_VERSION, "backbone_sha256": demo.backbone_hash(),
+              "recipe": asdict(recipe), "root": str(tmp_path), "exact_match": {"a.b": 1.0},
+              "zero_shot_exact_match": {}, "seconds": 1.0}
     (tmp_path / demo.MARKER).write_text(json.dumps(marker))
     assert demo.cached(tmp_path, recipe).exact_match == {"a.b": 1.0}
-    assert demo.cached(tmp_path, recipe.scaled(backbone_steps=1)) is None
+    assert demo.cached(tmp_path, demo.Recipe(seed=3, mhr_steps=1)) is None
     (tmp_path / demo.MARKER).write_text(json.dumps({**marker, "recipe_version": demo.RECIPE_VERSION + 1}))
     assert demo.cached(tmp_path, recipe) is None
 
@@ -74,21 +104,13 @@ def test_export_task_names_the_bundle_and_task(tmp_path, pretrained):
     assert result.exit_code == 2 and "not found" in result.output
 
 
-def test_backbone_pretraining_is_deterministic(tmp_path):
-    recipe = demo.Recipe(hidden=64, heads=2, layers=1, intermediate=64, backbone_examples=2, backbone_steps=2,
-                         backbone_batch=4, backbone_warmup=1)
-    first = demo.pretrain_backbone(recipe, tmp_path / "a", log=lambda _: None)
-    second = demo.pretrain_backbone(recipe, tmp_path / "b", log=lambda _: None)
-    assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
-    assert (first / "tokenizer.json").read_text() == (second / "tokenizer.json").read_text()
-
-
 def finished_build(root: Path, bundle: Path, backbone: Path) -> Path:
     """A demo cache that `demo.build` takes as finished for the default recipe, around a small bundle."""
     shutil.copytree(bundle, root / "bundle")
     shutil.copytree(backbone, root / "backbone")
-    marker = {"recipe_version": demo.RECIPE_VERSION, "recipe": asdict(demo.Recipe()), "root": str(root),
-              "exact_match": {"a.b": 1.0}, "zero_shot_exact_match": {}, "seconds": 1.0}
+    marker = {"recipe_version": demo.RECIPE_VERSION, "backbone_sha256": demo.backbone_hash(),
+              "recipe": asdict(demo.Recipe()), "root": str(root), "exact_match": {"a.b": 1.0},
+              "zero_shot_exact_match": {}, "seconds": 1.0}
     (root / demo.MARKER).write_text(json.dumps(marker))
     return root
 
@@ -109,7 +131,6 @@ def test_a_deployed_task_outlives_the_next_demo_run(tmp_path, pretrained, tiny_l
     second = CliRunner().invoke(cli.app, ["demo", "--cache-dir", str(root), "--quiet"])
     assert second.exit_code == 0 and "(kept" in second.output
     assert "reverse.sort" in mhr.Bundle.load(root / "serving").task_names
-    assert (root / "backbone" / "chat_template.jinja").read_text() == backbone.CHAT_TEMPLATE  # a cached build gains it
     reset = CliRunner().invoke(cli.app, ["demo", "--cache-dir", str(root), "--quiet", "--reset"])
     assert reset.exit_code == 0 and "(fresh" in reset.output
     assert "reverse.sort" not in mhr.Bundle.load(root / "serving").task_names

@@ -19,7 +19,6 @@ Prints tables; asserts nothing.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import statistics
 import tempfile
@@ -31,7 +30,7 @@ from pathlib import Path
 import httpx
 
 from bench.bench_http import percentile
-from bench.bench_route import ADMIN_KEY, exact_match, records, serve
+from bench.bench_route import ADMIN_KEY, exact_match, records, serve, task_arguments
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
@@ -134,18 +133,12 @@ def bench_latency(args, tasks: list[str], prompt: str) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", type=Path, required=True)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--shots", type=Path, required=True, help="JSONL: the tasks' examples (the first k used)")
-    parser.add_argument("--test", type=Path, required=True, help="JSONL: the tasks' test records")
-    parser.add_argument("--k", type=int, default=8, help="examples per task (default: 8)")
+    parser = task_arguments(__doc__)
     parser.add_argument("--steps", type=int, default=100, help="the job's steps (default: 100)")
     parser.add_argument("--tasks", type=int, default=4, help="held-out tasks benchmarked (default: 4)")
     parser.add_argument("--latency-seconds", type=float, default=20, help="each latency run (default: 20)")
     parser.add_argument("--rate", type=float, default=4, help="requests a second of the stream (default: 4)")
     parser.add_argument("--max-seq-len", type=int, default=512, help="the server's (default: 512)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     args = parser.parse_args(argv)
     shots, tests = records(args.shots), records(args.test)
     names = [task for task in sorted(shots) if tests.get(task)][:args.tasks]

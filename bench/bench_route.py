@@ -87,15 +87,21 @@ def bench_task(task: str, args, shots: list[dict], tests: list[dict]) -> dict:
             "mixture": found["mixture"]}
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def task_arguments(doc: str) -> argparse.ArgumentParser:
+    """The arguments of a benchmark of new tasks from k examples: the bundle, its backbone, the tasks' examples
+    and test records."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--shots", type=Path, required=True, help="JSONL: the tasks' examples (the first k used)")
     parser.add_argument("--test", type=Path, required=True, help="JSONL: the tasks' test records")
     parser.add_argument("--k", type=int, default=8, help="examples per task (default: 8)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = task_arguments(__doc__).parse_args(argv)
     shots, tests = records(args.shots), records(args.test)
     rows = [bench_task(task, args, shots[task], tests[task]) for task in sorted(shots) if tests.get(task)]
     print(f"\n{'task':<22}{'route s':>9}{'1st answer s':>14}{'scored':>8}{'loss before':>13}{'after':>8}"

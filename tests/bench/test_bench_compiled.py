@@ -15,6 +15,7 @@ def test_ratios_are_speedups_and_time_overheads():
     step = {"eager, 16 tasks": 0.04, "compiled, 16 tasks": 0.025}
     got = {name: value for name, value, _ in ratios(SECONDS, step, bound=0.02)}
     assert got["compiled / eager, 16 tasks, tok/s"] == pytest.approx(1.5)
+    assert got["compiled / eager, 16 tasks, decode steps a second"] == pytest.approx(1.6)
     assert got["LoRA time / no adapter, compiled"] == pytest.approx(1.25)
     assert got["bandwidth bound / decode step, compiled 16 tasks"] == pytest.approx(0.8)
     assert got["bandwidth bound / decode step, eager 16 tasks"] == pytest.approx(0.5)

@@ -57,7 +57,7 @@ class Recipe:
     seed: int = 0
     tasks: tuple[str, ...] = TASKS
     threads: int = 1  # torch threads while building
-    n_train: int = 64
+    n_train: int = 256  # words per training task: with 64, exact match on new words was 0.05 (here 0.51)
     n_test: int = 16
     n_shots: int = 32
     skills: int = 8

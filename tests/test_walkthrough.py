@@ -3,11 +3,13 @@
 Builds the demo with its own code path (a few steps), starts `python -m server` as a process, queries a
 task (its own route, a completion, a chat), adapts a held-out task with MHR-z on a copy of the bundle in a
 scratch directory, exports it with `mhr export-task`, deploys it through the admin route of the running
-server, and queries it. No restart in between.
+server, and queries it; then the one-call path: `mhr adapt --server` has the running server train the task
+again and follows the job until it is live. No restart in between.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,13 +22,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from training import demo
-from training import suite_v1 as suite
+from training import demo, suite
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN_KEY = "test-admin-key"
-SMALL = demo.Recipe(hidden=64, heads=2, layers=1, intermediate=128, backbone_examples=8, backbone_steps=3,
-                    n_train=2, n_test=1, n_shots=4, skills=4, mhr_heads=2, mhr_steps=2, zeroshot_steps=1)
+# Two training tasks, a validation task and a held-out task, a few steps.
+SMALL = demo.Recipe(tasks=("upper", "sort.rot1", "rot1.dropfirst.sort", "dropfirst.sort"), n_train=4, n_test=2,
+                    n_shots=4, skills=2, mhr_heads=2, rank=2, mhr_steps=2, zeroshot_steps=2, zeroshot_eval_every=1)
+TRAINED = [t for t in SMALL.tasks if t in suite.TRAIN_TASKS]
+HELD_OUT = [t for t in SMALL.tasks if t in suite.HELD_OUT_TASKS]
 
 
 def free_port() -> int:
@@ -82,14 +86,13 @@ def server(built):
 
 def test_build_is_cached_and_measured(built):
     assert demo.cached(built.root, SMALL) is not None
-    assert set(built.exact_match) == set(suite.TRAIN_TASKS)
-    assert set(built.zero_shot_exact_match) == set(suite.HELD_OUT_TASKS)
-    assert demo.cached(built.root, SMALL.scaled(seed=1)) is None  # another recipe is not this cache
+    assert set(built.exact_match) == set(TRAINED) and set(built.zero_shot_exact_match) == set(HELD_OUT)
+    assert demo.cached(built.root, dataclasses.replace(SMALL, seed=1)) is None  # another recipe is not this cache
     assert demo.build(built.root, SMALL, log=lambda _: None).seconds == built.seconds  # reused, not rebuilt
 
 
 def test_walkthrough(built, server, tmp_path):
-    task = suite.TRAIN_TASKS[0]
+    task = TRAINED[0]
     word = "kabadu"
     answer = httpx.post(f"{server}/v1/tasks/{task}/generate", timeout=60,
                         json={"inputs": suite.prompt(task, word), "max_new_tokens": 8}).json()
@@ -103,7 +106,7 @@ def test_walkthrough(built, server, tmp_path):
                             "max_tokens": 8, "temperature": 0}).json()
     assert chat["choices"][0]["message"]["content"] == answer["outputs"][0]["text"]  # the demo's chat template
 
-    held_out = suite.HELD_OUT_TASKS[0]
+    held_out = HELD_OUT[0]
     unseen = httpx.post(f"{server}/v1/tasks/{held_out}/generate", timeout=60,
                         json={"inputs": suite.prompt(held_out, word), "max_new_tokens": 8})
     assert unseen.status_code == 200 and unseen.json()["adapter"] != held_out  # the zero-shot adapter
@@ -134,6 +137,16 @@ def test_walkthrough(built, server, tmp_path):
     assert {held_out, task} <= models
     assert "mhr_" in httpx.get(f"{server}/metrics", timeout=30).text
 
+    # the one-call path: the running server trains the task itself (here again, so --replace)
+    live = mhr_cli("adapt", "--server", server, "--admin-key", ADMIN_KEY, "--data", "shots.jsonl", "--task",
+                   held_out, "--steps", "2", "--replace", "--quiet", cwd=tmp_path)
+    assert live.startswith(f"task '{held_out}' is live on {server} (revision ")
+    (job,) = httpx.get(f"{server}/admin/jobs", headers=headers, timeout=30).json()["jobs"]
+    assert job["state"] == "done" and job["task"] == held_out and job["step"] == 2
+    answer = httpx.post(f"{server}/v1/tasks/{held_out}/generate", timeout=60,
+                        json={"inputs": suite.prompt(held_out, word), "max_new_tokens": 8}).json()
+    assert answer["adapter"] == held_out
+
 
 def test_export_task_dense(built, tmp_path):
     """A dense task exports as `<module>.lora_A/B` with the alpha to upload it with."""
@@ -142,11 +155,11 @@ def test_export_task_dense(built, tmp_path):
     mine = tmp_path / "bundle"
     shutil.copytree(built.bundle, mine)
     shots = tmp_path / "shots.jsonl"
-    shots.write_text("".join(ex.to_json() + "\n" for ex in suite.generate("reverse.sort", 2, seed=0)))
-    mhr_cli("adapt", "--bundle", str(mine), "--data", str(shots), "--task", "reverse.sort", "--method", "mhr-mu",
+    shots.write_text("".join(ex.to_json() + "\n" for ex in suite.generate(HELD_OUT[0], 2, seed=0)))
+    mhr_cli("adapt", "--bundle", str(mine), "--data", str(shots), "--task", HELD_OUT[0], "--method", "mhr-mu",
             "--steps", "1", "--quiet")
     out = tmp_path / "t.safetensors"
-    printed = mhr_cli("export-task", "--bundle", str(mine), "--task", "reverse.sort", "--out", str(out))
+    printed = mhr_cli("export-task", "--bundle", str(mine), "--task", HELD_OUT[0], "--out", str(out))
     assert "?alpha=" in printed
     tensors = read_safetensors(out)
     assert tensors and all(k.endswith((".lora_A", ".lora_B")) for k in tensors)

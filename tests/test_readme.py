@@ -117,7 +117,8 @@ def lines_match(shown: list[str], actual: list[str]) -> bool:
 # ----- running them -------------------------------------------------------------------------------
 
 def to_port(text: str, port: int) -> str:
-    """`text` with the README's server address (port 8000) replaced by the test server's."""
+    """`text` (a command, or its shown output) with the README's server address (port 8000) replaced by the test
+    server's."""
     return re.sub(rf"\b(localhost|127\.0\.0\.1):{README_PORT}\b", f"127.0.0.1:{port}", text)
 
 
@@ -224,7 +225,7 @@ def test_the_readme_shows_what_the_demo_gives(demo_build, tmp_path):
             outputs, stderr = run_console(commands, work, port)
             assert len(outputs) == len(commands), f"README.md:{block.line}: bash stopped early: {stderr[-2000:]}"
             wrong = [mismatch(f"README.md:{block.line}", c.command, c.shown, out)
-                     for c, out in zip(commands, outputs, strict=True) if not lines_match(c.shown, out)]
+                     for c, out in zip(commands, outputs, strict=True) if not lines_match([to_port(line, port) for line in c.shown], out)]
             failures += wrong + ([f"  (stderr of the block: {stderr[-2000:]})"] if wrong and stderr else [])
     assert not failures, "the README shows other outputs than the demo gives:\n\n" + "\n\n".join(failures)
 

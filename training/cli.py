@@ -300,8 +300,8 @@ def demo(cache_dir: Annotated[Path, typer.Option(help="where the demo build is c
          reset: Annotated[bool, typer.Option(help="serve a fresh copy of the bundle: drops the tasks deployed to "
                                                   "the served copy")] = False,
          quiet: Quiet = False) -> None:
-    """The embedded demo: a small backbone pre-trained on the task suite, an MHR bundle of its training tasks
-    and a zero-shot adapter, built locally on first use (a few minutes on 2 CPU cores) and cached.
+    """The embedded demo: an MHR bundle of some of the task suite's tasks on the shipped backbone (which never saw
+    them) and its zero-shot adapter, built locally on first use (about two minutes on 2 CPU cores) and cached.
 
     Prints exact match per task and the command that serves a copy of the bundle. That copy is kept from one
     run to the next with the tasks deployed to it, until --reset or a rebuild."""

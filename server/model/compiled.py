@@ -78,7 +78,8 @@ class CompiledDecode:
         """Each part's logits [n, keep, V]: compiled when `parts` is one decode part, else eager."""
         part = parts[0]
         n = part.ids.shape[0]
-        if len(parts) > 1 or part.ids.shape[1] != 1 or part.keep != 1 or n > self.buckets[-1]:
+        if (len(parts) > 1 or part.ids.shape[1] != 1 or part.keep != 1 or n > self.buckets[-1]
+                or part.attention.mask.shape[-1] >= kv.max_len):  # the whole cache: see `_run`
             return self.decoder(parts, kv)
         logits = self._try(part, next(b for b in self.buckets if b >= n))
         return self.decoder(parts, kv) if logits is None else [logits[:n, None]]
@@ -117,14 +118,17 @@ class CompiledDecode:
         """The compiled step of `part` (n rows) padded to `bucket` rows: logits [bucket, V]."""
         n = part.ids.shape[0]
         mask, positions, (_, write, _, _) = part.attention
+        _, heads, max_len, _ = self.kv.keys[0].shape
         K = mask.shape[-1]
-        K_padded = -(-K // self.kv_block) * self.kv_block
+        K_padded = min(-(-K // self.kv_block) * self.kv_block, max_len - 1)
         padded_mask = torch.zeros(bucket, 1, 1, K_padded, dtype=torch.bool, device=mask.device)
         padded_mask[:n, ..., :K] = mask
-        padded_mask[n:, ..., 0] = True                          # padding rows attend to what they write
-        _, heads, max_len, _ = self.kv.keys[0].shape             # padding rows write position 0 of their rows
-        pad_write = torch.arange(n * heads, bucket * heads, device=write.device) * max_len
-        torch._dynamo.mark_dynamic(padded_mask, 3)
+        padded_mask[n:, ..., 0] = True                          # padding rows attend to what they write,
+        pad_write = torch.arange(n * heads, bucket * heads, device=write.device) * max_len  # position 0 of its row
+        # K's range is given, so no value in it recompiles: every row has a token, and the engine's K stays
+        # below max_len (a request fits in max_len and its last token is never written); K = max_len would
+        # make the slice of the cache contiguous, which the graph guards on, so such a step runs eagerly
+        torch._dynamo.mark_dynamic(padded_mask, 3, min=2, max=max_len - 1)
         args = (_pad(part.ids[:, 0], bucket), _pad(positions[:, 0], bucket), torch.cat((write, pad_write)),
                 padded_mask, SlotPlan(_pad(part.plan.rows, bucket), None), self.kv)
         plan, self.context.plan = self.context.plan, args[4]

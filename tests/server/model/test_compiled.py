@@ -8,8 +8,10 @@ import logging
 import pytest
 import torch
 
+from server.engine.requests import Request, SamplingParams
 from server.model.compiled import CompiledDecode, row_buckets
-from tests.server.engine.test_core import mixed_requests, run_staggered
+from tests.server.conftest import ROUTED
+from tests.server.engine.test_core import mixed_requests, prompt, run_staggered
 
 MAX_RUNNING = 4  # buckets 1, 2, 4: few compilations on a small CPU
 
@@ -36,14 +38,28 @@ def test_compiled_steps_give_eager_tokens_and_never_recompile(engines, tiny_toke
     assert not compiled.compiled.failed and sorted(compiled.compiled.compile_seconds) == [1, 2, 4]
 
 
-def test_attended_length_in_blocks_gives_the_same_tokens(engines, tiny_tokenizer):
+@pytest.mark.parametrize("kv_block", [16, 200])  # 200: past the cache's 96 positions, which bound it
+def test_attended_length_in_blocks_gives_the_same_tokens(engines, tiny_tokenizer, kv_block):
     """The CUDA path's padding of the attended positions (here on CPU: the same graph, another length)."""
     eager, compiled = engines
-    compiled.compiled = CompiledDecode(compiled.lean, compiled.context, compiled.kv, MAX_RUNNING, kv_block=16)
+    compiled.compiled = CompiledDecode(compiled.lean, compiled.context, compiled.kv, MAX_RUNNING, kv_block)
     requests = mixed_requests(tiny_tokenizer)[:4]
     with torch._dynamo.config.patch(error_on_recompile=True):
         got = [r.tokens for r in compiled.generate(requests)]
     assert got == [r.tokens for r in eager.generate(requests)] and not compiled.compiled.failed
+
+
+def test_a_request_filling_the_cache_gives_eager_tokens(make_engine, tiny_tokenizer):
+    """Its steps attend to every length up to the top of the graph's range (the cache's length - 1)."""
+    settings = dict(max_running=1, max_seq_len=16)
+    compiled = make_engine(compile=True, **settings)
+    ids = prompt(tiny_tokenizer, 12)[:6]
+    assert len(ids) == 6  # 6 + 10 tokens: the cache's 16 positions, the last decode step attending to 15
+    request = Request(ids, ROUTED[1], SamplingParams(max_new_tokens=10, ignore_eos=True))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = compiled.generate([request])[0].tokens
+    assert len(got) == 10 and got == make_engine(**settings).generate([request])[0].tokens
+    assert not compiled.compiled.failed
 
 
 def test_a_failed_compilation_serves_eagerly(make_engine, tiny_tokenizer, caplog, monkeypatch):

@@ -41,9 +41,12 @@ def families() -> list[Family]:
 
 def engine_for(family: Family, hidden: int, layers: int) -> Engine:
     """The family at `hidden` x `layers` with random weights, serving a random bundle of PROMPTS routed tasks."""
-    config = family.config(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0, hidden_size=hidden,
-                           num_hidden_layers=layers, num_attention_heads=hidden // 32,
-                           intermediate_size=hidden * 11 // 4, max_position_embeddings=512)
+    sizes = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 32,
+                 intermediate_size=hidden * 11 // 4, max_position_embeddings=512)
+    if "layer_types" in family.settings:  # the tiny config's pattern of layer kinds, over all the layers
+        pattern = family.settings["layer_types"]
+        sizes["layer_types"] = [pattern[i % len(pattern)] for i in range(layers)]
+    config = family.config(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0, **sizes)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).to(torch.float32).eval()
     trained = copy.deepcopy(model)

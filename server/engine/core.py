@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
@@ -91,6 +92,7 @@ class Engine:
         self.eos_ids = _eos_ids(model, tokenizer)
         self._handles: dict[str, RequestHandle] = {}
         self._lock = threading.RLock()
+        self._stepped = threading.Condition()  # notified after every step (`yield_to_steps` waits on it)
         self._wake: Callable[[], None] = lambda: None
         self._steps = self._batch_rows = 0
         self._zero_shot_slot = self._pin_zero_shot()
@@ -122,6 +124,18 @@ class Engine:
         weights on another thread, such as an adaptation job's training step (`server.http.jobs`)."""
         with self._lock:
             yield
+
+    def yield_to_steps(self, seconds: float) -> None:
+        """Inside `between_steps`: while requests wait or run, let the engine's steps run until none is left, or
+        for `seconds` at most; then hold the engine again."""
+        if seconds <= 0 or not self.has_work:
+            return
+        self._lock.release()
+        try:
+            with self._stepped:
+                self._stepped.wait_for(lambda: not self.has_work, timeout=seconds)
+        finally:
+            self._lock.acquire()
 
     @classmethod
     def from_config(cls, config: ServerConfig) -> Engine:
@@ -199,6 +213,8 @@ class Engine:
                 log.exception("an engine step failed: its requests end with an error (request ids: %s)",
                               ", ".join(held))
                 self._fail_step(new, "the engine step failed; retry the request")
+        with self._stepped:
+            self._stepped.notify_all()
 
     def _step(self, new: list[Sequence]) -> None:
         if self._staged is None:
@@ -467,15 +483,19 @@ class Engine:
         """Run steps for as long as the task runs (cancel it to stop), sleeping while there is no work."""
         loop, wake = asyncio.get_running_loop(), asyncio.Event()
         self._wake = lambda: loop.call_soon_threadsafe(wake.set)
+        # every step on one thread: torch's CPU thread pool belongs to the thread that calls it, and a step on
+        # another thread each time would leave pools spinning idle beside the one at work
+        thread = ThreadPoolExecutor(1, thread_name_prefix="mhr-engine")
         try:
             while True:
                 if not self.has_work:
                     await wake.wait()
                     wake.clear()
                     continue
-                await asyncio.to_thread(self.step)
+                await loop.run_in_executor(thread, self.step)
         finally:
             self._wake = lambda: None
+            thread.shutdown(wait=False)
 
 
 def _chosen_logprobs(logits: Tensor, tokens: list[int], seqs: list[Sequence]) -> list[TokenLogprobs | None]:

@@ -6,7 +6,8 @@
 settings give the same adapter) on a training view of the served backbone (`server.model.training_view`), so
 the backbone's weights are not copied. Jobs take turns with inference: each optimizer step runs between two
 engine steps (`between_steps`), at once while the engine is idle and, while requests run, within `job_share`
-of the time. `max_jobs` jobs train at once, taking turns; `max_queued_jobs` more wait (429 past them). A job
+of the time; inside a step, requests that come meanwhile run at every MHR layer of its forward and backward.
+`max_jobs` jobs train at once, taking turns; `max_queued_jobs` more wait (429 past them). A job
 that ends deploys its task as a PUT does (`server.http.deploy`: a new bundle revision, atomic; requests running
 on a replaced task finish on its old weights). A failed or cancelled job writes nothing; on shutdown, jobs are
 cancelled. A job draws its random numbers (routing noise, dropout) from its own generator state.
@@ -21,7 +22,8 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -51,8 +53,12 @@ class JobLimits:
 
     max_jobs: int = 1
     max_queued: int = 4
-    share: float = 0.25
+    share: float = 0.1
     max_examples: int = 1024
+
+
+def _nothing() -> None:
+    pass
 
 
 class JobRNG:
@@ -87,6 +93,7 @@ class Job:
         self.result: TrainResult | None = None
         self.rng = JobRNG(config.torch_device)
         self.seconds = 0.0  # wall time of its steps, pauses between them included
+        self._let_requests_run: Callable[[], None] = _nothing  # set while a step runs
 
     def info(self) -> JobInfo:
         result = self.result
@@ -107,11 +114,33 @@ class Job:
             self.run = Optimization(model, self.data, self.config)
             self.result = self.run.result
             model.train()
+            for layer in mhr.mhr_layers(model).values():
+                layer.register_forward_hook(self._at_layer)
 
-    def step(self, engine) -> None:
-        """One optimizer step, between two of the engine's."""
+    def step(self, engine, share: float) -> None:
+        """One optimizer step, between two of the engine's. At every MHR layer of its forward and backward passes,
+        requests that came meanwhile run first, for up to (1 - share) / share times what the job held the engine
+        for since it last let them."""
+        held = time.perf_counter()
+
+        def let_requests_run() -> None:
+            nonlocal held
+            engine.yield_to_steps((time.perf_counter() - held) * (1 - share) / share)
+            held = time.perf_counter()
+
         with engine.between_steps(), self.rng.active():
-            self.run.step()
+            self._let_requests_run = let_requests_run
+            try:
+                self.run.step()
+            finally:
+                self._let_requests_run = _nothing
+
+    def _at_layer(self, layer, inputs, output) -> None:
+        """Forward hook of the job's MHR layers: a point where requests may run, in the forward pass and again
+        when the backward pass reaches this output (what the step computes is unchanged)."""
+        self._let_requests_run()
+        if output.requires_grad:
+            output.register_hook(lambda grad: self._let_requests_run())
 
     def adapter(self) -> Upload:
         found = adapted(self.run.model, self.config.method)
@@ -131,6 +160,9 @@ class JobRunner:
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self._wake = asyncio.Event()
         self._worker: asyncio.Task | None = None
+        # every job step on one thread: torch's CPU thread pool is per calling thread, and one per step would
+        # leave idle pools spinning beside the engine's
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="mhr-adapt")
         metrics.watch_jobs(self.counts)
 
     def router(self) -> APIRouter:
@@ -249,7 +281,7 @@ class JobRunner:
                 continue
             began = time.perf_counter()
             try:
-                await asyncio.to_thread(job.step, self.engine)
+                await asyncio.get_running_loop().run_in_executor(self._thread, job.step, self.engine, self.limits.share)
             except Exception as e:  # the job fails; serving goes on
                 log.exception("adaptation job %s failed at step %d", job.id, job.result.steps)
                 self._end(job, "failed", f"training failed at step {job.result.steps}: {e}")
@@ -277,7 +309,7 @@ class JobRunner:
                 job.state, job.started = "running", time.time()
                 try:
                     bundle = await asyncio.to_thread(mhr.Bundle.load, self.deployer.bundle_dir)
-                    await asyncio.to_thread(job.setup, self.engine, bundle)
+                    await asyncio.get_running_loop().run_in_executor(self._thread, job.setup, self.engine, bundle)
                 except Exception as e:
                     log.exception("adaptation job %s could not start", job.id)
                     self._end(job, "failed", f"could not start: {self.deployer.relative(e)}")
@@ -313,6 +345,7 @@ class JobRunner:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
+        self._thread.shutdown(wait=False)
 
 
 def _examples(task: str, given, limit: int) -> list[Example]:

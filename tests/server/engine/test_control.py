@@ -345,3 +345,33 @@ def test_stats_snapshot(make_engine, tiny_tokenizer):
     assert (stats.running, stats.waiting, stats.slots, stats.tasks) == (0, 0, 8, len(ROUTED) + 1)
     assert stats.slots_in_use == 3 and stats.cache.misses == 3 and stats.cache.hits == 1
     assert stats.steps == GREEDY.max_new_tokens and stats.batch_rows == 3 * GREEDY.max_new_tokens
+
+
+def test_work_held_between_steps_lets_waiting_requests_run_when_it_yields(make_engine, tiny_tokenizer):
+    """An adaptation job holds the engine between steps; where it yields, the requests that came meanwhile run
+    to the end (within the time given), and the job holds the engine again afterwards."""
+    import asyncio
+    import threading
+
+    engine = make_engine()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    serving = asyncio.run_coroutine_threadsafe(engine.serve(), loop)
+    try:
+        with engine.between_steps():
+            request = Request(prompt(tiny_tokenizer, 6), ROUTED[0], GREEDY)
+            handle = engine.submit(request)
+            engine.yield_to_steps(0.0)  # no time given: nothing runs
+            assert engine.stats().steps == 0 and not handle.done
+            engine.yield_to_steps(30.0)
+            assert handle.done  # every step of the request ran while the holder yielded
+            steps = engine.stats().steps
+            other = engine.submit(Request(prompt(tiny_tokenizer, 4), ROUTED[1], GREEDY))
+            threading.Event().wait(0.2)
+            assert engine.stats().steps == steps and not other.done  # held again: no step runs
+        assert other.result(timeout=30).finish_reason == "length"  # released: it runs
+        assert handle.result().tokens == run_alone(make_engine(), [request])[0].tokens
+    finally:
+        serving.cancel()
+        loop.call_soon_threadsafe(loop.stop)

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.security.conftest import free_port
+from tests.processes import free_port
 from tests.server.admin_helpers import copy_bundle
 from tests.server.conftest import ROUTED, bundle_path  # noqa: F401  (a fixture)
 

@@ -18,21 +18,18 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
+from tests.processes import ROOT, server_process
 from training import demo
 
-ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DEMO_DIR = ".cache/mhr-demo"  # where the README's commands find the demo, relative to their directory
 UNSTABLE = frozenset({"id", "created"})  # a response's fields that differ from run to run
@@ -152,40 +149,12 @@ def admin_key() -> str:
     return found[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def demo_server(build: Path, log: Path) -> Iterator[int]:
     """`python -m server` on the demo's served copy with the Makefile's admin key, ready; yields its port."""
-    port = free_port()
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "server", "--bundle", str(build / demo.SERVING), "--model",
-             str(build / "backbone"), "--admin-key", admin_key(), "--port", str(port)],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "2"})
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, f"the server exited: {log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"the server did not get ready: {log.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        yield port
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with server_process(["--bundle", str(build / demo.SERVING), "--model", str(build / "backbone"), "--admin-key",
+                         admin_key()], log, threads=2) as (_, url):
+        yield int(url.rsplit(":", 1)[1])
 
 
 @pytest.fixture(scope="session")
@@ -225,7 +194,8 @@ def test_the_readme_shows_what_the_demo_gives(demo_build, tmp_path):
             outputs, stderr = run_console(commands, work, port)
             assert len(outputs) == len(commands), f"README.md:{block.line}: bash stopped early: {stderr[-2000:]}"
             wrong = [mismatch(f"README.md:{block.line}", c.command, c.shown, out)
-                     for c, out in zip(commands, outputs, strict=True) if not lines_match([to_port(line, port) for line in c.shown], out)]
+                     for c, out in zip(commands, outputs, strict=True)
+                     if not lines_match([to_port(line, port) for line in c.shown], out)]
             failures += wrong + ([f"  (stderr of the block: {stderr[-2000:]})"] if wrong and stderr else [])
     assert not failures, "the README shows other outputs than the demo gives:\n\n" + "\n\n".join(failures)
 

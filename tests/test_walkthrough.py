@@ -13,30 +13,22 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.processes import ROOT, server_process
 from training import demo, suite
 
-ROOT = Path(__file__).resolve().parents[1]
 ADMIN_KEY = "test-admin-key"
 # Two training tasks, a validation task and a held-out task, a few steps.
 SMALL = demo.Recipe(tasks=("upper", "sort.rot1", "rot1.dropfirst.sort", "dropfirst.sort"), n_train=4, n_test=2,
                     n_shots=4, skills=2, mhr_heads=2, rank=2, mhr_steps=2, zeroshot_steps=2, zeroshot_eval_every=1)
 TRAINED = [t for t in SMALL.tasks if t in suite.TRAIN_TASKS]
 HELD_OUT = [t for t in SMALL.tasks if t in suite.HELD_OUT_TASKS]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def mhr_cli(*args: str, cwd: Path = ROOT) -> str:
@@ -55,33 +47,10 @@ def built(tmp_path_factory) -> demo.DemoBuild:
 @pytest.fixture(scope="module")
 def server(built):
     """`python -m server` on a free port, serving a fresh copy of the demo bundle; yields its URL."""
-    port = free_port()
     bundle, _ = demo.serving_copy(built)
-    log = built.root / "server.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "server", "--bundle", str(bundle), "--model", str(built.backbone),
-             "--admin-key", ADMIN_KEY, "--port", str(port)],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, f"the server exited: {log.read_text()[-2000:]}"
-            assert time.monotonic() < deadline, f"the server did not get ready: {log.read_text()[-2000:]}"
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+    with server_process(["--bundle", str(bundle), "--model", str(built.backbone), "--admin-key", ADMIN_KEY],
+                        built.root / "server.log") as (_, url):
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def test_build_is_cached_and_measured(built):

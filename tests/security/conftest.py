@@ -4,19 +4,15 @@ event loop are its own."""
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
+from tests import processes
 from tests.server.admin_helpers import ADMIN_KEY, API_KEY, copy_bundle
 from tests.server.conftest import bundle_path, make_engine  # noqa: F401  (fixtures reused as they are)
 
@@ -37,39 +33,12 @@ class ServerProcess:
         raise AssertionError("no VmRSS")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def server_process(model: Path, bundle: Path, log: Path, *args: str) -> Iterator[ServerProcess]:
-    """`python -m server` with an API key and an admin key on a free port, ready; killed afterwards."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "server", "--bundle", str(bundle), "--model", str(model), "--port", str(port),
-             "--api-key", API_KEY, "--admin-key", ADMIN_KEY, *args],
-            stdout=out, stderr=subprocess.STDOUT,
-            env=os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"})
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not start: " + log.read_text()
-            time.sleep(0.1)
+    """`python -m server` with an API key and an admin key on a free port, ready; stopped afterwards."""
+    with processes.server_process(["--bundle", str(bundle), "--model", str(model), "--api-key", API_KEY,
+                                   "--admin-key", ADMIN_KEY, *args], log, threads=2) as (process, base):
         yield ServerProcess(process, base, log)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="module")

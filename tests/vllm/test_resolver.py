@@ -7,7 +7,6 @@ model in transformers, greedy, float32, token for token.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import mhr
+from tests.processes import free_port
 
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
@@ -55,17 +55,11 @@ def _reference(model_path, bundle, lora):
     return out
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tiny_llama_path, tmp_path_factory):
     bundle_dir = tmp_path_factory.mktemp("bundle") / "b"
     bundle = _bundle(tiny_llama_path, bundle_dir)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MHR_BUNDLE": str(bundle_dir), "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
            "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1",
            "MHR_LORA_CACHE_DIR": str(tmp_path_factory.mktemp("loras"))}

@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from fastapi import FastAPI
 import mhr
 from server.http.app import ADAPTER_HEADER, begin_shutdown, create_app
 from server.main import draining_server
+from tests.processes import free_port
 from tests.server import loopback as http
 from tests.server.admin_helpers import (
     ADMIN,
@@ -198,16 +198,10 @@ def test_ready_answers_503_once_shutdown_begins_while_requests_are_still_served(
     assert other.state.lifecycle["stopping"] and server.should_exit
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def server_process(tiny_llama_path, bundle_dir, tmp_path, env=None):
     """`python -m server` on a free port, ready to serve: yields (process, base URL, its log file)."""
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "server.log", "w+")
     process = subprocess.Popen(

@@ -14,7 +14,6 @@ from training.config import TrainConfig
 from training.data import Example
 from training.loop import Optimization
 
-
 WORDS = ("river", "stone", "quiet", "copies", "the", "light", "water", "field")
 
 

@@ -245,3 +245,22 @@ def test_mhr_adapt_server_follows_the_job_until_the_task_is_live(served, tmp_pat
         assert both.exit_code == 2 and "exactly one of --bundle" in both.output
         local = runner.invoke(app, [*args, "--device", "cpu"])
         assert local.exit_code == 2 and "--device apply to adapting here" in local.output
+
+
+def test_jobs_up_to_the_limit_train_at_once_taking_turns(served):
+    bundle_dir, _, server = served(max_jobs=2, max_queued_jobs=1)
+    with server as base:
+        first, second = start_job(base, "one", steps=30), start_job(base, "two", steps=30)
+        third = start_job(base, "three", steps=2)
+        assert third["state"] == "queued"
+        seen_both = False
+        while not seen_both:
+            jobs = {j["task"]: j for j in http.get(f"{base}/admin/jobs", headers=ADMIN).json()["jobs"]}
+            if jobs["one"]["state"] == "done":
+                break
+            seen_both = jobs["one"]["state"] == jobs["two"]["state"] == "running" and \
+                min(jobs["one"]["step"], jobs["two"]["step"]) > 0 and jobs["three"]["state"] == "queued"
+        assert seen_both  # both trained before either ended, the third waiting
+        ended = [wait_job(base, job["id"]) for job in (first, second, third)]
+        assert [job["state"] for job in ended] == ["done"] * 3
+    assert {"one", "two", "three"} <= set(mhr.Bundle.load(bundle_dir).task_names)

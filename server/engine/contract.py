@@ -1,4 +1,5 @@
-"""What the HTTP layer asks of an engine (`ServingEngine`), and the checks every engine makes of a task change.
+"""What the HTTP layer asks of an engine (`ServingEngine`; `TrainableEngine` for adaptation jobs), and the checks
+every engine makes of a task change.
 
 Both engines keep this contract: the torch engine (`server.engine.core.Engine`) and the vLLM engine
 (`server.vllm_backend.engine.VLLMEngine`). The serving and admin layers are typed against it and use
@@ -10,9 +11,11 @@ under which name, and what the served tasks are, comes from the task registry bo
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from typing import Any, Protocol, runtime_checkable
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from mhr.adapter import LoRA
 from mhr.bundle import Bundle
@@ -71,6 +74,31 @@ class ServingEngine(Protocol):
 
     def close(self) -> None:
         """Release what the engine holds (processes, files)."""
+
+
+@runtime_checkable
+class TrainableEngine(ServingEngine, Protocol):
+    """An engine beside which adaptation jobs (`server.http.jobs`) train on the served backbone: the torch
+    engine's. Jobs read the model's weights (never writing them) only while they hold the engine between two of
+    its steps.
+
+    Attributes:
+        model: the served transformers model (its linears wrapped for the slots).
+        device: where it lives.
+    """
+
+    model: nn.Module
+    device: torch.device
+
+    @property
+    def has_work(self) -> bool:
+        """Requests wait or run."""
+
+    def between_steps(self) -> AbstractContextManager[None]:
+        """Hold the engine between two steps: no step runs inside the block."""
+
+    def yield_to_steps(self, seconds: float) -> None:
+        """Inside `between_steps`: while requests wait or run, let steps run until none is left, or `seconds`."""
 
 
 def bundle_max_rank(bundle: Bundle) -> int:

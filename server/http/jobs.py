@@ -30,6 +30,7 @@ import torch
 from fastapi import APIRouter
 
 import mhr
+from server.engine.contract import TrainableEngine
 from server.engine.route_search import encode_whole
 from server.http.admin_protocol import AdaptRequest, JobInfo, JobList
 from server.http.deploy import Deployer, check_name
@@ -106,7 +107,7 @@ class Job:
                        eta_seconds=eta, created=self.created, started=self.started, finished=self.finished,
                        examples=len(self.examples), revision=self.revision, error=self.error)
 
-    def setup(self, engine, bundle: mhr.Bundle) -> None:
+    def setup(self, engine: TrainableEngine, bundle: mhr.Bundle) -> None:
         """The job's model (a training view of the served backbone with the bundle's inventory) and optimizer."""
         with engine.between_steps(), self.rng.active():
             model = training_view(engine.model)
@@ -117,7 +118,7 @@ class Job:
             for layer in mhr.mhr_layers(model).values():
                 layer.register_forward_hook(self._at_layer)
 
-    def step(self, engine, share: float) -> None:
+    def step(self, engine: TrainableEngine, share: float) -> None:
         """One optimizer step, between two of the engine's. At every MHR layer of its forward and backward passes,
         requests that came meanwhile run first, for up to (1 - share) / share times what the job held the engine
         for since it last let them."""
@@ -198,7 +199,7 @@ class JobRunner:
     async def submit(self, task: str, body: AdaptRequest) -> JobInfo:
         """Queue a job for `task` (checked in full first), start the worker if it sleeps."""
         check_name(task)
-        if getattr(self.engine, "between_steps", None) is None:
+        if not isinstance(self.engine, TrainableEngine):
             raise APIError(400, "adaptation jobs need the torch engine (this server runs another)",
                            code="not_supported")
         if not body.replace and task in self.engine.tasks:

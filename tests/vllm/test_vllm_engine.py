@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from server.engine.contract import ServingEngine, SlotsFixed
+from server.engine.contract import ServingEngine, SlotsFixed, TrainableEngine
 from server.engine.requests import InvalidRequest, Request, SamplingParams
 from server.engine.tasks import ZERO_SHOT, Mixture
 from tests.server.conftest import DENSE, ROUTED, random_logits, random_lora
@@ -193,5 +193,6 @@ def test_penalties_and_logit_bias_match_the_torch_engine(vllm_engine, make_torch
 
 def test_the_vllm_engine_keeps_the_serving_contract(vllm_engine):
     assert isinstance(vllm_engine, ServingEngine)
+    assert not isinstance(vllm_engine, TrainableEngine)  # adaptation jobs answer 400 not_supported
     with pytest.raises(SlotsFixed):
         vllm_engine.resize_slots(8)

@@ -4,13 +4,13 @@ both engines make of a task change."""
 import pytest
 
 import mhr
-from server.engine.contract import ServingEngine, bundle_max_rank, check_replacement, check_task_change
+from server.engine.contract import ServingEngine, TrainableEngine, bundle_max_rank, check_replacement, check_task_change
 from server.engine.requests import InvalidRequest
 from tests.server.conftest import DENSE, random_logits, random_lora
 
 
 def test_the_torch_engine_keeps_the_serving_contract(make_engine):
-    assert isinstance(make_engine(), ServingEngine)
+    assert isinstance(make_engine(), ServingEngine) and isinstance(make_engine(), TrainableEngine)
 
 
 def test_a_task_is_given_by_exactly_one_of_logits_and_a_lora_within_the_rank(bundle_path):

@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 
 from bench.bench_http import percentile
-from bench.bench_route import ADMIN_KEY, exact_match, records, serve, task_arguments
+from bench.bench_route import ADMIN_KEY, exact_match, records, served_copy, task_arguments
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
@@ -74,27 +74,22 @@ def offline_gap(bundle: Path, served_bundle: Path, task: str, examples: list[dic
 
 def bench_task(task: str, args, shots: list[dict], tests: list[dict]) -> dict:
     examples = [{"input": s["input"], "output": s["target"]} for s in shots[:args.k]]
-    with tempfile.TemporaryDirectory() as tmp:
-        bundle = Path(shutil.copytree(args.bundle, Path(tmp) / "bundle"))
-        server, url = serve(bundle, args.model, args.threads)
-        try:
-            with httpx.Client(base_url=url, timeout=600) as client:
-                before = exact_match(client, task, tests)
-                started = time.perf_counter()
-                job = run_job(client, task, examples, args.steps)
-                first_answer(client, task, tests[0]["input"])
-                job_s = time.perf_counter() - started
-                em_job = exact_match(client, task, tests)
-                started = time.perf_counter()
-                r = client.post(f"/admin/tasks/{task}-route/route", json={"examples": examples}, headers=ADMIN)
-                r.raise_for_status()
-                first_answer(client, f"{task}-route", tests[0]["input"])
-                route_s = time.perf_counter() - started
-                em_route = exact_match(client, f"{task}-route", tests)
-        finally:
-            server.should_exit = True
-        offline = Path(shutil.copytree(args.bundle, Path(tmp) / "offline"))
-        gap = offline_gap(offline, bundle, task, examples, args.steps, 0, args.max_seq_len)
+    with served_copy(args, timeout=600) as (bundle, client):
+        before = exact_match(client, task, tests)
+        started = time.perf_counter()
+        job = run_job(client, task, examples, args.steps)
+        first_answer(client, task, tests[0]["input"])
+        job_s = time.perf_counter() - started
+        em_job = exact_match(client, task, tests)
+        started = time.perf_counter()
+        r = client.post(f"/admin/tasks/{task}-route/route", json={"examples": examples}, headers=ADMIN)
+        r.raise_for_status()
+        first_answer(client, f"{task}-route", tests[0]["input"])
+        route_s = time.perf_counter() - started
+        em_route = exact_match(client, f"{task}-route", tests)
+        with tempfile.TemporaryDirectory() as tmp:
+            offline = Path(shutil.copytree(args.bundle, Path(tmp) / "offline"))
+            gap = offline_gap(offline, bundle, task, examples, args.steps, 0, args.max_seq_len)
     return {"task": task, "job_s": job_s, "job_steps_per_s": job["step"] / (job["finished"] - job["started"]),
             "route_s": route_s, "em_zero_shot": before, "em_job": em_job, "em_route": em_route,
             "offline_gap": gap}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bench.bench_vllm import torch_engine_for
+from bench.bench_vllm import median_seconds, torch_engine_for
 from bench.workload import Workload, build
 from server.engine.core import Engine
 from server.engine.requests import Request, SamplingParams
@@ -43,19 +43,6 @@ def engine_run(engine: Engine, w: Workload, tasks: list[str | None], steps: list
             times.append(time.perf_counter() - start)
         steps.append(statistics.median(times))
     return run
-
-
-def median_seconds(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """Each run once to warm up, then `repeats` rounds with the runs interleaved (load drifts hit all)."""
-    for run in runs.values():
-        run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def copy_bandwidth(mib: int = 512, repeats: int = 7) -> float:

@@ -13,6 +13,7 @@ k examples of the task (the first k of --shots) posted to the route, then one co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import statistics
@@ -20,7 +21,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -63,24 +64,32 @@ def serve(bundle: Path, model: str, threads: int):
     return server, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
 
 
-def bench_task(task: str, args, shots: list[dict], tests: list[dict]) -> dict:
+@contextlib.contextmanager
+def served_copy(args, timeout: float = 300) -> Iterator[tuple[Path, httpx.Client]]:
+    """A fresh copy of `args.bundle` served by `mhr serve`'s app in this process; yields the copy's path and a
+    client of the server."""
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(shutil.copytree(args.bundle, Path(tmp) / "bundle"))
         server, url = serve(bundle, args.model, args.threads)
         try:
-            with httpx.Client(base_url=url, timeout=300) as client:
-                before = exact_match(client, task, tests)
-                examples = [{"input": s["input"], "output": s["target"]} for s in shots[:args.k]]
-                started = time.perf_counter()
-                r = client.post(f"/admin/tasks/{task}/route", json={"examples": examples},
-                                headers={"Authorization": f"Bearer {ADMIN_KEY}"})
-                r.raise_for_status()
-                client.post("/v1/completions", json={"model": task, "prompt": tests[0]["input"], "max_tokens": 24})
-                first_answer = time.perf_counter() - started
-                found = r.json()
-                after = exact_match(client, task, tests)
+            with httpx.Client(base_url=url, timeout=timeout) as client:
+                yield bundle, client
         finally:
             server.should_exit = True
+
+
+def bench_task(task: str, args, shots: list[dict], tests: list[dict]) -> dict:
+    with served_copy(args) as (_, client):
+        before = exact_match(client, task, tests)
+        examples = [{"input": s["input"], "output": s["target"]} for s in shots[:args.k]]
+        started = time.perf_counter()
+        r = client.post(f"/admin/tasks/{task}/route", json={"examples": examples},
+                        headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        r.raise_for_status()
+        client.post("/v1/completions", json={"model": task, "prompt": tests[0]["input"], "max_tokens": 24})
+        first_answer = time.perf_counter() - started
+        found = r.json()
+        after = exact_match(client, task, tests)
     return {"task": task, "route_s": found["seconds"], "first_answer_s": first_answer,
             "evaluations": found["evaluations"], "loss_before": found["loss_before"],
             "loss_after": found["loss_after"], "em_zero_shot": before, "em_routed": after,

@@ -84,9 +84,9 @@ class JobRNG:
 class Job:
     """One adaptation job: its request, its progress, and (while it trains) its model and optimizer."""
 
-    def __init__(self, task: str, config: TrainConfig, examples: list[Example], data, replace: bool) -> None:
+    def __init__(self, task: str, config: TrainConfig, n_examples: int, data, replace: bool) -> None:
         self.id = f"job-{uuid.uuid4().hex[:16]}"
-        self.task, self.config, self.examples, self.data, self.replace = task, config, examples, data, replace
+        self.task, self.config, self.n_examples, self.data, self.replace = task, config, n_examples, data, replace
         self.state, self.error, self.revision = "queued", None, None
         self.created, self.started, self.finished = time.time(), None, None
         self.cancel_requested = False
@@ -105,7 +105,7 @@ class Job:
         return JobInfo(id=self.id, task=self.task, method=self.config.method, state=self.state, step=step,
                        steps=self.config.steps, loss=result.final_loss if result is not None else None,
                        eta_seconds=eta, created=self.created, started=self.started, finished=self.finished,
-                       examples=len(self.examples), revision=self.revision, error=self.error)
+                       examples=self.n_examples, revision=self.revision, error=self.error)
 
     def setup(self, engine: TrainableEngine, bundle: mhr.Bundle) -> None:
         """The job's model (a training view of the served backbone with the bundle's inventory) and optimizer."""
@@ -214,7 +214,7 @@ class JobRunner:
         examples = _examples(task, body.examples, self.limits.max_examples)
         config = self._config(body)
         data = await asyncio.to_thread(self._data, task, examples, config)
-        job = Job(task, config, examples, data, body.replace)
+        job = Job(task, config, len(examples), data, body.replace)
         self.jobs[job.id] = job
         self._forget_ended()
         self._ensure_worker()
@@ -317,7 +317,7 @@ class JobRunner:
 
     async def _deploy(self, job: Job) -> None:
         """Write the task to the bundle and serve it, as a PUT does."""
-        metadata = run_metadata(job.config, f"adaptation job {job.id}", len(job.examples), job.result)
+        metadata = run_metadata(job.config, f"adaptation job {job.id}", job.n_examples, job.result)
         try:
             _, job.revision = await self.deployer.deploy(job.task, job.adapter(), job.replace,
                                                          {**metadata, "deployed": "adapt"})
